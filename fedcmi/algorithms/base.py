@@ -1,0 +1,141 @@
+"""The strategy interface: a client update and a server aggregation.
+
+A strategy never owns data or files. The engine (or a Kubeflow component)
+loads the global state into a model, hands it a :class:`ClientContext` and
+gets a :class:`ClientUpdate` back; then it hands the round's updates to
+:meth:`Strategy.aggregate`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedcmi.algorithms.aggregation import Accumulator, ClientUpdate, StateDict
+from fedcmi.algorithms.losses import proximal_term
+from fedcmi.config import Config
+
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and platforms."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass
+class ClientContext:
+    """Everything one client's local training needs besides the model."""
+
+    cfg: Config
+    round: int
+    client_id: int
+    modalities: tuple[str, ...]
+    num_examples: int
+    batches: Callable[[int], Iterator[Batch]]  # epoch -> shuffled batches of this client's data
+    device: torch.device
+
+    @property
+    def seed(self) -> int:
+        return derive_seed(self.cfg.seed, self.round, self.client_id)
+
+    @property
+    def lr(self) -> float:
+        o = self.cfg.optim
+        return o.lr * o.lr_decay ** (self.round // o.lr_decay_every)
+
+    def device_batches(self, epoch: int) -> Iterator[Batch]:
+        for x, y in self.batches(epoch):
+            yield {m: v.to(self.device, non_blocking=True) for m, v in x.items()}, y.to(self.device, non_blocking=True)
+
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+GradHook = Callable[[nn.Module, dict[str, float]], None]
+
+
+def local_sgd(
+    model: nn.Module,
+    ctx: ClientContext,
+    loss_fn: LossFn,
+    mu: float = 0.0,
+    grad_hook: GradHook | None = None,
+) -> dict[str, float]:
+    """Run ``local_epochs`` of SGD on ``model`` in place; returns mean loss terms."""
+    o = ctx.cfg.optim
+    model.train()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    anchor = {n: p.detach().clone() for n, p in params} if mu > 0 else {}
+    opt = torch.optim.SGD([p for _, p in params], lr=ctx.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    totals: dict[str, float] = {}
+    steps = 0
+    for epoch in range(ctx.cfg.federation.local_epochs):
+        for x, y in ctx.device_batches(epoch):
+            loss, terms = loss_fn(model, x, y)
+            if mu > 0:
+                prox = proximal_term(params, anchor, mu)
+                terms["prox"] = prox.item()
+                loss = loss + prox
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_hook is not None:
+                grad_hook(model, terms)
+            opt.step()
+            terms["loss"] = loss.item()
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v
+            steps += 1
+    out = {k: v / max(steps, 1) for k, v in totals.items()}
+    out["steps"] = steps
+    return out
+
+
+def snapshot(model: nn.Module) -> StateDict:
+    """A CPU copy of the model's state, fit to send to the server."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+class Strategy(ABC):
+    """One federated algorithm: how a client trains and how the server aggregates."""
+
+    name: str = ""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def participates(self, modalities: Sequence[str]) -> bool:
+        """Whether a client holding ``modalities`` has anything to train."""
+        return True
+
+    def batch_modalities(self, modalities: Sequence[str]) -> tuple[str, ...]:
+        """Which of the client's modalities its batches carry."""
+        return tuple(modalities)
+
+    @abstractmethod
+    def train_client(self, model: nn.Module, ctx: ClientContext) -> ClientUpdate:
+        """Train ``model`` (holding the global state) on one client; return its update."""
+
+    def accumulator(self, model: nn.Module, global_state: StateDict) -> Accumulator:
+        owner = model.owner if self.cfg.aggregation == "modality_aware" else None  # type: ignore[attr-defined]
+        return Accumulator(global_state, owner)
+
+    def aggregate(self, model: nn.Module, global_state: StateDict, updates: Sequence[ClientUpdate]) -> StateDict:
+        acc = self.accumulator(model, global_state)
+        for u in sorted(updates, key=lambda u: u.client_id):
+            acc.add(u)
+        return acc.result()
+
+    def round_summary(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        """Round-level figures from the clients' metrics (mean loss and such)."""
+        if not updates:
+            return {}
+        keys = sorted({k for u in updates for k, v in u.metrics.items() if isinstance(v, (int, float))})
+        out = {}
+        for k in keys:
+            vals = [u.metrics[k] for u in updates if isinstance(u.metrics.get(k), (int, float))]
+            out[f"train_{k}"] = float(np.mean(vals))
+        return out

@@ -1,0 +1,129 @@
+"""FedCMI: Fan, Xu, Wang, Zhu, Guo, "Balanced Multi-modal Federated Learning via
+Cross-Modal Infiltration", arXiv 2401.00894 (2023).
+
+On a multimodal client the loss is
+
+    CE(F(z_mm, z_nn), y) + w_uni [CE(C_m(z_mm), y) + CE(C_n(z_nn), y)]
+      + lambda_inf * L_inf + (mu / 2) ||w - w_G||^2
+
+where L_inf distils the *global* model's dominant self-branch into the *local*
+weak modality's infiltration branch, with class-wise temperatures. Which
+modality dominates is measured (``dominance: round`` on the received model
+over the client's data, or ``batch`` on the current local model per batch).
+A client holding only m trains CE(F(z_mm, z_mn), y) (+ the proximal term).
+The server aggregates modality-aware. Every ablation in the method file is a
+switch in :class:`fedcmi.config.FedCMIConfig` or ``model.projectors``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedcmi.algorithms.aggregation import ClientUpdate
+from fedcmi.algorithms.base import ClientContext, Strategy, local_sgd, snapshot
+from fedcmi.algorithms.losses import (
+    Dominance,
+    class_temperatures,
+    decide_dominance,
+    infiltration_loss,
+    true_class_probs,
+)
+from fedcmi.models.networks import FedCMINet
+
+
+class FedCMI(Strategy):
+    name = "fedcmi"
+
+    def _temperatures(self, dom: Dominance) -> torch.Tensor:
+        c = self.cfg.algorithm.fedcmi
+        if c.class_temperature:
+            return class_temperatures(dom, c.beta, c.min_temperature)
+        return torch.full_like(dom.rho, c.temperature)
+
+    @torch.no_grad()
+    def measure_dominance(self, model: FedCMINet, ctx: ClientContext, num_classes: int) -> Dominance:
+        """Run the received model over the client's data; compare true-class confidence per class."""
+        was_training = model.training
+        model.eval()
+        sums = [torch.zeros(num_classes, dtype=torch.float64) for _ in model.modalities]
+        counts = torch.zeros(num_classes, dtype=torch.float64)
+        for x, y in ctx.device_batches(0):
+            out = model(x)
+            for i, m in enumerate(model.modalities):
+                s, cnt = true_class_probs(out.uni_logits[m], y, num_classes)
+                sums[i] += s.cpu()
+            counts += cnt.cpu()
+        model.train(was_training)
+        return decide_dominance((sums[0], sums[1]), counts)
+
+    def train_client(self, model: nn.Module, ctx: ClientContext) -> ClientUpdate:
+        assert isinstance(model, FedCMINet), "FedCMI trains a FedCMINet"
+        c = self.cfg.algorithm.fedcmi
+        mods = model.modalities
+        num_classes = model.classifiers[mods[0]].out_features
+        multimodal = len(ctx.modalities) == 2
+        use_inf = multimodal and c.infiltration and c.lambda_inf > 0 and ctx.round >= c.warmup_rounds
+        metrics: dict = {}
+        teacher: FedCMINet | None = None
+        round_dom: Dominance | None = None
+        round_temps: torch.Tensor | None = None
+        if use_inf:
+            teacher = copy.deepcopy(model).eval()
+            teacher.requires_grad_(False)
+            if c.dominance == "round":
+                round_dom = self.measure_dominance(teacher, ctx, num_classes)
+                round_temps = self._temperatures(round_dom)
+                metrics["dominant"] = mods[round_dom.dominant]
+                metrics["rho_bar"] = round_dom.rho_bar
+                metrics["temperatures"] = [round(float(t), 6) for t in round_temps]
+        dom_counts = {m: 0 for m in mods}
+
+        def loss_fn(m: nn.Module, x: dict[str, torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            out = m(x)
+            loss = F.cross_entropy(out.mm_logits, y)
+            terms = {"ce": loss.item()}
+            if not multimodal:
+                return loss, terms
+            uni = sum(F.cross_entropy(out.uni_logits[k], y) for k in mods)
+            loss = loss + c.w_uni * uni
+            terms["uni"] = uni.item()
+            if use_inf:
+                assert teacher is not None
+                dom, temps = round_dom, round_temps
+                if dom is None:  # dominance per batch, on the current local model
+                    with torch.no_grad():
+                        sums = [true_class_probs(out.uni_logits[k].detach(), y, num_classes) for k in mods]
+                    dom = decide_dominance((sums[0][0], sums[1][0]), sums[0][1])
+                    temps = self._temperatures(dom)
+                assert temps is not None
+                d_mod, w_mod = mods[dom.dominant], mods[1 - dom.dominant]
+                dom_counts[d_mod] += 1
+                with torch.no_grad():
+                    t_logits = teacher.classifiers[d_mod](teacher.self_proj[d_mod](teacher.encoders[d_mod](x[d_mod])))
+                s_logits = m.classifiers[w_mod](out.z_inf[w_mod])
+                inf = infiltration_loss(t_logits, s_logits, temps.to(y.device)[y], c.t_squared)
+                loss = loss + c.lambda_inf * inf
+                terms["inf"] = inf.item()
+            return loss, terms
+
+        metrics.update(local_sgd(model, ctx, loss_fn, mu=self.cfg.algorithm.mu))
+        if use_inf and c.dominance == "batch":
+            metrics["dominant"] = max(dom_counts, key=lambda k: dom_counts[k])
+        return ClientUpdate(ctx.client_id, snapshot(model), ctx.num_examples, ctx.modalities, metrics)
+
+    def round_summary(self, updates):  # type: ignore[override]
+        out = super().round_summary(updates)
+        mods = self.cfg.data.modalities
+        decided = [u.metrics["dominant"] for u in updates if "dominant" in u.metrics]
+        if decided:
+            for m in mods:
+                out[f"dominant_frac_{m}"] = decided.count(m) / len(decided)
+        temps = [u.metrics["temperatures"] for u in updates if "temperatures" in u.metrics]
+        if temps:
+            for k in range(len(temps[0])):
+                out[f"temperature_class_{k}"] = sum(t[k] for t in temps) / len(temps)
+        return out

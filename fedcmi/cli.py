@@ -1,0 +1,204 @@
+"""The ``fedcmi`` command line.
+
+Every subcommand takes ``--params params.yaml`` and any number of
+``--set key.path=value`` overrides. A bad setting exits with code 2 and one
+clear message before anything is written; other failures exit with code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from fedcmi.config import Config, ConfigError, load_config
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--params", default="params.yaml", metavar="FILE",
+                   help="the params file (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set algorithm.name=fedavg (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    return p
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# -- commands ---------------------------------------------------------------
+def cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
+    from fedcmi.data import prepare
+
+    _print_json(prepare(cfg))
+    return 0
+
+
+def cmd_partition(cfg: Config, args: argparse.Namespace) -> int:
+    from fedcmi.data import DataModule
+    from fedcmi.io import write_json
+    from fedcmi.partition import make_partition, save_partition
+
+    dm = DataModule(cfg.data.prepared_dir)
+    part = make_partition(cfg, dm.train.labels, dm.spec.modalities, dm.spec.num_classes)
+    save_partition(part, cfg.partition.file)
+    stats = part.stats()
+    stats_path = Path(args.stats) if args.stats else cfg.partition.file.with_name("partition_stats.json")
+    write_json(stats_path, stats)
+    print(f"wrote {cfg.partition.file} and {stats_path}: {stats['num_clients']} clients, "
+          f"{stats['size_min']}-{stats['size_max']} samples each, {stats['clients_by_modalities']}")
+    return 0
+
+
+def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    from fedcmi.engine import train, write_outputs
+
+    out = Path(args.out) if args.out else cfg.output.dir / "train"
+    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    paths = write_outputs(result, cfg, out)
+    headline = {k: round(v, 4) for k, v in result.final.items() if not k.startswith("class_acc_")}
+    _print_json({"final": headline, "files": {k: str(v) for k, v in paths.items()},
+                 "resumed_from_round": result.resumed_from, "seconds": round(result.seconds, 2)})
+    return 0
+
+
+def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    from fedcmi.steps import evaluate_step
+
+    model = Path(args.model) if args.model else cfg.output.dir / "train" / "model.safetensors"
+    out = Path(args.out) if args.out else None
+    metrics = evaluate_step(cfg, model, out, probe=args.probe)
+    metrics.pop("confusion")
+    _print_json({k: round(v, 4) for k, v in metrics.items()})
+    return 0
+
+
+def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
+    from fedcmi.steps import init_step
+
+    print(init_step(cfg, args.out))
+    return 0
+
+
+def cmd_client_train(cfg: Config, args: argparse.Namespace) -> int:
+    from fedcmi.steps import client_train_step
+
+    path = client_train_step(cfg, args.global_model, args.client, args.round, args.out)
+    print(path if path else f"client {args.client} has nothing to train under {cfg.algorithm.name}; no update written")
+    return 0
+
+
+def cmd_aggregate(cfg: Config, args: argparse.Namespace) -> int:
+    from fedcmi.io import write_json
+    from fedcmi.steps import aggregate_step
+
+    path, summary = aggregate_step(cfg, args.global_model, args.updates, args.round, args.out)
+    if args.summary:
+        write_json(args.summary, summary)
+    _print_json({"model": str(path), **summary})
+    return 0
+
+
+# -- wiring -----------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="fedcmi",
+        description="Balanced multimodal federated learning (FedCMI, arXiv 2401.00894). "
+        "Settings come from params.yaml; override any with --set key.path=value.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        p.set_defaults(func=fn)
+        return p
+
+    add("prepare", cmd_prepare, "Turn the configured dataset into the prepared tensor folder (data.prepared_dir).")
+    p = add("partition", cmd_partition, "Split the training set across clients; write partition.file and statistics.")
+    p.add_argument("--stats", help="where to write per-client statistics (default: beside the partition file)")
+    p = add("train", cmd_train, "Run the federated rounds in this process, with a progress bar; "
+            "checkpoints every round and resumes a stopped run.")
+    p.add_argument("--out", help="output folder (default: <output.dir>/train)")
+    p.add_argument("--resume", choices=["auto", "never", "must"], default="auto",
+                   help="auto: resume a matching checkpoint (default); never: start over; must: fail without one")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = add("evaluate", cmd_evaluate, "Evaluate a global model file on the test split.")
+    p.add_argument("--model", help="model file (default: <output.dir>/train/model.safetensors)")
+    p.add_argument("--out", help="write metrics JSON here")
+    p.add_argument("--probe", action="store_true", help="also fit a ridge probe on each frozen encoder")
+    p = add("init", cmd_init, "Write the seeded initial global model.")
+    p.add_argument("--out", required=True, help="model file to write")
+    p = add("client-train", cmd_client_train, "One client's local training for one round, file to file.")
+    p.add_argument("--global-model", required=True, help="the round's global model (safetensors)")
+    p.add_argument("--client", type=int, required=True, help="client id")
+    p.add_argument("--round", type=int, required=True, help="round index, from 0")
+    p.add_argument("--out", required=True, help="update file to write")
+    p = add("aggregate", cmd_aggregate, "Aggregate a round's client update files into the next global model.")
+    p.add_argument("--global-model", required=True, help="the round's global model")
+    p.add_argument("--updates", nargs="+", required=True, help="client update files")
+    p.add_argument("--round", type=int, required=True, help="round index, from 0")
+    p.add_argument("--out", required=True, help="global model file to write")
+    p.add_argument("--summary", help="write the round summary JSON here")
+    _extend(sub, common)
+    return parser
+
+
+def _extend(sub, common) -> None:
+    """Subcommands of the tracking and pipeline layers, where installed."""
+    for modname in ("fedcmi.tracking_cli", "fedcmi.pipeline_cli"):
+        try:
+            mod = __import__(modname, fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != modname:
+                raise
+            continue
+        mod.register(sub, common)
+
+
+KNOWN_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from fedcmi.data import DataError
+    from fedcmi.engine import ResumeError
+    from fedcmi.federation import RoundFailed
+    from fedcmi.io import ModelFileError
+    from fedcmi.models import EncoderError
+    from fedcmi.partition import PartitionError
+
+    return (DataError, ResumeError, RoundFailed, ModelFileError, EncoderError, PartitionError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.params, args.overrides)
+    except ConfigError as exc:
+        print(f"fedcmi: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return int(args.func(cfg, args) or 0)
+    except ConfigError as exc:
+        print(f"fedcmi: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except _known_errors() as exc:
+        print(f"fedcmi: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("fedcmi: interrupted; the last complete round is checkpointed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

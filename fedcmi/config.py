@@ -1,0 +1,314 @@
+"""The one configuration model of fedcmi, loaded from ``params.yaml``.
+
+Every setting lives in :class:`Config`; unknown keys and invalid values are
+errors that name the dotted field path. ``--set a.b=value`` overrides are
+parsed as YAML scalars, so ``--set federation.rounds=3`` gives an int.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENCODERS = ("mlp", "cnn", "clip", "resnet18")
+ALGORITHMS = ("fedavg", "fedprox", "unimodal", "ogm_ge", "fedcmi")
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not make a valid :class:`Config`."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(_Section):
+    """The embedded default dataset: an audio-like and a visual-like modality."""
+
+    num_train: int = Field(2400, ge=10)
+    num_test: int = Field(600, ge=10)
+    num_classes: int = Field(6, ge=2, le=64)
+    strong_modality: str = "audio"
+    spectrogram: tuple[int, int] = (16, 16)
+    frames: int = Field(2, ge=1, le=16)
+    frame_size: int = Field(16, ge=8, le=64)
+    strong_snr: float = Field(4.0, gt=0)
+    weak_snr: float = Field(1.5, gt=0)
+    strong_confusion: float = Field(0.2, ge=0, lt=0.5)
+
+    @field_validator("spectrogram")
+    @classmethod
+    def _spec_size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 8 or max(v) > 512:
+            raise ValueError("each spectrogram side must be between 8 and 512")
+        return v
+
+
+class DataConfig(_Section):
+    """Which dataset, where it lives and which two modalities it holds."""
+
+    name: Literal["synthetic", "npz"] = "synthetic"
+    path: Path = Path("data/raw")
+    prepared_dir: Path = Path("data/prepared")
+    modalities: tuple[str, str] = ("audio", "visual")
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("modalities")
+    @classmethod
+    def _distinct(cls, v: tuple[str, str]) -> tuple[str, str]:
+        for name in v:
+            if not name.isidentifier() or name == "label":
+                raise ValueError(f"modality name {name!r} must be an identifier other than 'label'")
+        if v[0] == v[1]:
+            raise ValueError("the two modalities must have different names")
+        return v
+
+
+class PartitionConfig(_Section):
+    """How the training set is split across clients (seeded by ``seed``)."""
+
+    num_clients: int = Field(10, ge=1, le=100_000)
+    scheme: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(1.0, gt=0)
+    max_samples_per_client: Optional[float] = Field(
+        None, gt=1.0, description="cap as a multiple of N/num_clients (1.1 in the reference code); null for none"
+    )
+    multimodal_fraction: float = Field(1.0, ge=0, le=1)
+    min_samples: int = Field(8, ge=1)
+    max_attempts: int = Field(100, ge=1)
+    file: Path = Path("data/partition.json")
+
+
+class ModelConfig(_Section):
+    """Encoders per modality and the heads on top of them."""
+
+    encoders: dict[str, Literal["mlp", "cnn", "clip", "resnet18"]] = {"audio": "cnn", "visual": "clip"}
+    embed_dim: int = Field(64, ge=2, le=4096)
+    width: int = Field(16, ge=1, le=512, description="channel width of the small CNN/MLP encoders")
+    projector: Literal["linear", "mlp"] = "linear"
+    projectors: Literal["two", "one"] = "two"
+    fusion: Literal["concat", "sum", "film", "gated"] = "concat"
+
+
+class FederationConfig(_Section):
+    """Rounds, client sampling and local work."""
+
+    rounds: int = Field(20, ge=1, le=100_000)
+    clients_per_round: int = Field(5, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    min_clients: int = Field(1, ge=1, description="valid updates a round needs to complete")
+
+
+class OptimConfig(_Section):
+    """Local SGD; the learning rate decays by round, never re-created per client."""
+
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    lr_decay: float = Field(1.0, gt=0, le=1, description="multiplied into lr every lr_decay_every rounds")
+    lr_decay_every: int = Field(1, ge=1)
+
+
+class FedCMIConfig(_Section):
+    """FedCMI switches; each ablation in the method file is one of these."""
+
+    w_uni: float = Field(2.0, ge=0)
+    lambda_inf: float = Field(1.0, ge=0)
+    infiltration: bool = True
+    warmup_rounds: int = Field(1, ge=0)
+    dominance: Literal["round", "batch"] = "round"
+    class_temperature: bool = True
+    beta: float = Field(2.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    min_temperature: float = Field(0.05, gt=0, le=1)
+    t_squared: bool = False
+
+
+class OGMConfig(_Section):
+    """OGM-GE (Peng et al., CVPR 2022) gradient modulation."""
+
+    alpha: float = Field(0.8, ge=0)
+    noise: bool = True
+
+
+class AlgorithmConfig(_Section):
+    """Which algorithm trains, and its settings."""
+
+    name: Literal["fedavg", "fedprox", "unimodal", "ogm_ge", "fedcmi"] = "fedcmi"
+    mu: float = Field(0.01, ge=0, description="proximal weight for fedprox and fedcmi; 0 turns it off")
+    modality: Optional[str] = Field(None, description="the modality trained by 'unimodal'")
+    aggregation: Literal["auto", "plain", "modality_aware"] = "auto"
+    fedcmi: FedCMIConfig = FedCMIConfig()
+    ogm: OGMConfig = OGMConfig()
+
+
+class EvaluationConfig(_Section):
+    every: int = Field(1, ge=1)
+    batch_size: int = Field(256, ge=1)
+    linear_probe: bool = Field(True, description="fit a ridge probe on each frozen encoder at the final round")
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking and the model registry."""
+
+    enabled: bool = True
+    tracking_uri: Optional[str] = Field(None, description="MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db")
+    experiment: str = Field("fedcmi", min_length=1)
+    registered_model: str = Field("fedcmi-synthetic", min_length=1)
+    headline_metric: str = "mm_acc"
+
+
+class OutputConfig(_Section):
+    dir: Path = Path("outputs")
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class Config(_Section):
+    """Everything a run needs; see ``params.yaml`` for the defaults."""
+
+    seed: int = Field(0, ge=0, lt=2**31)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    model: ModelConfig = ModelConfig()
+    federation: FederationConfig = FederationConfig()
+    optim: OptimConfig = OptimConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        mods = self.data.modalities
+        if set(self.model.encoders) != set(mods):
+            raise ValueError(
+                f"model.encoders must name exactly the modalities {list(mods)}, got {sorted(self.model.encoders)}"
+            )
+        if self.data.name == "synthetic" and self.data.synthetic.strong_modality not in mods:
+            raise ValueError(f"data.synthetic.strong_modality must be one of {list(mods)}")
+        if self.algorithm.name == "unimodal":
+            if self.algorithm.modality not in mods:
+                raise ValueError(f"algorithm.modality must be one of {list(mods)} when algorithm.name is 'unimodal'")
+        if self.federation.clients_per_round > self.partition.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({self.federation.clients_per_round}) exceeds "
+                f"partition.num_clients ({self.partition.num_clients})"
+            )
+        if self.federation.min_clients > self.federation.clients_per_round:
+            raise ValueError("federation.min_clients exceeds federation.clients_per_round")
+        return self
+
+    # -- derived values -------------------------------------------------
+    @property
+    def aggregation(self) -> str:
+        """The aggregation rule in force: FedCMI is modality-aware, the baselines plain."""
+        if self.algorithm.aggregation != "auto":
+            return self.algorithm.aggregation
+        return "modality_aware" if self.algorithm.name == "fedcmi" else "plain"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, as logged to MLflow."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = node
+
+        walk("", self.to_dict())
+        return out
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the named top-level sections (all when none named)."""
+        d = self.to_dict()
+        keys = sections or tuple(sorted(d))
+        blob = json.dumps({k: d[k] for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# -- loading --------------------------------------------------------------
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling; see params.yaml for every setting)"
+        elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], (dict, list)):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{path}: {msg}")
+    head = f"invalid configuration in {source}:" if len(lines) > 1 else f"invalid configuration in {source}: "
+    return head + ("\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0])
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (['a','b','c'], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(p.strip() for p in parts):
+        raise ConfigError(f"override {text!r} has an empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return [p.strip() for p in parts], value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a nested dict (a copy)."""
+    out = json.loads(json.dumps(raw, default=str))
+    for ov in overrides:
+        parts, value = parse_override(ov)
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"override {ov!r}: {p!r} is a value, not a section")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(raw: Any, source: str = "params") -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid configuration in {source}: the top level must be a mapping of settings")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Config:
+    """Load ``params.yaml`` (or defaults when ``path`` is None) and apply overrides."""
+    raw: Any = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"params file {p} not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"invalid configuration in {p}: the top level must be a mapping of settings")
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source = f"{source} with --set overrides"
+    return config_from_dict(raw, source)

@@ -1,0 +1,78 @@
+"""Data: sources, the prepared on-disk form, and the DataModule that serves them.
+
+Lifecycle (after Lightning's DataModule): :func:`prepare` once writes the
+prepared folder; :class:`DataModule` opens it and serves client and test
+batches. Models never see where the data came from.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from fedcmi.config import Config
+from fedcmi.data.base import DataError, DatasetSpec, Split, iterate_batches, read_prepared, write_prepared
+from fedcmi.data.npz import NpzSource
+from fedcmi.data.synthetic import SyntheticSource
+
+__all__ = ["DataError", "DatasetSpec", "Split", "DataModule", "prepare", "make_source"]
+
+
+def make_source(cfg: Config) -> SyntheticSource | NpzSource:
+    if cfg.data.name == "synthetic":
+        return SyntheticSource(cfg.data.synthetic, cfg.data.modalities, cfg.seed)
+    return NpzSource(cfg.data.path, cfg.data.modalities)
+
+
+def prepare(cfg: Config) -> dict:
+    """Turn the configured source into the prepared folder; returns a summary."""
+    t0 = time.perf_counter()
+    source = make_source(cfg)
+    splits = source.generate()
+    spec = source.spec()
+    info = {"name": cfg.data.name, "seed": cfg.seed}
+    if cfg.data.name == "synthetic":
+        info["synthetic"] = cfg.data.synthetic.model_dump(mode="json")
+    else:
+        info["path"] = str(cfg.data.path)
+    out = write_prepared(cfg.data.prepared_dir, spec, splits, info)
+    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    return {
+        "path": str(out),
+        "train": len(splits["train"]),
+        "test": len(splits["test"]),
+        "num_classes": spec.num_classes,
+        "shapes": {k: list(v) for k, v in spec.shapes.items()},
+        "bytes": size,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+class DataModule:
+    """Opens a prepared dataset and serves batches for clients and evaluation."""
+
+    def __init__(self, prepared_dir: str | Path) -> None:
+        self.spec, self.splits, self.meta = read_prepared(Path(prepared_dir))
+
+    @property
+    def train(self) -> Split:
+        return self.splits["train"]
+
+    @property
+    def test(self) -> Split:
+        return self.splits["test"]
+
+    def client_batches(
+        self, indices: np.ndarray, modalities: Sequence[str], batch_size: int, seed: int
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        return iterate_batches(self.train, indices, modalities, batch_size, shuffle_seed=seed)
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        return iterate_batches(self.test, np.arange(len(self.test)), self.spec.modalities, batch_size)
+
+    def train_batches(self, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        return iterate_batches(self.train, np.arange(len(self.train)), self.spec.modalities, batch_size)

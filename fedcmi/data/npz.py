@@ -1,0 +1,83 @@
+"""Bring-your-own data: ``train.npz`` and ``test.npz`` in one folder.
+
+Each file holds one float32 array per modality, named by the modality (first
+axis: samples), and an int64 array ``label`` with values in ``0..K-1``. The
+modality names come from ``data.modalities``; the encoder for each from
+``model.encoders`` (``mlp`` for vectors, ``cnn`` for C x H x W maps, ``clip``
+for T x 3 x H x W frames).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from fedcmi.data.base import DataError, DatasetSpec, Split, SPLITS
+
+
+class NpzSource:
+    """Reads and validates a folder of ``train.npz`` / ``test.npz``."""
+
+    def __init__(self, root: Path, modalities: tuple[str, str]) -> None:
+        self.root = Path(root)
+        self.modalities = modalities
+
+    def _layout(self) -> str:
+        arrays = ", ".join(f"{m} (float32, N x ...)" for m in self.modalities)
+        return f"{self.root}/train.npz and {self.root}/test.npz, each with arrays {arrays}, label (int64, N)"
+
+    def _load(self, split: str) -> Split:
+        path = self.root / f"{split}.npz"
+        if not path.is_file():
+            raise DataError(f"missing {path}; expected layout: {self._layout()}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                names = set(z.files)
+                missing = [k for k in (*self.modalities, "label") if k not in names]
+                if missing:
+                    raise DataError(f"{path} lacks array(s) {missing}; it holds {sorted(names)}")
+                feats = {m: z[m] for m in self.modalities}
+                labels = z["label"]
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            if isinstance(exc, DataError):
+                raise
+            raise DataError(f"{path} is not a readable npz file ({exc})") from None
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{path}: 'label' must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+        for m, arr in feats.items():
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise DataError(f"{path}: array {m!r} must be floating point, got {arr.dtype}")
+            if arr.ndim < 2:
+                raise DataError(f"{path}: array {m!r} needs a sample axis and at least one feature axis")
+            if not np.isfinite(arr).all():
+                raise DataError(f"{path}: array {m!r} holds NaN or Inf values")
+        return Split({m: a.astype(np.float32, copy=False) for m, a in feats.items()}, labels.astype(np.int64))
+
+    def generate(self) -> dict[str, Split]:
+        if not self.root.is_dir():
+            raise DataError(f"data.path {self.root} is not a folder; expected layout: {self._layout()}")
+        splits = {s: self._load(s) for s in SPLITS}
+        for m in self.modalities:
+            a, b = splits["train"].features[m].shape[1:], splits["test"].features[m].shape[1:]
+            if a != b:
+                raise DataError(f"modality {m!r} has shape {a} in train.npz but {b} in test.npz")
+        if splits["train"].labels.min() < 0:
+            raise DataError("labels must be non-negative class indices")
+        k = int(max(splits["train"].labels.max(), splits["test"].labels.max())) + 1
+        unseen = sorted(set(np.unique(splits["test"].labels)) - set(np.unique(splits["train"].labels)))
+        if unseen:
+            raise DataError(f"test labels {unseen} never occur in train.npz")
+        self._spec = DatasetSpec(
+            self.modalities,
+            {m: tuple(splits["train"].features[m].shape[1:]) for m in self.modalities},
+            k,
+            tuple(f"class_{i}" for i in range(k)),
+        )
+        return splits
+
+    def spec(self) -> DatasetSpec:
+        if not hasattr(self, "_spec"):
+            self.generate()
+        return self._spec

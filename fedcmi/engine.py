@@ -1,0 +1,176 @@
+"""The in-process simulation: rounds of :class:`Federation`, checkpointed and resumable.
+
+After every round the global model and the engine state are committed
+atomically (model file first, then ``state.json`` naming it), so a run killed
+at any point resumes from its last complete round and ends with exactly the
+model an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from fedcmi.algorithms.aggregation import StateDict
+from fedcmi.config import Config
+from fedcmi.data import DataModule
+from fedcmi.federation import Federation
+from fedcmi.io import load_state, read_json, save_state, write_json
+from fedcmi.partition import load_partition
+
+log = logging.getLogger("fedcmi")
+STATE_FILE = "state.json"
+ENGINE_FORMAT = "fedcmi-engine/1"
+
+RoundCallback = Callable[[dict], None]
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed under the current settings."""
+
+
+@dataclass
+class TrainResult:
+    state: StateDict
+    history: list[dict]
+    final: dict[str, float]
+    confusion: list[list[int]]
+    resumed_from: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def run_fingerprint(cfg: Config, partition_file: Path, data_meta: dict) -> str:
+    """What must match for a checkpoint to be resumed: everything but the round count and reporting."""
+    d = cfg.to_dict()
+    fed = dict(d["federation"])
+    fed.pop("rounds")
+    keep = {k: d[k] for k in ("seed", "device", "data", "partition", "model", "optim", "algorithm")}
+    keep["federation"] = fed
+    keep["partition_file"] = hashlib.sha256(Path(partition_file).read_bytes()).hexdigest()
+    keep["data_meta"] = data_meta
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class Checkpointer:
+    """Writes and reads ``checkpoints/`` under a run's output folder."""
+
+    def __init__(self, folder: Path, keep: int) -> None:
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def load(self) -> dict | None:
+        path = self.folder / STATE_FILE
+        if not path.is_file():
+            return None
+        meta = read_json(path)
+        if meta.get("format") != ENGINE_FORMAT:
+            raise ResumeError(f"{path} is not a fedcmi engine state")
+        return meta
+
+    def load_model(self, meta: dict) -> StateDict:
+        state, _ = load_state(self.folder / meta["model_file"])
+        return state
+
+    def save(self, state: StateDict, completed: int, fingerprint: str, history: list[dict]) -> None:
+        name = f"round_{completed:05d}.safetensors"
+        save_state(self.folder / name, state, {"kind": "global", "round": completed, "fingerprint": fingerprint})
+        write_json(
+            self.folder / STATE_FILE,
+            {"format": ENGINE_FORMAT, "completed_rounds": completed, "model_file": name,
+             "fingerprint": fingerprint, "history": history},
+        )
+        files = sorted(self.folder.glob("round_*.safetensors"))
+        for old in files[: max(len(files) - self.keep, 0)]:
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+
+def _headline(rec: dict, modalities) -> dict[str, str]:
+    out = {"acc": f"{rec['mm_acc']:.3f}"}
+    for m in modalities:
+        if f"uni_acc_{m}" in rec:
+            out[m[:5]] = f"{rec[f'uni_acc_{m}']:.3f}"
+    return out
+
+
+def train(
+    cfg: Config,
+    out_dir: Path | None = None,
+    resume: Literal["auto", "never", "must"] = "auto",
+    progress: bool = True,
+    on_round: RoundCallback | None = None,
+) -> TrainResult:
+    """Run ``cfg.federation.rounds`` rounds; resume from ``out_dir/checkpoints`` when it matches."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir or cfg.output.dir / "train")
+    data = DataModule(cfg.data.prepared_dir)
+    partition = load_partition(cfg.partition.file)
+    fed = Federation(cfg, data, partition)
+    fp = run_fingerprint(cfg, cfg.partition.file, data.meta)
+    ckpt = Checkpointer(out_dir / "checkpoints", cfg.output.keep_checkpoints)
+
+    state, history, start = fed.initial_state(), [], 0
+    meta = ckpt.load() if resume != "never" else None
+    if meta is not None and meta["fingerprint"] != fp:
+        if resume == "must":
+            raise ResumeError("the checkpoint was made with other settings or data; cannot resume it")
+        log.warning("checkpoint in %s was made with other settings; starting from round 0", ckpt.folder)
+        meta = None
+    if meta is not None:
+        start = int(meta["completed_rounds"])
+        if start > cfg.federation.rounds:
+            raise ResumeError(
+                f"the checkpoint has {start} rounds done, more than federation.rounds={cfg.federation.rounds}"
+            )
+        state, history = ckpt.load_model(meta), list(meta["history"])
+        log.info("resuming after round %d", start)
+    elif resume == "must":
+        raise ResumeError(f"no checkpoint to resume in {ckpt.folder}")
+
+    rounds = cfg.federation.rounds
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=rounds, initial=start, desc=f"{cfg.algorithm.name}", unit="round", dynamic_ncols=True)
+    for rnd in range(start, rounds):
+        tr = time.perf_counter()
+        res = fed.run_round(state, rnd)
+        state = res.state
+        rec: dict = {"round": rnd + 1, "clients": res.clients, "rejected": res.rejected, **res.summary}
+        last = rnd + 1 == rounds
+        if (rnd + 1) % cfg.evaluation.every == 0 or last:
+            ev = fed.evaluate(state, probe=last and cfg.evaluation.linear_probe)
+            rec.update(ev.metrics)
+        rec["seconds"] = round(time.perf_counter() - tr, 4)
+        history.append(rec)
+        ckpt.save(state, rnd + 1, fp, history)
+        if on_round is not None:
+            on_round(rec)
+        if bar is not None:
+            bar.update(1)
+            if "mm_acc" in rec:
+                bar.set_postfix(_headline(rec, cfg.data.modalities))
+    if bar is not None:
+        bar.close()
+
+    final = fed.evaluate(state, probe=cfg.evaluation.linear_probe)
+    return TrainResult(state, history, final.metrics, final.confusion, start, time.perf_counter() - t0)
+
+
+def write_outputs(result: TrainResult, cfg: Config, out_dir: Path | None = None) -> dict[str, Path]:
+    """The run's files: final model, per-round history, final metrics."""
+    out_dir = Path(out_dir or cfg.output.dir / "train")
+    paths = {
+        "model": save_state(out_dir / "model.safetensors", result.state,
+                            {"kind": "global", "round": cfg.federation.rounds, "algorithm": cfg.algorithm.name}),
+        "history": write_json(out_dir / "history.json", result.history),
+        "metrics": write_json(out_dir / "metrics.json", result.final),
+    }
+    return paths

@@ -1,0 +1,164 @@
+"""One federated round, as the same functions for every runner.
+
+:class:`Federation` binds a config, the prepared data, the partition and a
+strategy to one reusable model instance. Its methods are the round's parts:
+sample clients, train one client, aggregate, evaluate. The in-process engine
+calls them in a loop; the file-to-file steps (and so the Kubeflow components)
+call them one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from fedcmi.algorithms import ClientContext, ClientUpdate, Strategy, UpdateRejected, check_update, get_strategy
+from fedcmi.algorithms.aggregation import StateDict
+from fedcmi.algorithms.base import derive_seed
+from fedcmi.config import Config
+from fedcmi.data import DataModule
+from fedcmi.evaluation import EvalResult, evaluate_model
+from fedcmi.models import build_model
+from fedcmi.partition import Partition
+
+log = logging.getLogger("fedcmi")
+
+
+class RoundFailed(RuntimeError):
+    """Too few valid client updates: the global model stays as it was."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass
+class RoundResult:
+    state: StateDict
+    clients: list[int]
+    accepted: list[int]
+    rejected: dict[int, str] = field(default_factory=dict)
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+class Federation:
+    """The parts of a round over one model instance (memory does not grow with clients)."""
+
+    def __init__(self, cfg: Config, data: DataModule, partition: Partition, device: torch.device | None = None) -> None:
+        if partition.num_samples != len(data.train):
+            raise ValueError(
+                f"the partition covers {partition.num_samples} samples but the prepared train split has "
+                f"{len(data.train)}; rerun `fedcmi partition`"
+            )
+        if len(partition.clients) != cfg.partition.num_clients:
+            raise ValueError(
+                f"the partition file has {len(partition.clients)} clients, params say partition.num_clients="
+                f"{cfg.partition.num_clients}; rerun `fedcmi partition`"
+            )
+        self.cfg = cfg
+        self.data = data
+        self.partition = partition
+        self.device = device or resolve_device(cfg.device)
+        self.strategy: Strategy = get_strategy(cfg)
+        self.model = build_model(cfg, data.spec).to(self.device)
+
+    # -- state ---------------------------------------------------------------
+    def initial_state(self) -> StateDict:
+        """The seeded initial global model (a fresh build, not the working instance)."""
+        return {k: v.detach().cpu().clone() for k, v in build_model(self.cfg, self.data.spec).state_dict().items()}
+
+    def load(self, state: StateDict) -> None:
+        self.model.load_state_dict(state, strict=True)
+
+    # -- the round's parts ---------------------------------------------------------
+    def sample_clients(self, rnd: int) -> list[int]:
+        """The round's clients: drawn from the seed and the round alone, so any runner draws the same."""
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, rnd, 0xC11E))
+        n = self.cfg.partition.num_clients
+        return sorted(rng.choice(n, size=self.cfg.federation.clients_per_round, replace=False).tolist())
+
+    def client_context(self, cid: int, rnd: int) -> ClientContext | None:
+        shard = self.partition.client(cid)
+        if not self.strategy.participates(shard.modalities):
+            return None
+        mods = self.strategy.batch_modalities(shard.modalities)
+        bs = self.cfg.federation.batch_size
+        seed = self.cfg.seed
+
+        def batches(epoch: int):
+            return self.data.client_batches(shard.indices, mods, bs, derive_seed(seed, rnd, cid, epoch))
+
+        return ClientContext(self.cfg, rnd, cid, shard.modalities, shard.num_examples, batches, self.device)
+
+    def train_client(self, global_state: StateDict, cid: int, rnd: int) -> ClientUpdate | None:
+        """One client's local training from ``global_state``; None if it has nothing to train."""
+        ctx = self.client_context(cid, rnd)
+        if ctx is None:
+            return None
+        self.load(global_state)
+        torch.manual_seed(ctx.seed)
+        return self.strategy.train_client(self.model, ctx)
+
+    def aggregate(self, global_state: StateDict, updates: Iterable[ClientUpdate], rnd: int) -> RoundResult:
+        """Check and fold the updates in client order; fail the round below ``min_clients``."""
+        acc = self.strategy.accumulator(self.model, global_state)
+        accepted, rejected, kept = [], {}, []
+        for u in sorted(updates, key=lambda u: u.client_id):
+            try:
+                check_update(global_state, u)
+            except UpdateRejected as exc:
+                rejected[u.client_id] = str(exc)
+                log.warning("round %d: update rejected: %s", rnd, exc)
+                continue
+            acc.add(u)
+            accepted.append(u.client_id)
+            kept.append(ClientUpdate(u.client_id, {}, u.num_examples, u.modalities, u.metrics))
+        return self._finish(acc, accepted, rejected, kept, rnd)
+
+    def _finish(self, acc, accepted, rejected, kept, rnd) -> RoundResult:
+        need = self.cfg.federation.min_clients
+        if len(accepted) < need:
+            raise RoundFailed(
+                f"round {rnd}: {len(accepted)} valid update(s), federation.min_clients is {need}; "
+                f"rejected: {rejected or 'none'}"
+            )
+        return RoundResult(acc.result(), [], accepted, rejected, self.strategy.round_summary(kept))
+
+    def run_round(self, global_state: StateDict, rnd: int) -> RoundResult:
+        """Sample, train each client in turn (folding as it goes), aggregate."""
+        clients = self.sample_clients(rnd)
+        acc = self.strategy.accumulator(self.model, global_state)
+        accepted, rejected, kept = [], {}, []
+        for cid in clients:
+            try:
+                u = self.train_client(global_state, cid, rnd)
+                if u is None:
+                    continue
+                check_update(global_state, u)
+            except UpdateRejected as exc:
+                rejected[cid] = str(exc)
+                log.warning("round %d: update rejected: %s", rnd, exc)
+                continue
+            except Exception as exc:  # a client's fault must not end the federation
+                rejected[cid] = f"client {cid}: training failed: {exc.__class__.__name__}: {exc}"
+                log.warning("round %d: %s", rnd, rejected[cid])
+                continue
+            acc.add(u)
+            accepted.append(cid)
+            kept.append(ClientUpdate(u.client_id, {}, u.num_examples, u.modalities, u.metrics))
+            del u
+        res = self._finish(acc, accepted, rejected, kept, rnd)
+        res.clients = clients
+        return res
+
+    def evaluate(self, state: StateDict, probe: bool = False) -> EvalResult:
+        self.load(state)
+        return evaluate_model(self.model, self.data, self.cfg.evaluation.batch_size, self.device, probe=probe)

@@ -1,0 +1,123 @@
+"""Atomic file writes and safe model-state files.
+
+Every file fedcmi writes goes to a temporary sibling first, is fsynced and then
+renamed over the target, so a crash leaves either the old file or the new one,
+never half of one. Model states are safetensors; legacy torch files are read
+only with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+StateDict = dict[str, torch.Tensor]
+FORMAT = "fedcmi-state/1"
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, corrupt, or not in a safe format."""
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it over ``target`` on success."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create output folder {target.parent}: {exc.strerror}") from exc
+    if not os.access(target.parent, os.W_OK):
+        raise PermissionError(f"output folder {target.parent} is not writable")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def write_bytes(target: str | Path, data: bytes) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return Path(target)
+
+
+def write_text(target: str | Path, text: str) -> Path:
+    return write_bytes(target, text.encode())
+
+
+def write_json(target: str | Path, obj: Any) -> Path:
+    return write_text(target, json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p} not found") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p} is not valid JSON: {exc}") from None
+
+
+def write_with(target: str | Path, writer: Callable[[Path], None]) -> Path:
+    """Atomically write ``target`` with ``writer(tmp_path)``."""
+    with atomic_path(target) as tmp:
+        writer(tmp)
+    return Path(target)
+
+
+def save_state(target: str | Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
+    """Save a state dict as safetensors with JSON metadata, atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    metadata = {"format": FORMAT, "meta": json.dumps(dict(meta or {}), sort_keys=True)}
+    return write_with(target, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_state(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
+    """Load a state written by :func:`save_state` (or a torch file, weights only)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelFileError(f"model file {p} not found")
+    if p.suffix in (".pt", ".pth"):
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # the unpickler refuses anything but tensors and plain containers
+            raise ModelFileError(f"{p} refused: not a weights-only torch file ({exc.__class__.__name__})") from None
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ModelFileError(f"{p} does not hold a flat state dict of tensors")
+        return dict(obj), {}
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        state = load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{p} is not a readable safetensors file ({exc})") from None
+    meta = json.loads(metadata.get("meta", "{}")) if metadata.get("format") == FORMAT else {}
+    return state, meta

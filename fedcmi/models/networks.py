@@ -1,0 +1,172 @@
+"""The FedCMI network and the plain fusion network the baselines train.
+
+Parameter names say which modality owns them (``encoders.<m>.``,
+``self_proj.<m>.``, ``inf_proj.<m>.``, ``classifiers.<m>.``); everything else
+(the fusion head) is shared. :meth:`owner` reads that, and the modality-aware
+aggregation relies on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fedcmi.models.encoders import build_encoder
+from fedcmi.models.fusion import build_fusion
+
+_OWNED = ("encoders", "self_proj", "inf_proj", "classifiers")
+
+
+def _projector(kind: str, dim: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(dim, dim)
+    return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+
+@dataclass
+class Output:
+    """What one forward pass gives the losses."""
+
+    mm_logits: torch.Tensor
+    uni_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    h: dict[str, torch.Tensor] = field(default_factory=dict)
+    z_self: dict[str, torch.Tensor] = field(default_factory=dict)
+    z_inf: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class _Base(nn.Module):
+    modalities: tuple[str, ...]
+
+    def owner(self, name: str) -> str | None:
+        """The modality a parameter belongs to, or None for shared ones."""
+        parts = name.split(".")
+        if parts[0] in _OWNED and len(parts) > 1 and parts[1] in self.modalities:
+            return parts[1]
+        return None
+
+    def encode(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.encoders[m](x[m]) for m in self.modalities if m in x}  # type: ignore[index]
+
+
+class FedCMINet(_Base):
+    """Encoders, self and infiltration projectors, a classifier per modality, fusion.
+
+    Fan et al., "Balanced Multi-modal Federated Learning via Cross-Modal
+    Infiltration", arXiv 2401.00894. Slot 0 of the fusion head is always the
+    first modality, slot 1 the second; a missing modality's slot is filled by
+    the present one's infiltration features.
+    """
+
+    def __init__(
+        self,
+        modalities: tuple[str, str],
+        shapes: dict[str, tuple[int, ...]],
+        encoders: dict[str, str],
+        num_classes: int,
+        dim: int,
+        width: int,
+        projector: str = "linear",
+        projectors: str = "two",
+        fusion: str = "concat",
+    ) -> None:
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.shared_projector = projectors == "one"
+        self.encoders = nn.ModuleDict({m: build_encoder(encoders[m], shapes[m], dim, width, m) for m in modalities})
+        self.self_proj = nn.ModuleDict({m: _projector(projector, dim) for m in modalities})
+        if not self.shared_projector:
+            self.inf_proj = nn.ModuleDict({m: _projector(projector, dim) for m in modalities})
+        self.classifiers = nn.ModuleDict({m: nn.Linear(dim, num_classes) for m in modalities})
+        self.fusion = build_fusion(fusion, dim, num_classes)
+
+    def infiltrate(self, m: str, h: torch.Tensor) -> torch.Tensor:
+        """z_mn = I_m(h_m): m's features that take in the other modality's knowledge."""
+        return self.self_proj[m](h) if self.shared_projector else self.inf_proj[m](h)
+
+    def fuse(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
+        a, b = self.modalities
+        return self.fusion(z[a], z[b])
+
+    def forward(self, x: dict[str, torch.Tensor]) -> Output:
+        h = self.encode(x)
+        if not h:
+            raise ValueError(f"batch holds none of the modalities {self.modalities}")
+        z_self = {m: self.self_proj[m](hm) for m, hm in h.items()}
+        z_inf = {m: self.infiltrate(m, hm) for m, hm in h.items()}
+        uni = {m: self.classifiers[m](z) for m, z in z_self.items()}
+        slots = dict(z_self)
+        if len(h) == 1:
+            (m,) = h
+            other = self.modalities[1] if m == self.modalities[0] else self.modalities[0]
+            slots[other] = z_inf[m]
+        return Output(self.fuse(slots), uni, h, z_self, z_inf)
+
+    @torch.no_grad()
+    def eval_logits(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every view the evaluation reports, from one batch holding both modalities."""
+        out = self.forward(x)
+        a, b = self.modalities
+        logits = {"mm": out.mm_logits}
+        for m in self.modalities:
+            logits[f"uni/{m}"] = out.uni_logits[m]
+        logits[f"path/{a}"] = self.fusion(out.z_self[a], out.z_inf[a])
+        logits[f"path/{b}"] = self.fusion(out.z_inf[b], out.z_self[b])
+        return logits
+
+
+class FusionNet(_Base):
+    """Encoders and a fusion head, nothing else: the model FedAvg, FedProx and OGM-GE train.
+
+    With one modality it is that modality's encoder and a linear classifier
+    (single-modality FedAvg). A missing modality's slot is zero-filled; the
+    uni-modal read-out of m is the fusion head with the other slot zero.
+    """
+
+    def __init__(
+        self,
+        modalities: tuple[str, ...],
+        shapes: dict[str, tuple[int, ...]],
+        encoders: dict[str, str],
+        num_classes: int,
+        dim: int,
+        width: int,
+        fusion: str = "concat",
+    ) -> None:
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.dim = dim
+        self.encoders = nn.ModuleDict({m: build_encoder(encoders[m], shapes[m], dim, width, m) for m in modalities})
+        if len(self.modalities) == 1:
+            self.head: nn.Module = nn.Linear(dim, num_classes)
+        else:
+            self.fusion = build_fusion(fusion, dim, num_classes)
+
+    def _fuse(self, h: dict[str, torch.Tensor]) -> torch.Tensor:
+        if len(self.modalities) == 1:
+            return self.head(h[self.modalities[0]])
+        a, b = self.modalities
+        ref = h[a] if a in h else h[b]
+        za = h.get(a, torch.zeros_like(ref))
+        zb = h.get(b, torch.zeros_like(ref))
+        return self.fusion(za, zb)
+
+    def forward(self, x: dict[str, torch.Tensor]) -> Output:
+        h = self.encode(x)
+        if not h:
+            raise ValueError(f"batch holds none of the modalities {self.modalities}")
+        uni = {m: self._fuse({m: hm}) for m, hm in h.items()} if len(self.modalities) > 1 else {}
+        mm = self._fuse(h)
+        if len(self.modalities) == 1:
+            uni = {self.modalities[0]: mm}
+        return Output(mm, uni, h)
+
+    @torch.no_grad()
+    def eval_logits(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.forward(x)
+        logits = {"mm": out.mm_logits}
+        for m, lg in out.uni_logits.items():
+            logits[f"uni/{m}"] = lg
+            logits[f"path/{m}"] = lg
+        return logits

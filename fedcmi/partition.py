@@ -1,0 +1,244 @@
+"""Splitting the training set across clients, and the partition file.
+
+Each partitioner has one job: :class:`IidPartitioner` and
+:class:`DirichletPartitioner` decide which samples a client holds,
+:class:`ModalityAssigner` which modalities it holds. All are seeded; a
+:class:`Partition` refuses to exist if it loses or duplicates a sample or
+leaves a client below the minimum size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fedcmi.config import Config
+from fedcmi.io import read_json, write_json
+
+FORMAT = "fedcmi-partition/1"
+
+
+class PartitionError(ValueError):
+    """A partition that cannot be made, or a partition file that is invalid."""
+
+
+@dataclass(frozen=True)
+class ClientShard:
+    id: int
+    indices: np.ndarray
+    modalities: tuple[str, ...]
+    class_histogram: tuple[int, ...]
+
+    @property
+    def num_examples(self) -> int:
+        return int(len(self.indices))
+
+    @property
+    def multimodal(self) -> bool:
+        return len(self.modalities) > 1
+
+
+@dataclass(frozen=True)
+class Partition:
+    clients: tuple[ClientShard, ...]
+    num_samples: int
+    num_classes: int
+    modalities: tuple[str, str]
+    meta: dict
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, min_samples: int = 1) -> None:
+        if not self.clients:
+            raise PartitionError("a partition needs at least one client")
+        if [c.id for c in self.clients] != list(range(len(self.clients))):
+            raise PartitionError("client ids must be 0..n-1 in order")
+        allidx = np.concatenate([c.indices for c in self.clients]) if self.clients else np.array([], int)
+        counts = np.bincount(allidx, minlength=self.num_samples) if len(allidx) else np.zeros(self.num_samples)
+        if len(counts) > self.num_samples or (len(allidx) and allidx.min() < 0):
+            raise PartitionError(f"partition holds indices outside 0..{self.num_samples - 1}")
+        if (counts > 1).any():
+            raise PartitionError(f"partition duplicates {int((counts > 1).sum())} sample(s)")
+        if (counts == 0).any():
+            raise PartitionError(f"partition loses {int((counts == 0).sum())} sample(s)")
+        small = [c.id for c in self.clients if c.num_examples < min_samples]
+        if small:
+            raise PartitionError(f"client(s) {small} hold fewer than {min_samples} samples")
+        for c in self.clients:
+            if not c.modalities or not set(c.modalities) <= set(self.modalities):
+                raise PartitionError(f"client {c.id} has modalities {c.modalities}, not a subset of {self.modalities}")
+
+    def client(self, cid: int) -> ClientShard:
+        if not 0 <= cid < len(self.clients):
+            raise PartitionError(f"client {cid} does not exist (the partition has {len(self.clients)} clients)")
+        return self.clients[cid]
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "num_samples": self.num_samples,
+            "num_classes": self.num_classes,
+            "modalities": list(self.modalities),
+            "meta": self.meta,
+            "clients": [
+                {
+                    "id": c.id,
+                    "modalities": list(c.modalities),
+                    "num_examples": c.num_examples,
+                    "class_histogram": list(c.class_histogram),
+                    "indices": c.indices.tolist(),
+                }
+                for c in self.clients
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Partition":
+        if d.get("format") != FORMAT:
+            raise PartitionError(f"not a partition file (format {d.get('format')!r}, expected {FORMAT!r})")
+        clients = tuple(
+            ClientShard(
+                int(c["id"]),
+                np.asarray(c["indices"], dtype=np.int64),
+                tuple(c["modalities"]),
+                tuple(int(h) for h in c["class_histogram"]),
+            )
+            for c in d["clients"]
+        )
+        return cls(clients, int(d["num_samples"]), int(d["num_classes"]), tuple(d["modalities"]), d.get("meta", {}))
+
+    def stats(self) -> dict:
+        """Per-client statistics, as logged and plotted."""
+        sizes = np.array([c.num_examples for c in self.clients])
+        kinds: dict[str, int] = {}
+        for c in self.clients:
+            key = "+".join(c.modalities)
+            kinds[key] = kinds.get(key, 0) + 1
+        return {
+            "num_clients": len(self.clients),
+            "size_min": int(sizes.min()),
+            "size_max": int(sizes.max()),
+            "size_mean": float(sizes.mean()),
+            "clients_by_modalities": kinds,
+            "per_client": [
+                {"id": c.id, "num_examples": c.num_examples, "modalities": list(c.modalities),
+                 "class_histogram": list(c.class_histogram)}
+                for c in self.clients
+            ],
+        }
+
+
+class IidPartitioner:
+    """Shuffle and deal samples into near-equal shares."""
+
+    def split(self, labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+        if num_clients > len(labels):
+            raise PartitionError(f"{num_clients} clients but only {len(labels)} samples")
+        return [np.sort(s) for s in np.array_split(rng.permutation(len(labels)), num_clients)]
+
+
+class DirichletPartitioner:
+    """Per-class Dirichlet(alpha) label skew with an optional per-client cap.
+
+    For each class, client proportions are drawn from Dir(alpha); clients that
+    have reached the cap (``cap_factor * N / num_clients``) get no more. Draws
+    that leave a client below ``min_samples`` are redrawn, up to
+    ``max_attempts`` times.
+    """
+
+    def __init__(self, alpha: float, cap_factor: float | None, min_samples: int, max_attempts: int = 100) -> None:
+        if alpha <= 0:
+            raise PartitionError(f"alpha must be positive, got {alpha}")
+        if cap_factor is not None and cap_factor <= 1:
+            raise PartitionError(f"the cap factor must exceed 1, got {cap_factor}")
+        self.alpha, self.cap_factor, self.min_samples, self.max_attempts = alpha, cap_factor, min_samples, max_attempts
+
+    def _once(self, labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+        n = len(labels)
+        cap = self.cap_factor * n / num_clients if self.cap_factor else np.inf
+        shares: list[list[int]] = [[] for _ in range(num_clients)]
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            p = rng.dirichlet(np.full(num_clients, self.alpha))
+            open_ = np.array([len(s) < cap for s in shares], dtype=float)
+            if open_.sum() == 0:
+                open_[:] = 1.0
+            p = p * open_
+            p = p / p.sum()
+            cuts = (np.cumsum(p) * len(idx)).astype(int)[:-1]
+            for share, part in zip(shares, np.split(idx, cuts)):
+                share.extend(part.tolist())
+        return [np.sort(np.asarray(s, dtype=np.int64)) for s in shares]
+
+    def split(self, labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+        if num_clients * self.min_samples > len(labels):
+            raise PartitionError(
+                f"{num_clients} clients x min_samples {self.min_samples} exceeds the {len(labels)} training samples"
+            )
+        for _ in range(self.max_attempts):
+            shares = self._once(labels, num_clients, rng)
+            if min(len(s) for s in shares) >= self.min_samples:
+                return shares
+        raise PartitionError(
+            f"no Dirichlet(alpha={self.alpha}) draw in {self.max_attempts} attempts gave every client "
+            f"at least {self.min_samples} samples; raise partition.alpha, lower partition.min_samples "
+            "or partition.num_clients"
+        )
+
+
+class ModalityAssigner:
+    """A fraction of clients keep both modalities; the rest split between the two."""
+
+    def __init__(self, modalities: Sequence[str], multimodal_fraction: float) -> None:
+        if not 0 <= multimodal_fraction <= 1:
+            raise PartitionError(f"multimodal_fraction must be in [0, 1], got {multimodal_fraction}")
+        self.modalities = tuple(modalities)
+        self.fraction = multimodal_fraction
+
+    def assign(self, num_clients: int, rng: np.random.Generator) -> list[tuple[str, ...]]:
+        n_multi = int(round(self.fraction * num_clients))
+        order = rng.permutation(num_clients)
+        out: list[tuple[str, ...]] = [()] * num_clients
+        for rank, cid in enumerate(order):
+            if rank < n_multi:
+                out[cid] = self.modalities
+            else:
+                out[cid] = (self.modalities[(rank - n_multi) % 2],)
+        return out
+
+
+def make_partition(cfg: Config, labels: np.ndarray, modalities: tuple[str, str], num_classes: int) -> Partition:
+    """The partition ``cfg.partition`` describes, seeded by ``cfg.seed``."""
+    p = cfg.partition
+    rng = np.random.default_rng([cfg.seed, 104729])
+    if p.scheme == "iid":
+        splitter: IidPartitioner | DirichletPartitioner = IidPartitioner()
+    else:
+        splitter = DirichletPartitioner(p.alpha, p.max_samples_per_client, p.min_samples, p.max_attempts)
+    shares = splitter.split(labels, p.num_clients, rng)
+    mods = ModalityAssigner(modalities, p.multimodal_fraction).assign(p.num_clients, rng)
+    clients = tuple(
+        ClientShard(i, idx, mods[i], tuple(np.bincount(labels[idx], minlength=num_classes).tolist()))
+        for i, idx in enumerate(shares)
+    )
+    part = Partition(clients, len(labels), num_classes, modalities, {"seed": cfg.seed, **p.model_dump(mode="json")})
+    part.validate(p.min_samples)
+    return part
+
+
+def save_partition(part: Partition, path: str | Path) -> Path:
+    return write_json(path, part.to_json())
+
+
+def load_partition(path: str | Path) -> Partition:
+    p = Path(path)
+    if not p.is_file():
+        raise PartitionError(f"partition file {p} not found; run `fedcmi partition` first")
+    try:
+        return Partition.from_json(read_json(p))
+    except (KeyError, TypeError) as exc:
+        raise PartitionError(f"{p} is not a valid partition file (missing {exc})") from None

@@ -1,0 +1,87 @@
+"""A round's parts as file-to-file steps, for runners outside this process.
+
+Each step reads the prepared data, the partition file and model states
+(safetensors) and writes safetensors or JSON. A Kubeflow component calls
+exactly these; the in-process engine calls the same :class:`Federation`
+methods without the files in between, so both give the same model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from fedcmi.algorithms import ClientUpdate
+from fedcmi.config import Config
+from fedcmi.data import DataModule
+from fedcmi.federation import Federation
+from fedcmi.io import ModelFileError, load_state, save_state, write_json
+from fedcmi.partition import load_partition
+
+
+def _federation(cfg: Config) -> Federation:
+    return Federation(cfg, DataModule(cfg.data.prepared_dir), load_partition(cfg.partition.file))
+
+
+def _load_global(fed: Federation, path: str | Path):
+    state, meta = load_state(path)
+    expected = fed.model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing or set(state) - set(expected):
+        raise ModelFileError(
+            f"{path} does not fit the {fed.cfg.algorithm.name} model of these params "
+            f"(missing {missing[:3]}, unexpected {sorted(set(state) - set(expected))[:3]})"
+        )
+    return state, meta
+
+
+def init_step(cfg: Config, out: str | Path) -> Path:
+    """The seeded initial global model."""
+    fed = _federation(cfg)
+    return save_state(out, fed.initial_state(), {"kind": "global", "round": 0})
+
+
+def sample_step(cfg: Config, rnd: int) -> list[int]:
+    """The clients of round ``rnd`` (0-based)."""
+    return _federation(cfg).sample_clients(rnd)
+
+
+def client_train_step(cfg: Config, global_model: str | Path, client_id: int, rnd: int, out: str | Path) -> Path | None:
+    """Train client ``client_id`` in round ``rnd`` from ``global_model``; None if it has nothing to train."""
+    fed = _federation(cfg)
+    state, _ = _load_global(fed, global_model)
+    update = fed.train_client(state, client_id, rnd)
+    if update is None:
+        return None
+    meta = {"kind": "update", "round": rnd, "client_id": client_id, "num_examples": update.num_examples,
+            "modalities": list(update.modalities), "metrics": update.metrics}
+    return save_state(out, update.state, meta)
+
+
+def read_update(path: str | Path) -> ClientUpdate:
+    state, meta = load_state(path)
+    if meta.get("kind") != "update":
+        raise ModelFileError(f"{path} is not a client update (kind {meta.get('kind')!r})")
+    return ClientUpdate(int(meta["client_id"]), state, int(meta["num_examples"]), tuple(meta["modalities"]),
+                        meta.get("metrics", {}))
+
+
+def aggregate_step(
+    cfg: Config, global_model: str | Path, updates: Sequence[str | Path], rnd: int, out: str | Path
+) -> tuple[Path, dict]:
+    """Aggregate the round's update files into the next global model; returns it and the round summary."""
+    fed = _federation(cfg)
+    state, _ = _load_global(fed, global_model)
+    res = fed.aggregate(state, [read_update(p) for p in updates], rnd)
+    summary = {"round": rnd + 1, "accepted": res.accepted, "rejected": res.rejected, **res.summary}
+    return save_state(out, res.state, {"kind": "global", "round": rnd + 1}), summary
+
+
+def evaluate_step(cfg: Config, model: str | Path, out: str | Path | None = None, probe: bool = False) -> dict:
+    """Evaluate a model file on the test split; writes metrics (and the confusion matrix) as JSON."""
+    fed = _federation(cfg)
+    state, _ = _load_global(fed, model)
+    res = fed.evaluate(state, probe=probe)
+    if out is not None:
+        write_json(out, {**res.metrics, "confusion": res.confusion})
+    return {**res.metrics, "confusion": res.confusion}

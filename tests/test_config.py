@@ -1,0 +1,83 @@
+"""The config model: defaults, overrides, and one clear message per bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedcmi.config import Config, ConfigError, config_from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_params_yaml_holds_exactly_the_defaults():
+    assert load_config(ROOT / "params.yaml") == Config()
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(ROOT / "params.yaml", ["algorithm.name=fedavg", "federation.rounds=3", "optim.lr=1e-3"])
+    assert cfg.algorithm.name == "fedavg" and cfg.federation.rounds == 3 and cfg.optim.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    "raw,needle",
+    [
+        ({"algorithm": {"name": "fedvag"}}, "algorithm.name"),
+        ({"federaton": {}}, "federaton: unknown setting"),
+        ({"optim": {"lr": -1}}, "optim.lr"),
+        ({"partition": {"alpha": 0}}, "partition.alpha"),
+        ({"model": {"encoders": {"audio": "cnn"}}}, "model.encoders must name exactly"),
+        ({"algorithm": {"name": "unimodal"}}, "algorithm.modality"),
+        ({"federation": {"clients_per_round": 50}}, "clients_per_round"),
+        ({"data": {"modalities": ["audio", "audio"]}}, "different names"),
+    ],
+)
+def test_bad_values_name_the_field(raw, needle):
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(raw)
+    assert needle in str(exc.value)
+    assert "Traceback" not in str(exc.value)
+
+
+def test_missing_params_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["seed"])
+
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                    st.text(max_size=8), st.lists(st.integers(), max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(section=st.sampled_from(sorted(Config.model_fields)), key=st.text(min_size=1, max_size=12), value=scalars)
+def test_fuzzed_settings_give_a_validation_error_or_a_config_never_a_traceback(section, key, value):
+    try:
+        cfg = config_from_dict({section: {key: value}})
+    except ConfigError as exc:
+        assert str(exc).startswith("invalid configuration")
+    else:
+        assert isinstance(cfg, Config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(path=st.sampled_from(sorted(Config().flat())), value=scalars)
+def test_fuzzed_known_fields_never_raise_anything_but_config_error(path, value):
+    raw: dict = {}
+    node = raw
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    try:
+        config_from_dict(raw)
+    except ConfigError:
+        pass

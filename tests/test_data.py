@@ -1,0 +1,103 @@
+"""Data sources: the synthetic generator and bring-your-own npz."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedcmi.config import SyntheticConfig, config_from_dict
+from fedcmi.data import DataError, DataModule, prepare
+from fedcmi.data.synthetic import SyntheticSource, bayes_accuracy
+
+
+def test_synthetic_is_seeded_and_shaped():
+    cfg = SyntheticConfig(num_train=60, num_test=30, spectrogram=(8, 12), frames=3, frame_size=8)
+    a = SyntheticSource(cfg, ("audio", "visual"), 1).generate()
+    b = SyntheticSource(cfg, ("audio", "visual"), 1).generate()
+    c = SyntheticSource(cfg, ("audio", "visual"), 2).generate()
+    assert a["train"].features["audio"].shape == (60, 1, 8, 12)
+    assert a["train"].features["visual"].shape == (60, 3, 3, 8, 8)
+    assert np.array_equal(a["train"].features["visual"], b["train"].features["visual"])
+    assert not np.array_equal(a["train"].features["audio"], c["train"].features["audio"])
+    assert np.bincount(a["train"].labels).tolist() == [10] * 6
+
+
+def test_synthetic_design_makes_the_multimodal_optimum_beat_either_modality():
+    bayes = bayes_accuracy(SyntheticConfig())
+    assert bayes["multimodal"] > bayes["strong"] + 0.05 > bayes["weak"] + 0.1
+
+
+def test_strong_modality_is_configurable():
+    cfg = SyntheticConfig(num_train=600, num_test=30, strong_modality="visual", spectrogram=(8, 8), frame_size=8)
+    src = SyntheticSource(cfg, ("audio", "visual"), 0)
+    assert src.strong == "visual" and src.weak == "audio"
+
+
+def _write_npz(root, n=40, k=3, bad=None):
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        arrays = {"vec": rng.standard_normal((n, 10)).astype(np.float32),
+                  "img": rng.standard_normal((n, 1, 6, 6)).astype(np.float32),
+                  "label": (np.arange(n) % k).astype(np.int64)}
+        if bad and split == "train":
+            arrays = bad(arrays)
+        np.savez(root / f"{split}.npz", **arrays)
+
+
+def _npz_cfg(tmp_path):
+    return config_from_dict({
+        "data": {"name": "npz", "path": str(tmp_path / "raw"), "prepared_dir": str(tmp_path / "prep"),
+                 "modalities": ["vec", "img"]},
+        "model": {"encoders": {"vec": "mlp", "img": "cnn"}, "embed_dim": 8, "width": 4},
+        "partition": {"num_clients": 2, "file": str(tmp_path / "p.json")},
+        "federation": {"rounds": 1, "clients_per_round": 2},
+        "output": {"dir": str(tmp_path / "out")},
+    })
+
+
+def test_npz_prepares_and_trains(tmp_path):
+    from fedcmi.engine import train
+    from fedcmi.partition import make_partition, save_partition
+
+    _write_npz(tmp_path / "raw")
+    cfg = _npz_cfg(tmp_path)
+    info = prepare(cfg)
+    assert info["train"] == 40 and info["num_classes"] == 3
+    dm = DataModule(cfg.data.prepared_dir)
+    assert dm.spec.shapes == {"vec": (10,), "img": (1, 6, 6)}
+    save_partition(make_partition(cfg, dm.train.labels, dm.spec.modalities, 3), cfg.partition.file)
+    assert 0 <= train(cfg, progress=False).final["mm_acc"] <= 1
+
+
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        (lambda a: {k: v for k, v in a.items() if k != "img"}, "lacks array(s) ['img']"),
+        (lambda a: {**a, "label": a["label"].astype(np.float32)}, "'label' must be a 1-D integer"),
+        (lambda a: {**a, "vec": np.full_like(a["vec"], np.nan)}, "NaN or Inf"),
+        (lambda a: {**a, "img": a["img"][:, :, :4]}, "shape"),
+    ],
+)
+def test_npz_errors_are_clear_and_nothing_is_written(tmp_path, bad, needle):
+    _write_npz(tmp_path / "raw", bad=bad)
+    cfg = _npz_cfg(tmp_path)
+    with pytest.raises(DataError, match=needle.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        prepare(cfg)
+    assert not (tmp_path / "prep").exists()
+
+
+def test_missing_npz_folder_names_the_layout(tmp_path):
+    with pytest.raises(DataError, match="train.npz and .*test.npz"):
+        prepare(_npz_cfg(tmp_path))
+
+
+def test_failed_prepare_keeps_the_previous_prepared_data(tmp_path):
+    _write_npz(tmp_path / "raw")
+    cfg = _npz_cfg(tmp_path)
+    prepare(cfg)
+    before = (tmp_path / "prep" / "train" / "vec.npy").read_bytes()
+    (tmp_path / "raw" / "test.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a readable npz"):
+        prepare(cfg)
+    assert (tmp_path / "prep" / "train" / "vec.npy").read_bytes() == before

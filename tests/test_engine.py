@@ -1,0 +1,124 @@
+"""The engine: every algorithm end to end, determinism, resume, and the file steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedcmi.algorithms.aggregation import state_distance
+from fedcmi.engine import ResumeError, train, write_outputs
+from fedcmi.io import load_state, save_state
+from fedcmi.steps import aggregate_step, client_train_step, evaluate_step, init_step, sample_step
+
+RUNS = {
+    "fedavg": {},
+    "fedprox": {"algorithm": {"name": "fedprox"}},
+    "unimodal-audio": {"algorithm": {"name": "unimodal", "modality": "audio"}},
+    "unimodal-visual": {"algorithm": {"name": "unimodal", "modality": "visual"}},
+    "ogm_ge": {"algorithm": {"name": "ogm_ge"}},
+    "fedcmi": {"algorithm": {"name": "fedcmi"}},
+    "fedcmi-batch-dominance": {"algorithm": {"name": "fedcmi", "fedcmi": {"dominance": "batch"}}},
+    "fedcmi-no-infiltration": {"algorithm": {"name": "fedcmi", "fedcmi": {"infiltration": False}}},
+    "fedcmi-no-class-temperature": {"algorithm": {"name": "fedcmi", "fedcmi": {"class_temperature": False}}},
+    "fedcmi-no-prox": {"algorithm": {"name": "fedcmi", "mu": 0.0}},
+    "fedcmi-one-projector": {"algorithm": {"name": "fedcmi"}, "model": {"projectors": "one"}},
+    "fedcmi-hetero-film": {"algorithm": {"name": "fedcmi"}, "model": {"fusion": "film"},
+                           "partition": {"multimodal_fraction": 0.5}},
+    "fedavg-hetero-gated": {"model": {"fusion": "gated"}, "partition": {"multimodal_fraction": 0.5}},
+    "fedcmi-dirichlet-sum": {"algorithm": {"name": "fedcmi"}, "model": {"fusion": "sum"},
+                             "partition": {"scheme": "dirichlet", "alpha": 1.0}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_every_algorithm_runs_end_to_end(tiny, name):
+    cfg = tiny(**{"algorithm": {"name": "fedavg"}, **RUNS[name]})
+    res = train(cfg, progress=False)
+    assert len(res.history) == cfg.federation.rounds
+    assert 0.0 <= res.final["mm_acc"] <= 1.0
+    init = load_state_of_fresh_model(cfg)
+    assert state_distance(init, res.state) > 0, "training changed nothing"
+    if cfg.algorithm.name == "fedcmi" and cfg.algorithm.fedcmi.infiltration and cfg.partition.multimodal_fraction == 1:
+        # round 2 is past the warm-up: clients measured dominance and used class temperatures
+        assert "train_inf" in res.history[1] and "train_inf" not in res.history[0]
+        assert any(k.startswith("dominant_frac_") for k in res.history[1])
+    files = write_outputs(res, cfg)
+    assert json.loads(files["metrics"].read_text())["mm_acc"] == res.final["mm_acc"]
+
+
+def load_state_of_fresh_model(cfg):
+    from fedcmi.data import DataModule
+    from fedcmi.models import build_model
+
+    return build_model(cfg, DataModule(cfg.data.prepared_dir).spec).state_dict()
+
+
+def test_same_seed_same_metrics_and_model(tiny):
+    cfg = tiny(algorithm={"name": "fedcmi"})
+    a = train(cfg, cfg.output.dir / "a", progress=False)
+    b = train(cfg, cfg.output.dir / "b", progress=False)
+    assert a.history[-1]["mm_acc"] == b.history[-1]["mm_acc"]
+    assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(a.history) == strip(b.history)
+
+
+def test_another_seed_gives_another_model(tiny):
+    cfg = tiny()
+    a = train(cfg, cfg.output.dir / "a", progress=False)
+    b = train(cfg.model_copy(update={"seed": cfg.seed + 1}), cfg.output.dir / "b", progress=False, resume="never")
+    assert state_distance(a.state, b.state) > 0
+
+
+def test_resume_after_round_k_ends_with_the_uninterrupted_model(tiny):
+    cfg = tiny(algorithm={"name": "fedcmi"}, federation={"rounds": 4, "clients_per_round": 2, "batch_size": 16})
+    full = train(cfg, cfg.output.dir / "full", progress=False)
+    part_cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rounds": 2})})
+    stopped = train(part_cfg, cfg.output.dir / "resumed", progress=False)
+    assert len(stopped.history) == 2
+    resumed = train(cfg, cfg.output.dir / "resumed", progress=False, resume="must")
+    assert resumed.resumed_from == 2
+    assert all(torch.equal(full.state[k], resumed.state[k]) for k in full.state)
+    assert [r["round"] for r in resumed.history] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tiny):
+    cfg = tiny()
+    train(cfg, cfg.output.dir / "r", progress=False)
+    other = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 0.123})})
+    with pytest.raises(ResumeError, match="other settings"):
+        train(other, cfg.output.dir / "r", progress=False, resume="must")
+    res = train(other, cfg.output.dir / "r", progress=False, resume="auto")  # starts over with a warning
+    assert res.resumed_from == 0
+
+
+@pytest.mark.parametrize("algo", ["fedavg", "fedcmi"])
+def test_file_steps_reproduce_the_engine_bitwise(tiny, tmp_path, algo):
+    cfg = tiny(algorithm={"name": algo}, partition={"num_clients": 4, "min_samples": 4, "multimodal_fraction": 0.5})
+    engine = train(cfg, progress=False)
+    g = init_step(cfg, tmp_path / "g0.safetensors")
+    for rnd in range(cfg.federation.rounds):
+        ups = [client_train_step(cfg, g, cid, rnd, tmp_path / f"u{rnd}_{cid}.safetensors")
+               for cid in sample_step(cfg, rnd)]
+        g, summary = aggregate_step(cfg, g, [u for u in ups if u], rnd, tmp_path / f"g{rnd + 1}.safetensors")
+        assert summary["round"] == rnd + 1
+    state, meta = load_state(g)
+    assert meta["round"] == cfg.federation.rounds
+    assert all(torch.equal(engine.state[k], state[k]) for k in state)
+    metrics = evaluate_step(cfg, g, tmp_path / "m.json")
+    assert metrics["mm_acc"] == engine.history[-1]["mm_acc"]
+
+
+def test_aggregate_step_rejects_a_nan_update_and_keeps_the_round(tiny, tmp_path):
+    cfg = tiny(federation={"rounds": 1, "clients_per_round": 2, "batch_size": 16, "min_clients": 1})
+    g = init_step(cfg, tmp_path / "g0.safetensors")
+    good = client_train_step(cfg, g, 0, 0, tmp_path / "u0.safetensors")
+    bad_state, meta = load_state(client_train_step(cfg, g, 1, 0, tmp_path / "u1.safetensors"))
+    key = next(iter(bad_state))
+    bad_state[key] = torch.full_like(bad_state[key], float("nan"))
+    save_state(tmp_path / "u1.safetensors", bad_state, meta)
+    _, summary = aggregate_step(cfg, g, [good, tmp_path / "u1.safetensors"], 0, tmp_path / "g1.safetensors")
+    assert summary["accepted"] == [0]
+    assert "NaN" in summary["rejected"][1]
