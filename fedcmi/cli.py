@@ -60,23 +60,77 @@ def cmd_partition(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.engine import train, write_outputs
+    from fedcmi.plots import round_curves
 
     out = Path(args.out) if args.out else cfg.output.dir / "train"
-    result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    tracker = None
+    if cfg.tracking.enabled and not args.no_tracking:
+        from fedcmi.tracking import RunTracker
+
+        tracker = RunTracker(cfg)  # fails here, before training, if the server is unreachable
+    result = train(cfg, out, resume=args.resume, progress=not args.no_progress,
+                   on_round=tracker.log_round if tracker else None)
     paths = write_outputs(result, cfg, out)
-    headline = {k: round(v, 4) for k, v in result.final.items() if not k.startswith("class_acc_")}
-    _print_json({"final": headline, "files": {k: str(v) for k, v in paths.items()},
-                 "resumed_from_round": result.resumed_from, "seconds": round(result.seconds, 2)})
+    paths["curves"] = round_curves(result.history, cfg.data.modalities, out / "curves.png",
+                                   f"{cfg.algorithm.name}, seed {cfg.seed}")
+    summary: dict = {"final": {k: round(v, 4) for k, v in result.final.items() if not k.startswith("class_acc_")},
+                     "files": {k: str(v) for k, v in paths.items()},
+                     "resumed_from_round": result.resumed_from, "seconds": round(result.seconds, 2)}
+    if tracker is not None:
+        from fedcmi.tracking import write_run_info
+
+        tracker.log_final(result.final)
+        stats = cfg.partition.file.with_name("partition_stats.json")
+        tracker.log_artifacts([paths["history"], paths["metrics"], paths["curves"], stats, cfg.partition.file])
+        model_uri = tracker.log_model(_trained_model(cfg, result.state))
+        errors = tracker.close()
+        info = {"run_id": tracker.run_id, "tracking_uri": tracker.uri, "model_uri": model_uri,
+                "experiment": cfg.tracking.experiment, "errors": errors}
+        write_run_info(out / "mlflow_run.json", info)
+        summary["mlflow"] = info
+        if errors:
+            print(f"fedcmi: warning: tracking failed {len(errors)} time(s), first: {errors[0]}. "
+                  f"Training finished and every result is in {out}.", file=sys.stderr)
+    else:
+        from fedcmi.io import write_json
+
+        write_json(out / "mlflow_run.json", {"run_id": None, "reason": "tracking disabled"})
+    _print_json(summary)
     return 0
 
 
+def _trained_model(cfg: Config, state):
+    from fedcmi.data import DataModule
+    from fedcmi.models import build_model
+
+    net = build_model(cfg, DataModule(cfg.data.prepared_dir).spec)
+    net.load_state_dict(state)
+    return net.eval()
+
+
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    from fedcmi.data import DataModule
+    from fedcmi.io import write_json
+    from fedcmi.plots import confusion, confusion_records
     from fedcmi.steps import evaluate_step
 
     model = Path(args.model) if args.model else cfg.output.dir / "train" / "model.safetensors"
     out = Path(args.out) if args.out else None
     metrics = evaluate_step(cfg, model, out, probe=args.probe)
-    metrics.pop("confusion")
+    cm = metrics.pop("confusion")
+    if args.plots:
+        plots = Path(args.plots)
+        names = DataModule(cfg.data.prepared_dir).spec.class_names
+        write_json(plots / "confusion.json", confusion_records(cm, names))
+        confusion(cm, names, plots / "confusion.png")
+    run_info = model.parent / "mlflow_run.json"
+    if args.log and cfg.tracking.enabled and run_info.is_file() and json.loads(run_info.read_text()).get("run_id"):
+        from fedcmi.tracking import log_to_run
+
+        errors = log_to_run(cfg, run_info, {f"test_{k}": v for k, v in metrics.items()},
+                            [p for p in (out, Path(args.plots) / "confusion.png" if args.plots else None) if p])
+        for e in errors:
+            print(f"fedcmi: warning: tracking failed: {e}", file=sys.stderr)
     _print_json({k: round(v, 4) for k, v in metrics.items()})
     return 0
 
@@ -131,10 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", choices=["auto", "never", "must"], default="auto",
                    help="auto: resume a matching checkpoint (default); never: start over; must: fail without one")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (same as tracking.enabled=false)")
     p = add("evaluate", cmd_evaluate, "Evaluate a global model file on the test split.")
     p.add_argument("--model", help="model file (default: <output.dir>/train/model.safetensors)")
     p.add_argument("--out", help="write metrics JSON here")
     p.add_argument("--probe", action="store_true", help="also fit a ridge probe on each frozen encoder")
+    p.add_argument("--plots", help="write the confusion matrix (JSON for dvc plots, and PNG) into this folder")
+    p.add_argument("--log", action="store_true", help="log the metrics into the training run's MLflow run")
     p = add("init", cmd_init, "Write the seeded initial global model.")
     p.add_argument("--out", required=True, help="model file to write")
     p = add("client-train", cmd_client_train, "One client's local training for one round, file to file.")
@@ -175,7 +232,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from fedcmi.models import EncoderError
     from fedcmi.partition import PartitionError
 
-    return (DataError, ResumeError, RoundFailed, ModelFileError, EncoderError, PartitionError, OSError)
+    from fedcmi.tracking import TrackingUnavailable
+
+    return (DataError, ResumeError, RoundFailed, ModelFileError, EncoderError, PartitionError, TrackingUnavailable,
+            OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,46 @@
+"""The ``fedcmi register`` subcommand: the trained model into the MLflow registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedcmi.config import Config, ConfigError
+
+
+def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
+    from fedcmi.io import read_json, write_json
+    from fedcmi.tracking import data_hash, read_run_info, register
+
+    train_dir = cfg.output.dir / "train"
+    info_path = train_dir / "mlflow_run.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path} not found: run `fedcmi train` with tracking enabled first")
+    info = read_run_info(info_path)
+    if not cfg.tracking.enabled or not info.get("run_id"):
+        result = {"skipped": "tracking is disabled (tracking.enabled=false): nothing to register"}
+        if args.out:
+            write_json(args.out, result)
+        print(result["skipped"])
+        return 0
+    if not info.get("model_uri"):
+        raise FileNotFoundError(f"the training run {info['run_id']} has no logged model (tracking failed: "
+                                f"{info.get('errors')})")
+    metrics = read_json(Path(args.metrics) if args.metrics else cfg.output.dir / "eval" / "metrics.json")
+    metric = cfg.tracking.headline_metric
+    if metric not in metrics:
+        raise ConfigError(f"tracking.headline_metric: {metric!r} is not among the evaluation metrics {sorted(metrics)[:8]}...")
+    result = register(cfg, info["run_id"], info["model_uri"], float(metrics[metric]), data_hash(cfg))
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("register", parents=[common], help="Register the trained model in the MLflow registry: "
+                       "alias 'candidate' always, 'champion' only when it beats the champion on the same test data.")
+    p.add_argument("--metrics", help="evaluation metrics JSON (default: <output.dir>/eval/metrics.json)")
+    p.add_argument("--out", help="write the registration result JSON here")
+    p.set_defaults(func=cmd_register)

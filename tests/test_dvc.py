@@ -1,0 +1,98 @@
+"""The main job: a real `dvc repro` in a temporary git copy of the project."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY, merge
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def sh(cmd, cwd, check=True):
+    bindir = str(Path(sys.executable).parent)  # where the `fedcmi` console script lives
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture
+def repo(tmp_path):
+    for name in ("dvc.yaml", ".dvcignore", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    shutil.copytree(ROOT / "fedcmi", tmp_path / "fedcmi", ignore=shutil.ignore_patterns("__pycache__"))
+    raw = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    raw["tracking"]["enabled"] = True
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (tmp_path / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    sh(["git", "init", "-q"], tmp_path)
+    sh(["git", "add", "-A"], tmp_path)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], tmp_path)
+    return tmp_path
+
+
+def test_dvc_repro_end_to_end_then_only_train_reruns(repo):
+    out = sh(DVC + ["repro"], repo).stdout
+    for stage in ("prepare", "partition", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out
+    metrics = json.loads((repo / "outputs/eval/metrics.json").read_text())
+    assert {"mm_acc", "uni_acc_audio", "uni_acc_visual", "probe_acc_visual", "worst_class_acc"} <= set(metrics)
+    assert len(json.loads((repo / "outputs/train/history.json").read_text())) == 2
+    for png in ("outputs/train/curves.png", "outputs/eval/confusion.png"):
+        assert (repo / png).read_bytes()[:4] == b"\x89PNG"
+    reg = json.loads((repo / "outputs/register.json").read_text())
+    assert reg["promoted"] and reg["version"] == 1
+
+    db = sqlite3.connect(repo / "mlflow.db")
+    assert db.execute("select count(*) from runs").fetchone()[0] == 1
+    steps = db.execute("select step from metrics where key='mm_acc' order by step").fetchall()
+    assert [s[0] for s in steps] == [1, 2]
+    assert db.execute("select count(*) from metrics where key='test_mm_acc'").fetchone()[0] == 1
+    assert db.execute("select alias from registered_model_aliases order by alias").fetchall() == [
+        ("candidate",), ("champion",)]
+    db.close()
+
+    assert "mm_acc" in sh(DVC + ["metrics", "show"], repo).stdout
+    shown = sh(DVC + ["plots", "show", "-o", "plots_html"], repo)
+    assert (repo / "plots_html" / "index.html").exists(), shown.stdout
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["federation"]["rounds"] = 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    again = sh(DVC + ["repro"], repo).stdout
+    assert "Running stage 'prepare'" not in again and "Running stage 'partition'" not in again
+    assert "Running stage 'train'" in again
+    assert len(json.loads((repo / "outputs/train/history.json").read_text())) == 3
+    diff = sh(DVC + ["params", "diff"], repo).stdout
+    assert "federation.rounds" in diff
+
+
+def test_dvc_exp_run_compares_algorithms(repo):
+    sh(DVC + ["exp", "run", "-S", "algorithm.name=fedavg", "-S", "tracking.enabled=false"], repo)
+    shown = sh(DVC + ["exp", "show", "--no-pager", "--md"], repo).stdout
+    assert "fedavg" in shown and "mm_acc" in shown
+
+
+def test_a_params_typo_stops_dvc_repro_with_one_clear_error(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["algorithm"]["name"] = "fedvag"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    r = sh(DVC + ["repro"], repo, check=False)
+    assert r.returncode != 0
+    assert "algorithm.name" in r.stderr + r.stdout and "fedvag" in r.stderr + r.stdout
+    assert not (repo / "data" / "prepared").exists()

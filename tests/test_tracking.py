@@ -1,0 +1,176 @@
+"""MLflow tracking against a real `mlflow server` on 127.0.0.1, driven through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY, merge
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp}/server.db", "--artifacts-destination", str(tmp / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "w"), start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, uri
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start: " + (tmp / "server.log").read_text()[-2000:])
+
+
+def stop(proc: subprocess.Popen) -> None:
+    with_suppress = os.killpg
+    try:
+        with_suppress(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def get(uri: str, path: str) -> dict:
+    with urllib.request.urlopen(uri + path, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def fedcmi(*args, cwd, uri=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    if uri:
+        env["MLFLOW_TRACKING_URI"] = uri
+    return subprocess.run([sys.executable, "-m", "fedcmi.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+@pytest.fixture
+def project(tmp_path):
+    raw = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    raw["tracking"] = {**raw["tracking"], "enabled": True, "registered_model": "tiny-model", "experiment": "tiny"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert fedcmi("prepare", cwd=tmp_path).returncode == 0
+    assert fedcmi("partition", cwd=tmp_path).returncode == 0
+    return tmp_path
+
+
+def test_run_model_and_registry_over_http(project, tmp_path_factory):
+    server_dir = tmp_path_factory.mktemp("server")
+    proc, uri = start_server(server_dir)
+    try:
+        r = fedcmi("train", "--set", "algorithm.name=fedcmi", cwd=project, uri=uri)
+        assert r.returncode == 0, r.stderr
+        info = json.loads((project / "outputs/train/mlflow_run.json").read_text())
+        assert info["errors"] == [] and info["model_uri"]
+        run = get(uri, f"/api/2.0/mlflow/runs/get?run_id={info['run_id']}")["run"]
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        assert params["algorithm.name"] == "fedcmi" and params["federation.rounds"] == "2"
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["data_hash"] and tags["algorithm"] == "fedcmi"
+        hist = get(uri, f"/api/2.0/mlflow/metrics/get-history?run_id={info['run_id']}&metric_key=uni_acc_visual")
+        assert [m["step"] for m in hist["metrics"]] == [1, 2]
+        assert get(uri, f"/api/2.0/mlflow/metrics/get-history?run_id={info['run_id']}"
+                        "&metric_key=dominant_frac_audio")["metrics"][0]["step"] == 2
+        arts = get(uri, f"/api/2.0/mlflow/artifacts/list?run_id={info['run_id']}")
+        assert {"history.json", "curves.png", "partition_stats.json"} <= {f["path"] for f in arts["files"]}
+
+        assert fedcmi("evaluate", "--out", "outputs/eval/metrics.json", "--log", cwd=project, uri=uri).returncode == 0
+        r = fedcmi("register", cwd=project, uri=uri)
+        assert r.returncode == 0, r.stderr
+        first = json.loads(r.stdout)
+        assert first["promoted"] and first["version"] == 1
+        alias = get(uri, "/api/2.0/mlflow/registered-models/alias?name=tiny-model&alias=champion")
+        assert alias["model_version"]["version"] == "1"
+
+        # a worse model: candidate moves, champion stays
+        metrics = json.loads((project / "outputs/eval/metrics.json").read_text())
+        worse = {**metrics, "mm_acc": metrics["mm_acc"] - 0.5}
+        (project / "worse.json").write_text(json.dumps(worse))
+        second = json.loads(fedcmi("register", "--metrics", "worse.json", cwd=project, uri=uri).stdout)
+        assert second["version"] == 2 and not second["promoted"]
+        cand = get(uri, "/api/2.0/mlflow/registered-models/alias?name=tiny-model&alias=candidate")
+        champ = get(uri, "/api/2.0/mlflow/registered-models/alias?name=tiny-model&alias=champion")
+        assert cand["model_version"]["version"] == "2" and champ["model_version"]["version"] == "1"
+
+        # the registered model loads back and predicts from one or both modalities
+        import mlflow.pytorch
+
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        try:
+            model = mlflow.pytorch.load_model("models:/tiny-model@champion")
+        finally:
+            del os.environ["MLFLOW_TRACKING_URI"]
+        shapes = {"audio": (1, 8, 8), "visual": (1, 3, 8, 8)}
+        both = {m: torch.randn(3, *s) for m, s in shapes.items()}
+        assert model(both).shape == (3, 6)
+        assert model({"visual": both["visual"]}).shape == (3, 6)
+
+        with urllib.request.urlopen(uri + "/", timeout=10) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+    finally:
+        stop(proc)
+
+
+def test_unreachable_server_fails_before_training(project):
+    r = fedcmi("train", cwd=project, uri=f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 1
+    assert "unreachable" in r.stderr and "Traceback" not in r.stderr
+    assert not (project / "outputs" / "train").exists()
+
+
+def test_server_lost_mid_run_loses_no_result(project, tmp_path_factory):
+    from fedcmi.config import load_config
+    from fedcmi.engine import train
+    from fedcmi.tracking import RunTracker
+
+    server_dir = tmp_path_factory.mktemp("server")
+    proc, uri = start_server(server_dir)
+    os.environ.update({"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        cfg = load_config("params.yaml", ["federation.rounds=4"])
+        tracker = RunTracker(cfg)
+
+        def log_then_kill(rec):
+            tracker.log_round(rec)
+            if rec["round"] == 1:
+                stop(proc)
+
+        res = train(cfg, progress=False, on_round=log_then_kill)
+        errors = tracker.close()
+    finally:
+        os.chdir(cwd)
+        for k in ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+            os.environ.pop(k, None)
+        stop(proc)
+    assert [r["round"] for r in res.history] == [1, 2, 3, 4]
+    assert errors and "round 2" in errors[0]
+    state = json.loads((project / "outputs/train/checkpoints/state.json").read_text())
+    assert state["completed_rounds"] == 4
