@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extend(sub, common) -> None:
     """Subcommands of the tracking and pipeline layers, where installed."""
-    for modname in ("fedcmi.tracking_cli", "fedcmi.pipeline_cli"):
+    for modname in ("fedcmi.tracking_cli", "pipelines.cli"):
         try:
             mod = __import__(modname, fromlist=["register"])
         except ModuleNotFoundError as exc:
@@ -234,8 +234,15 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
     from fedcmi.tracking import TrackingUnavailable
 
-    return (DataError, ResumeError, RoundFailed, ModelFileError, EncoderError, PartitionError, TrackingUnavailable,
-            OSError)
+    known = [DataError, ResumeError, RoundFailed, ModelFileError, EncoderError, PartitionError, TrackingUnavailable,
+             OSError]
+    try:
+        from pipelines.cli import PipelineError
+
+        known.append(PipelineError)
+    except ModuleNotFoundError:
+        pass
+    return tuple(known)
 
 
 def main(argv: list[str] | None = None) -> int:

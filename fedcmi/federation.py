@@ -28,6 +28,14 @@ from fedcmi.partition import Partition
 log = logging.getLogger("fedcmi")
 
 
+def sample_clients(cfg: Config, rnd: int) -> list[int]:
+    """The clients of round ``rnd``, drawn from the seed and the round alone, so any runner
+    (and a pipeline compiler) draws the same without the data."""
+    rng = np.random.default_rng(derive_seed(cfg.seed, rnd, 0xC11E))
+    n = cfg.partition.num_clients
+    return sorted(rng.choice(n, size=cfg.federation.clients_per_round, replace=False).tolist())
+
+
 class RoundFailed(RuntimeError):
     """Too few valid client updates: the global model stays as it was."""
 
@@ -80,10 +88,7 @@ class Federation:
 
     # -- the round's parts ---------------------------------------------------------
     def sample_clients(self, rnd: int) -> list[int]:
-        """The round's clients: drawn from the seed and the round alone, so any runner draws the same."""
-        rng = np.random.default_rng(derive_seed(self.cfg.seed, rnd, 0xC11E))
-        n = self.cfg.partition.num_clients
-        return sorted(rng.choice(n, size=self.cfg.federation.clients_per_round, replace=False).tolist())
+        return sample_clients(self.cfg, rnd)
 
     def client_context(self, cid: int, rnd: int) -> ClientContext | None:
         shard = self.partition.client(cid)

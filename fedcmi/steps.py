@@ -47,19 +47,28 @@ def sample_step(cfg: Config, rnd: int) -> list[int]:
 
 
 def client_train_step(cfg: Config, global_model: str | Path, client_id: int, rnd: int, out: str | Path) -> Path | None:
-    """Train client ``client_id`` in round ``rnd`` from ``global_model``; None if it has nothing to train."""
+    """Train client ``client_id`` in round ``rnd`` from ``global_model``.
+
+    A client with nothing to train (single-modality FedAvg on a client without
+    that modality) gets a ``skipped`` marker file and None is returned, so a
+    pipeline always has its output and aggregation ignores it.
+    """
     fed = _federation(cfg)
     state, _ = _load_global(fed, global_model)
     update = fed.train_client(state, client_id, rnd)
     if update is None:
+        save_state(out, {}, {"kind": "skipped", "round": rnd, "client_id": client_id})
         return None
     meta = {"kind": "update", "round": rnd, "client_id": client_id, "num_examples": update.num_examples,
             "modalities": list(update.modalities), "metrics": update.metrics}
     return save_state(out, update.state, meta)
 
 
-def read_update(path: str | Path) -> ClientUpdate:
+def read_update(path: str | Path) -> ClientUpdate | None:
+    """A client update file; None for a ``skipped`` marker."""
     state, meta = load_state(path)
+    if meta.get("kind") == "skipped":
+        return None
     if meta.get("kind") != "update":
         raise ModelFileError(f"{path} is not a client update (kind {meta.get('kind')!r})")
     return ClientUpdate(int(meta["client_id"]), state, int(meta["num_examples"]), tuple(meta["modalities"]),
@@ -72,7 +81,8 @@ def aggregate_step(
     """Aggregate the round's update files into the next global model; returns it and the round summary."""
     fed = _federation(cfg)
     state, _ = _load_global(fed, global_model)
-    res = fed.aggregate(state, [read_update(p) for p in updates], rnd)
+    read = [read_update(p) for p in updates]
+    res = fed.aggregate(state, [u for u in read if u is not None], rnd)
     summary = {"round": rnd + 1, "accepted": res.accepted, "rejected": res.rejected, **res.summary}
     return save_state(out, res.state, {"kind": "global", "round": rnd + 1}), summary
 

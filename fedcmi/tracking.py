@@ -145,22 +145,22 @@ class RunTracker:
             if Path(p).exists():
                 self._safe(f"artifact {p}", lambda p=p: self.mlflow.log_artifact(str(p), artifact_path))
 
-    def log_model(self, net: nn.Module) -> str | None:
+    @staticmethod
+    def log_model_to_active_run(net: nn.Module) -> str:
+        """Log ``net`` as an MLflow model of the active run; returns its URI."""
         import mlflow.pytorch
 
-        predictor = Predictor(net).eval()
+        # pickle, not pt2: the model takes a dict of modalities, which torch.export cannot trace by example.
+        # The fedcmi package travels with the model, so it loads where fedcmi is not installed.
+        info = mlflow.pytorch.log_model(
+            Predictor(net).eval(), name="model", serialization_format="pickle",
+            code_paths=[str(Path(__file__).resolve().parent)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic", "pyyaml"],
+        )
+        return info.model_uri
 
-        def _log():
-            # pickle, not pt2: the model takes a dict of modalities, which torch.export cannot trace by example.
-            # The fedcmi package travels with the model, so it loads where fedcmi is not installed.
-            info = mlflow.pytorch.log_model(
-                predictor, name="model", serialization_format="pickle",
-                code_paths=[str(Path(__file__).resolve().parent)],
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic", "pyyaml"],
-            )
-            return info.model_uri
-
-        return self._safe("model", _log)
+    def log_model(self, net: nn.Module) -> str | None:
+        return self._safe("model", lambda: self.log_model_to_active_run(net))
 
     def close(self) -> list[str]:
         status = "FINISHED" if not self.errors else "FAILED"

@@ -1,0 +1,207 @@
+"""The component functions and the factory that binds them to an image.
+
+No `from __future__ import annotations` here: KFP reads the real annotation objects.
+
+KFP lightweight components ship their function's source alone, so every
+function imports what it needs inside its body; all logic lives in fedcmi.
+"""
+
+
+from types import SimpleNamespace
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+
+def load_data(
+    params_json: str,
+    source: str,
+    data_root: str,
+    dvc_repo: str,
+    dvc_rev: str,
+    prepared: Output[Dataset],
+    partition: Output[Artifact],
+):
+    """Fetch the DVC-versioned prepared data and partition: from a mounted volume
+    (``source='path'``, under ``data_root``) or through ``dvc.api`` (``source='dvc'``)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from fedcmi.config import config_from_dict
+
+    cfg = config_from_dict(json.loads(params_json), "params_json")
+    if source == "path":
+        root = Path(data_root)
+        shutil.copytree(root / cfg.data.prepared_dir, prepared.path)
+        shutil.copyfile(root / cfg.partition.file, partition.path)
+    elif source == "dvc":
+        from dvc.api import DVCFileSystem
+
+        fs = DVCFileSystem(dvc_repo, rev=dvc_rev or None)
+        fs.get(str(cfg.data.prepared_dir), prepared.path, recursive=True)
+        fs.get_file(str(cfg.partition.file), partition.path)
+    else:
+        raise ValueError(f"source must be 'path' or 'dvc', got {source!r}")
+
+
+def init_model(params_json: str, prepared: Input[Dataset], partition: Input[Artifact], model: Output[Model]):
+    """The seeded initial global model."""
+    import json
+
+    from fedcmi.config import config_from_dict
+    from fedcmi.steps import init_step
+
+    raw = json.loads(params_json)
+    raw["data"]["prepared_dir"], raw["partition"]["file"] = prepared.path, partition.path
+    init_step(config_from_dict(raw, "params_json"), model.path)
+
+
+def train_client(
+    params_json: str,
+    prepared: Input[Dataset],
+    partition: Input[Artifact],
+    global_model: Input[Model],
+    client_id: int,
+    round_index: int,
+    update: Output[Model],
+):
+    """One client's local training for one round."""
+    import json
+
+    from fedcmi.config import config_from_dict
+    from fedcmi.steps import client_train_step
+
+    raw = json.loads(params_json)
+    raw["data"]["prepared_dir"], raw["partition"]["file"] = prepared.path, partition.path
+    client_train_step(config_from_dict(raw, "params_json"), global_model.path, client_id, round_index, update.path)
+
+
+def aggregate(
+    params_json: str,
+    prepared: Input[Dataset],
+    partition: Input[Artifact],
+    global_model: Input[Model],
+    updates: Input[List[Model]],
+    round_index: int,
+    new_global: Output[Model],
+    summary: Output[Artifact],
+):
+    """Aggregate the round's collected client updates into the next global model."""
+    import json
+
+    from fedcmi.config import config_from_dict
+    from fedcmi.io import write_json
+    from fedcmi.steps import aggregate_step
+
+    raw = json.loads(params_json)
+    raw["data"]["prepared_dir"], raw["partition"]["file"] = prepared.path, partition.path
+    _, info = aggregate_step(config_from_dict(raw, "params_json"), global_model.path, [u.path for u in updates],
+                             round_index, new_global.path)
+    write_json(summary.path, info)
+
+
+def evaluate(
+    params_json: str,
+    prepared: Input[Dataset],
+    partition: Input[Artifact],
+    model: Input[Model],
+    round_index: int,
+    tracking_uri: str,
+    run_id: str,
+    metrics: Output[Metrics],
+):
+    """Evaluate the round's global model; log to the pipeline's MLflow run when one is given."""
+    import json
+
+    from fedcmi.config import config_from_dict
+    from fedcmi.steps import evaluate_step
+
+    raw = json.loads(params_json)
+    raw["data"]["prepared_dir"], raw["partition"]["file"] = prepared.path, partition.path
+    res = evaluate_step(config_from_dict(raw, "params_json"), model.path)
+    res.pop("confusion")
+    for k, v in res.items():
+        metrics.log_metric(k, float(v))
+    if tracking_uri and run_id:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics({k: float(v) for k, v in res.items()}, step=round_index + 1)
+
+
+def start_run(params_json: str, tracking_uri: str, run_name: str) -> str:
+    """Open the pipeline's MLflow run (params logged flat); '' when tracking is off."""
+    import json
+
+    if not tracking_uri:
+        return ""
+    import mlflow
+
+    from fedcmi.config import config_from_dict
+    from fedcmi.tracking import check_reachable
+
+    cfg = config_from_dict(json.loads(params_json), "params_json")
+    check_reachable(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in cfg.flat().items()})
+        mlflow.set_tags({"algorithm": cfg.algorithm.name, "runner": "kubeflow"})
+        return run.info.run_id
+
+
+def register_model(
+    params_json: str,
+    prepared: Input[Dataset],
+    partition: Input[Artifact],
+    model: Input[Model],
+    tracking_uri: str,
+    run_id: str,
+    result: Output[Artifact],
+):
+    """Log the final model to the pipeline's MLflow run and register it (candidate / champion)."""
+    import json
+    import os
+
+    from fedcmi.config import config_from_dict
+    from fedcmi.io import load_state, write_json
+
+    if not (tracking_uri and run_id):
+        write_json(result.path, {"skipped": "no tracking server given"})
+        return
+    import mlflow
+
+    from fedcmi.data import DataModule
+    from fedcmi.models import build_model
+    from fedcmi.steps import evaluate_step
+    from fedcmi.tracking import RunTracker, register
+
+    raw = json.loads(params_json)
+    raw["data"]["prepared_dir"], raw["partition"]["file"] = prepared.path, partition.path
+    cfg = config_from_dict(raw, "params_json")
+    state, _ = load_state(model.path)
+    net = build_model(cfg, DataModule(cfg.data.prepared_dir).spec)
+    net.load_state_dict(state)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        uri = RunTracker.log_model_to_active_run(net)
+    headline = evaluate_step(cfg, model.path)[cfg.tracking.headline_metric]
+    from fedcmi.tracking import data_hash
+
+    write_json(result.path, register(cfg, run_id, uri, float(headline), data_hash(cfg)))
+
+
+def make_components(image: str) -> SimpleNamespace:
+    """The components, bound to the project's container ``image``."""
+
+    def c(fn):
+        return dsl.component(fn, base_image=image)
+
+    return SimpleNamespace(
+        load_data=c(load_data), init_model=c(init_model), train_client=c(train_client), aggregate=c(aggregate),
+        evaluate=c(evaluate), start_run=c(start_run), register_model=c(register_model),
+    )

@@ -1,0 +1,1 @@
+"""Kubeflow pipelines built from params.yaml (see :mod:`pipelines.federated`)."""
