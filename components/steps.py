@@ -53,9 +53,8 @@ def init_model(params_json: str, prepared: Input[Dataset], partition: Input[Arti
     from fedcmi.config import config_from_dict
     from fedcmi.steps import init_step
 
-    raw = json.loads(params_json)
-    raw["data"]["prepared_dir"], raw["partition"]["file"] = prepared.path, partition.path
-    init_step(config_from_dict(raw, "params_json"), model.path)
+    cfg = config_from_dict(json.loads(params_json), "params_json").with_data_paths(prepared.path, partition.path)
+    init_step(cfg, model.path)
 
 
 def train_client(
@@ -73,9 +72,8 @@ def train_client(
     from fedcmi.config import config_from_dict
     from fedcmi.steps import client_train_step
 
-    raw = json.loads(params_json)
-    raw["data"]["prepared_dir"], raw["partition"]["file"] = prepared.path, partition.path
-    client_train_step(config_from_dict(raw, "params_json"), global_model.path, client_id, round_index, update.path)
+    cfg = config_from_dict(json.loads(params_json), "params_json").with_data_paths(prepared.path, partition.path)
+    client_train_step(cfg, global_model.path, client_id, round_index, update.path)
 
 
 def aggregate(
@@ -95,9 +93,8 @@ def aggregate(
     from fedcmi.io import write_json
     from fedcmi.steps import aggregate_step
 
-    raw = json.loads(params_json)
-    raw["data"]["prepared_dir"], raw["partition"]["file"] = prepared.path, partition.path
-    _, info = aggregate_step(config_from_dict(raw, "params_json"), global_model.path, [u.path for u in updates],
+    cfg = config_from_dict(json.loads(params_json), "params_json").with_data_paths(prepared.path, partition.path)
+    _, info = aggregate_step(cfg, global_model.path, [u.path for u in updates],
                              round_index, new_global.path)
     write_json(summary.path, info)
 
@@ -118,9 +115,8 @@ def evaluate(
     from fedcmi.config import config_from_dict
     from fedcmi.steps import evaluate_step
 
-    raw = json.loads(params_json)
-    raw["data"]["prepared_dir"], raw["partition"]["file"] = prepared.path, partition.path
-    res = evaluate_step(config_from_dict(raw, "params_json"), model.path)
+    cfg = config_from_dict(json.loads(params_json), "params_json").with_data_paths(prepared.path, partition.path)
+    res = evaluate_step(cfg, model.path)
     res.pop("confusion")
     for k, v in res.items():
         metrics.log_metric(k, float(v))
@@ -179,9 +175,7 @@ def register_model(
     from fedcmi.steps import evaluate_step
     from fedcmi.tracking import RunTracker, register
 
-    raw = json.loads(params_json)
-    raw["data"]["prepared_dir"], raw["partition"]["file"] = prepared.path, partition.path
-    cfg = config_from_dict(raw, "params_json")
+    cfg = config_from_dict(json.loads(params_json), "params_json").with_data_paths(prepared.path, partition.path)
     state, _ = load_state(model.path)
     net = build_model(cfg, DataModule(cfg.data.prepared_dir).spec)
     net.load_state_dict(state)

@@ -216,6 +216,12 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def with_data_paths(self, prepared_dir: str | Path, partition_file: str | Path) -> "Config":
+        """The same config reading its prepared data and partition from other paths."""
+        raw = self.to_dict()
+        raw["data"]["prepared_dir"], raw["partition"]["file"] = str(prepared_dir), str(partition_file)
+        return Config.model_validate(raw)
+
     def flat(self) -> dict[str, Any]:
         """Dotted-key view, as logged to MLflow."""
         out: dict[str, Any] = {}

@@ -114,21 +114,39 @@ class Federation:
 
     def aggregate(self, global_state: StateDict, updates: Iterable[ClientUpdate], rnd: int) -> RoundResult:
         """Check and fold the updates in client order; fail the round below ``min_clients``."""
+        ordered = sorted(updates, key=lambda u: u.client_id)
+        return self._fold(global_state, ((u.client_id, lambda u=u: u) for u in ordered), rnd)
+
+    def run_round(self, global_state: StateDict, rnd: int) -> RoundResult:
+        """Sample, train each client in turn (folding as it goes, so memory holds one update), aggregate."""
+        clients = self.sample_clients(rnd)
+        res = self._fold(global_state, ((cid, lambda cid=cid: self.train_client(global_state, cid, rnd))
+                                        for cid in clients), rnd)
+        res.clients = clients
+        return res
+
+    def _fold(self, global_state: StateDict, producers, rnd: int) -> RoundResult:
+        """Fold (client id, update producer) pairs; a producer may return None (nothing to train) or fail."""
         acc = self.strategy.accumulator(self.model, global_state)
-        accepted, rejected, kept = [], {}, []
-        for u in sorted(updates, key=lambda u: u.client_id):
+        accepted: list[int] = []
+        rejected: dict[int, str] = {}
+        kept: list[ClientUpdate] = []
+        for cid, produce in producers:
             try:
+                u = produce()
+                if u is None:
+                    continue
                 check_update(global_state, u)
             except UpdateRejected as exc:
-                rejected[u.client_id] = str(exc)
-                log.warning("round %d: update rejected: %s", rnd, exc)
+                rejected[cid] = str(exc)
+            except Exception as exc:  # a client's fault must not end the federation
+                rejected[cid] = f"client {cid}: training failed: {exc.__class__.__name__}: {exc}"
+            else:
+                acc.add(u)
+                accepted.append(cid)
+                kept.append(ClientUpdate(u.client_id, {}, u.num_examples, u.modalities, u.metrics))
                 continue
-            acc.add(u)
-            accepted.append(u.client_id)
-            kept.append(ClientUpdate(u.client_id, {}, u.num_examples, u.modalities, u.metrics))
-        return self._finish(acc, accepted, rejected, kept, rnd)
-
-    def _finish(self, acc, accepted, rejected, kept, rnd) -> RoundResult:
+            log.warning("round %d: update rejected: %s", rnd, rejected[cid])
         need = self.cfg.federation.min_clients
         if len(accepted) < need:
             raise RoundFailed(
@@ -136,33 +154,6 @@ class Federation:
                 f"rejected: {rejected or 'none'}"
             )
         return RoundResult(acc.result(), [], accepted, rejected, self.strategy.round_summary(kept))
-
-    def run_round(self, global_state: StateDict, rnd: int) -> RoundResult:
-        """Sample, train each client in turn (folding as it goes), aggregate."""
-        clients = self.sample_clients(rnd)
-        acc = self.strategy.accumulator(self.model, global_state)
-        accepted, rejected, kept = [], {}, []
-        for cid in clients:
-            try:
-                u = self.train_client(global_state, cid, rnd)
-                if u is None:
-                    continue
-                check_update(global_state, u)
-            except UpdateRejected as exc:
-                rejected[cid] = str(exc)
-                log.warning("round %d: update rejected: %s", rnd, exc)
-                continue
-            except Exception as exc:  # a client's fault must not end the federation
-                rejected[cid] = f"client {cid}: training failed: {exc.__class__.__name__}: {exc}"
-                log.warning("round %d: %s", rnd, rejected[cid])
-                continue
-            acc.add(u)
-            accepted.append(cid)
-            kept.append(ClientUpdate(u.client_id, {}, u.num_examples, u.modalities, u.metrics))
-            del u
-        res = self._finish(acc, accepted, rejected, kept, rnd)
-        res.clients = clients
-        return res
 
     def evaluate(self, state: StateDict, probe: bool = False) -> EvalResult:
         self.load(state)

@@ -122,3 +122,27 @@ def test_aggregate_step_rejects_a_nan_update_and_keeps_the_round(tiny, tmp_path)
     _, summary = aggregate_step(cfg, g, [good, tmp_path / "u1.safetensors"], 0, tmp_path / "g1.safetensors")
     assert summary["accepted"] == [0]
     assert "NaN" in summary["rejected"][1]
+
+
+def test_a_failing_client_is_rejected_and_too_few_valid_updates_fail_the_round(tiny, monkeypatch):
+    from fedcmi.data import DataModule
+    from fedcmi.federation import Federation, RoundFailed
+    from fedcmi.partition import load_partition
+
+    cfg = tiny(federation={"rounds": 1, "clients_per_round": 2, "batch_size": 16, "min_clients": 1})
+    fed = Federation(cfg, DataModule(cfg.data.prepared_dir), load_partition(cfg.partition.file))
+    state = fed.initial_state()
+    clients = fed.sample_clients(0)
+    real = fed.train_client
+
+    def flaky(global_state, cid, rnd):
+        if cid == clients[0]:
+            raise RuntimeError("GPU fell off the bus")
+        return real(global_state, cid, rnd)
+
+    monkeypatch.setattr(fed, "train_client", flaky)
+    res = fed.run_round(state, 0)
+    assert res.accepted == [clients[1]] and "GPU fell off the bus" in res.rejected[clients[0]]
+    fed.cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"min_clients": 2})})
+    with pytest.raises(RoundFailed, match="1 valid update"):
+        fed.run_round(state, 0)
