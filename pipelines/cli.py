@@ -17,7 +17,8 @@ def _options(args: argparse.Namespace):
 
     return PipelineOptions(image=args.image, accelerator_type=args.accelerator_type,
                            accelerator_count=args.accelerator_count, cpu=args.cpu, memory=args.memory,
-                           retries=args.retries, parallelism=args.parallelism)
+                           retries=args.retries, parallelism=args.parallelism, pvc=args.pvc,
+                           data_root=args.data_root)
 
 
 def cmd_compile(cfg: Config, args: argparse.Namespace) -> int:
@@ -42,7 +43,8 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
             run = client.create_run_from_pipeline_package(
                 str(package), experiment_name=args.experiment or cfg.tracking.experiment,
                 run_name=args.run_name or f"{cfg.algorithm.name}-seed{cfg.seed}",
-                arguments={"source": args.source, "data_root": args.data_root, "dvc_repo": args.dvc_repo,
+                arguments={"source": "path" if args.pvc else args.source, "data_root": args.data_root,
+                           "dvc_repo": args.dvc_repo,
                            "dvc_rev": args.dvc_rev, "tracking_uri": args.tracking_uri},
             )
         except Exception as exc:  # kfp raises urllib3/ApiException/ValueError variants for the same fault
@@ -76,6 +78,9 @@ def register(sub, common) -> None:
     shape.add_argument("--memory", default="16G", help="memory limit per client pod")
     shape.add_argument("--retries", type=int, default=2, help="retries of a failed client pod")
     shape.add_argument("--parallelism", type=int, default=0, help="client pods at once (0: all of a round)")
+    shape.add_argument("--pvc", default="", help="PersistentVolumeClaim with the DVC outputs, mounted at --data-root "
+                       "for the data step (kfp-kubernetes); implies --source path")
+    shape.add_argument("--data-root", default="/data", help="where the data volume is mounted (source path)")
 
     c = psub.add_parser("compile", parents=[common, shape], help="Write the pipeline YAML.")
     c.add_argument("--out", default="outputs/pipeline.yaml", help="where to write it (default: %(default)s)")
@@ -89,11 +94,12 @@ def register(sub, common) -> None:
     s.add_argument("--source", choices=["dvc", "path"], default="dvc", help="how components get the data")
     s.add_argument("--dvc-repo", default="", help="git URL of this project (source dvc)")
     s.add_argument("--dvc-rev", default="", help="git revision (source dvc)")
-    s.add_argument("--data-root", default="/data", help="mounted volume holding the DVC outputs (source path)")
     s.add_argument("--tracking-uri", default="", help="MLflow server the pods log to ('' for none)")
     s.set_defaults(func=cmd_submit)
 
     r = psub.add_parser("run-local", parents=[common], help="Run the whole pipeline here with kfp.local.")
+    r.set_defaults(image="fedcmi:latest", accelerator_type="", accelerator_count=0, cpu="", memory="", retries=0,
+                   parallelism=0, pvc="")
     r.add_argument("--data-root", default=".", help="folder holding data.prepared_dir and partition.file")
     r.add_argument("--pipeline-root", default="outputs/kfp_local", help="where kfp.local keeps artifacts")
     r.add_argument("--tracking-uri", default="", help="MLflow tracking URI to log to ('' for none)")

@@ -32,6 +32,8 @@ class PipelineOptions:
     memory: str = "16G"
     retries: int = 2
     parallelism: int = 0  # clients trained at once in a round; 0: all of them
+    pvc: str = ""  # a PersistentVolumeClaim holding the DVC outputs, mounted at data_root for source 'path'
+    data_root: str = "/data"
     extra: dict = field(default_factory=dict)
 
 
@@ -75,8 +77,8 @@ def build_pipeline(cfg: Config, opts: PipelineOptions):
                   description=f"{cfg.algorithm.name}: {rounds} rounds, {cfg.federation.clients_per_round} of "
                               f"{cfg.partition.num_clients} clients per round (seed {cfg.seed}).")
     def fedcmi_pipeline(
-        source: str = "dvc",
-        data_root: str = "/data",
+        source: str = "path" if opts.pvc else "dvc",
+        data_root: str = opts.data_root,
         dvc_repo: str = "",
         dvc_rev: str = "",
         tracking_uri: str = "",
@@ -84,6 +86,10 @@ def build_pipeline(cfg: Config, opts: PipelineOptions):
     ) -> Model:
         data = comp.load_data(params_json=params_json, source=source, data_root=data_root, dvc_repo=dvc_repo,
                               dvc_rev=dvc_rev)
+        if opts.pvc:
+            from kfp import kubernetes
+
+            kubernetes.mount_pvc(data, pvc_name=opts.pvc, mount_path=opts.data_root)
         run = comp.start_run(params_json=params_json, tracking_uri=tracking_uri, run_name=run_name)
         init = comp.init_model(params_json=params_json, prepared=data.outputs["prepared"],
                                partition=data.outputs["partition"])

@@ -46,6 +46,19 @@ def test_compiled_yaml_carries_accelerator_parallelism_rounds_and_clients(tmp_pa
     assert "maxRetryCount: 4" in text
 
 
+def test_a_data_volume_is_mounted_on_the_data_step(tmp_path):
+    r = fedcmi("pipeline", "compile", "--out", str(tmp_path / "p.yaml"), "--pvc", "fedcmi-data",
+               "--data-root", "/mnt/fedcmi", "--set", "federation.rounds=1", cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    spec, platform = list(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    mounts = [m for e in executors.values() for m in e.get("pvcMount", [])]
+    assert mounts and mounts[0]["mountPath"] == "/mnt/fedcmi"
+    assert "fedcmi-data" in str(mounts[0])
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["source"]["defaultValue"] == "path" and defaults["data_root"]["defaultValue"] == "/mnt/fedcmi"
+
+
 def test_compile_with_bad_params_is_one_clear_error(tmp_path):
     r = fedcmi("pipeline", "compile", "--out", str(tmp_path / "p.yaml"), "--set", "federation.rounds=0", cwd=ROOT)
     assert r.returncode == 2 and "federation.rounds" in r.stderr and "Traceback" not in r.stderr
