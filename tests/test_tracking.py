@@ -31,7 +31,7 @@ def free_port() -> int:
 def start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
          "--backend-store-uri", f"sqlite:///{tmp}/server.db", "--artifacts-destination", str(tmp / "artifacts")],
         stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "w"), start_new_session=True,
     )
@@ -62,8 +62,8 @@ def get(uri: str, path: str) -> dict:
 
 
 def fedcmi(*args, cwd, uri=None):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-           "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    # MLflow's own retries stay on: a busy one-worker server may drop a connection, as a real one can.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
     if uri:
         env["MLFLOW_TRACKING_URI"] = uri
     return subprocess.run([sys.executable, "-m", "fedcmi.cli", *args], cwd=cwd, capture_output=True, text=True,
