@@ -68,8 +68,14 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
         from fedcmi.tracking import RunTracker
 
         tracker = RunTracker(cfg)  # fails here, before training, if the server is unreachable
-    result = train(cfg, out, resume=args.resume, progress=not args.no_progress,
-                   on_round=tracker.log_round if tracker else None)
+    try:
+        result = train(cfg, out, resume=args.resume, progress=not args.no_progress,
+                       on_round=tracker.log_round if tracker else None)
+    except BaseException:
+        if tracker is not None:  # the run ends FAILED, not left RUNNING; checkpoints keep the finished rounds
+            tracker.errors.append("training stopped")
+            tracker.close()
+        raise
     paths = write_outputs(result, cfg, out)
     paths["curves"] = round_curves(result.history, cfg.data.modalities, out / "curves.png",
                                    f"{cfg.algorithm.name}, seed {cfg.seed}")
@@ -219,9 +225,6 @@ def _extend(sub, common) -> None:
                 raise
             continue
         mod.register(sub, common)
-
-
-KNOWN_ERRORS: tuple[type[BaseException], ...] = ()
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
