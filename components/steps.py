@@ -121,11 +121,12 @@ def evaluate(
     for k, v in res.items():
         metrics.log_metric(k, float(v))
     if tracking_uri and run_id:
-        import mlflow
+        from fedcmi.tracking import RunTracker
 
-        mlflow.set_tracking_uri(tracking_uri)
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_metrics({k: float(v) for k, v in res.items()}, step=round_index + 1)
+        tracker = RunTracker(cfg, uri=tracking_uri, run_id=run_id)
+        tracker.log_metrics(res, step=round_index + 1, what=f"round {round_index + 1} metrics")
+        for e in tracker.errors + tracker.unlogged:
+            print(f"warning: tracking: {e}; the metrics are in this step's Metrics artifact")
 
 
 def start_run(params_json: str, tracking_uri: str, run_name: str) -> str:
@@ -134,19 +135,11 @@ def start_run(params_json: str, tracking_uri: str, run_name: str) -> str:
 
     if not tracking_uri:
         return ""
-    import mlflow
-
     from fedcmi.config import config_from_dict
-    from fedcmi.tracking import check_reachable
+    from fedcmi.tracking import RunTracker
 
     cfg = config_from_dict(json.loads(params_json), "params_json")
-    check_reachable(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(cfg.tracking.experiment)
-    with mlflow.start_run(run_name=run_name) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in cfg.flat().items()})
-        mlflow.set_tags({"algorithm": cfg.algorithm.name, "runner": "kubeflow"})
-        return run.info.run_id
+    return RunTracker(cfg, run_name=run_name, uri=tracking_uri, tags={"runner": "kubeflow"}).run_id
 
 
 def register_model(
@@ -163,30 +156,24 @@ def register_model(
     import os
 
     from fedcmi.config import config_from_dict
-    from fedcmi.io import load_state, write_json
+    from fedcmi.io import write_json
 
     if not (tracking_uri and run_id):
         write_json(result.path, {"skipped": "no tracking server given"})
         return
-    import mlflow
-
-    from fedcmi.data import DataModule
-    from fedcmi.models import build_model
-    from fedcmi.steps import evaluate_step
-    from fedcmi.tracking import RunTracker, register
+    from fedcmi.steps import evaluate_step, load_model
+    from fedcmi.tracking import RunTracker, data_hash, register
 
     cfg = config_from_dict(json.loads(params_json), "params_json").with_data_paths(prepared.path, partition.path)
-    state, _ = load_state(model.path)
-    net = build_model(cfg, DataModule(cfg.data.prepared_dir).spec)
-    net.load_state_dict(state)
+    net = load_model(cfg, model.path)
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        uri = RunTracker.log_model_to_active_run(net)
+    tracker = RunTracker(cfg, uri=tracking_uri, run_id=run_id)
+    tracker.log_model(net)
+    errors = tracker.close()
+    if tracker.model_uri is None:
+        raise RuntimeError(f"the final model could not be logged to {tracking_uri}: {errors}")
     headline = evaluate_step(cfg, model.path)[cfg.tracking.headline_metric]
-    from fedcmi.tracking import data_hash
-
-    write_json(result.path, register(cfg, run_id, uri, float(headline), data_hash(cfg)))
+    write_json(result.path, register(cfg, run_id, tracker.model_uri, float(headline), data_hash(cfg)))
 
 
 def make_components(image: str) -> SimpleNamespace:

@@ -88,12 +88,17 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
         tracker.log_final(result.final)
         stats = cfg.partition.file.with_name("partition_stats.json")
         tracker.log_artifacts([paths["history"], paths["metrics"], paths["curves"], stats, cfg.partition.file])
-        model_uri = tracker.log_model(_trained_model(cfg, result.state))
+        from fedcmi.steps import load_model
+
+        tracker.log_model(load_model(cfg, result.state))
         errors = tracker.close()
-        info = {"run_id": tracker.run_id, "tracking_uri": tracker.uri, "model_uri": model_uri,
-                "experiment": cfg.tracking.experiment, "errors": errors}
+        info = {"run_id": tracker.run_id, "tracking_uri": tracker.uri, "model_uri": tracker.model_uri,
+                "experiment": cfg.tracking.experiment, "errors": errors, "replayed": tracker.replayed}
         write_run_info(out / "mlflow_run.json", info)
         summary["mlflow"] = info
+        if tracker.replayed:
+            print(f"fedcmi: warning: the tracking server was away; {len(tracker.replayed)} call(s) were logged "
+                  "late, once it answered again.", file=sys.stderr)
         if errors:
             print(f"fedcmi: warning: tracking failed {len(errors)} time(s), first: {errors[0]}. "
                   f"Training finished and every result is in {out}.", file=sys.stderr)
@@ -103,15 +108,6 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
         write_json(out / "mlflow_run.json", {"run_id": None, "reason": "tracking disabled"})
     _print_json(summary)
     return 0
-
-
-def _trained_model(cfg: Config, state):
-    from fedcmi.data import DataModule
-    from fedcmi.models import build_model
-
-    net = build_model(cfg, DataModule(cfg.data.prepared_dir).spec)
-    net.load_state_dict(state)
-    return net.eval()
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:

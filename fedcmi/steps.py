@@ -11,7 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from torch import nn
+
 from fedcmi.algorithms import ClientUpdate
+from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.config import Config
 from fedcmi.data import DataModule
 from fedcmi.federation import Federation
@@ -33,6 +36,21 @@ def _load_global(fed: Federation, path: str | Path):
             f"(missing {missing[:3]}, unexpected {sorted(set(state) - set(expected))[:3]})"
         )
     return state, meta
+
+
+def load_model(cfg: Config, state: StateDict | str | Path) -> nn.Module:
+    """The network of these params holding ``state`` (a state dict or a model file), in eval mode."""
+    from fedcmi.models import build_model
+
+    if not isinstance(state, dict):
+        state, _ = load_state(state)
+    net = build_model(cfg, DataModule(cfg.data.prepared_dir).spec)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelFileError(f"the model state does not fit the {cfg.algorithm.name} model of these params: "
+                             f"{str(exc).splitlines()[0]}") from None
+    return net.eval()
 
 
 def init_step(cfg: Config, out: str | Path) -> Path:

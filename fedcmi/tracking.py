@@ -13,10 +13,11 @@ import json
 import logging
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -92,58 +93,120 @@ class Predictor(nn.Module):
 
 
 class RunTracker:
-    """One MLflow run; every call is safe to make after the server is gone."""
+    """One MLflow run, driven through :class:`mlflow.MlflowClient` with an explicit run id.
 
-    def __init__(self, cfg: Config, run_name: str | None = None) -> None:
-        import mlflow
+    No fluent "active run" is kept open, so nothing is left for MLflow's exit
+    handler to retry against a server that went away. Every call is safe after
+    the server is gone: what fails is queued, the server is probed again at
+    most every ``probe_every`` seconds, and the queue is replayed in order
+    (original steps and timestamps) once it answers, at the latest in
+    :meth:`close`. What is still queued then is reported; the local files hold
+    it all anyway.
+    """
+
+    def __init__(self, cfg: Config, run_name: str | None = None, probe_every: float = 30.0,
+                 uri: str | None = None, run_id: str | None = None, tags: dict[str, str] | None = None) -> None:
+        """Open a new run (params logged flat, tags set), or attach to ``run_id`` to log more into it.
+
+        ``uri`` overrides :func:`tracking_uri` (a pipeline passes its own).
+        """
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
 
         self.cfg = cfg
-        self.mlflow = mlflow
-        self.uri = tracking_uri(cfg)
-        self.errors: list[str] = []
+        self.uri = uri or tracking_uri(cfg)
+        self.errors: list[str] = []  # what failed for good
+        self.replayed: list[str] = []  # what failed while the server was away and was logged once it came back
+        self.model_uri: str | None = None
         self.lost = False
+        self.probe_every = probe_every
+        self._last_probe = 0.0
+        self._pending: list[tuple[str, Callable[[], Any]]] = []
         check_reachable(self.uri)
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(cfg.tracking.experiment)
-        self.run = mlflow.start_run(run_name=run_name or f"{cfg.algorithm.name}-seed{cfg.seed}")
-        self.run_id = self.run.info.run_id
-        self._safe("params", lambda: mlflow.log_params({k: str(v)[:500] for k, v in cfg.flat().items()}))
-        tags = {"algorithm": cfg.algorithm.name, "data_hash": data_hash(cfg), "config_fingerprint": cfg.fingerprint()}
+        self.client = MlflowClient(self.uri)
+        if run_id is not None:
+            self.run_id = run_id
+            return
+        all_tags = {"algorithm": cfg.algorithm.name, "data_hash": data_hash(cfg),
+                    "config_fingerprint": cfg.fingerprint(), **(tags or {})}
         commit = git_commit()
         if commit:
-            tags["mlflow.source.git.commit"] = commit
-            tags["git_commit"] = commit
-        self._safe("tags", lambda: mlflow.set_tags(tags))
+            all_tags["mlflow.source.git.commit"] = commit
+            all_tags["git_commit"] = commit
+        experiment_id = _experiment_id(self.client, cfg.tracking.experiment)
+        run = self.client.create_run(experiment_id, run_name=run_name or f"{cfg.algorithm.name}-seed{cfg.seed}",
+                                     tags=all_tags)
+        self.run_id = run.info.run_id
+        params = [Param(k, str(v)[:500]) for k, v in cfg.flat().items()]
+        self._safe("params", lambda: self.client.log_batch(self.run_id, params=params))
 
-    def _safe(self, what: str, fn) -> Any:
-        if self.lost:  # one lost server is enough: do not spend minutes of client retries every round
-            self.errors.append(f"{what}: skipped, the tracking server was lost earlier")
-            return None
+    # -- the safety net -------------------------------------------------------
+    def _reachable(self) -> bool:
+        self._last_probe = time.monotonic()
+        try:
+            check_reachable(self.uri, timeout=2.0)
+        except TrackingUnavailable:
+            return False
+        return True
+
+    def _flush(self) -> None:
+        """Replay queued calls in order; stop (and stay lost) at the first that fails again."""
+        while self._pending:
+            what, fn = self._pending[0]
+            try:
+                fn()
+            except Exception:
+                self.lost = True
+                return
+            self._pending.pop(0)
+            self.replayed.append(what)
+        self.lost = False
+
+    def _safe(self, what: str, fn: Callable[[], Any]) -> Any:
+        if self.lost:  # do not spend the client's retries on every call while the server is away
+            if time.monotonic() - self._last_probe >= self.probe_every and self._reachable():
+                self._flush()
+            if self.lost:
+                self._pending.append((what, fn))
+                return None
         try:
             return fn()
         except Exception as exc:  # the server may be gone; training must not be
             msg = f"{what}: {exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            self.errors.append(msg)
             log.warning("tracking failed (%s); the local files keep everything", msg)
-            try:
-                check_reachable(self.uri, timeout=2.0)
-            except TrackingUnavailable:
+            if self._reachable():  # the server answers, so the call itself is at fault: retrying will not help
+                self.errors.append(msg)
+            else:
                 self.lost = True
+                self._pending.append((what, fn))
             return None
 
+    @property
+    def unlogged(self) -> list[str]:
+        """What the tracking server has not received (yet)."""
+        return [what for what, _ in self._pending]
+
+    # -- what a run logs ----------------------------------------------------------
     def log_round(self, rec: dict) -> None:
         step = int(rec["round"])
         metrics = {k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and k != "round"}
         metrics["rejected_clients"] = float(len(rec.get("rejected", {})))
-        self._safe(f"round {step} metrics", lambda: self.mlflow.log_metrics(metrics, step=step))
+        self.log_metrics(metrics, step=step, what=f"round {step} metrics")
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, what: str = "metrics") -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)  # taken now, so a replay keeps the time the figure was made
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self._safe(what, lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def log_final(self, metrics: dict[str, float], prefix: str = "final_") -> None:
-        self._safe("final metrics", lambda: self.mlflow.log_metrics({prefix + k: float(v) for k, v in metrics.items()}))
+        self.log_metrics({prefix + k: float(v) for k, v in metrics.items()}, what="final metrics")
 
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
         for p in paths:
             if Path(p).exists():
-                self._safe(f"artifact {p}", lambda p=p: self.mlflow.log_artifact(str(p), artifact_path))
+                self._safe(f"artifact {p}", lambda p=p: self.client.log_artifact(self.run_id, str(p), artifact_path))
 
     @staticmethod
     def log_model_to_active_run(net: nn.Module) -> str:
@@ -160,17 +223,48 @@ class RunTracker:
         return info.model_uri
 
     def log_model(self, net: nn.Module) -> str | None:
-        return self._safe("model", lambda: self.log_model_to_active_run(net))
+        """Log the model; its URI is in :attr:`model_uri` once logged (after a replay too)."""
+
+        def log() -> str:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.uri)
+            # The model API logs to the fluent active run; open it for this call alone.
+            with mlflow.start_run(run_id=self.run_id):
+                self.model_uri = self.log_model_to_active_run(net)
+            return self.model_uri
+
+        return self._safe("model", log)
 
     def close(self) -> list[str]:
-        status = "FINISHED" if not self.errors else "FAILED"
+        """End the run (FINISHED, or FAILED if anything was not logged); returns what was not logged."""
+        if self.lost and self._reachable():
+            self._flush()
         if self.lost:
+            self.errors.append(f"the tracking server is still unreachable; not logged: {', '.join(self.unlogged)}")
             return self.errors
+        status = "FINISHED" if not self.errors else "FAILED"
         try:
-            self.mlflow.end_run(status=status)
+            self.client.set_terminated(self.run_id, status)
         except Exception as exc:
             self.errors.append(f"end run: {exc.__class__.__name__}")
         return self.errors
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created if missing (another process may create it first)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def register(cfg: Config, run_id: str, model_uri: str, headline: float, data_id: str) -> dict:
@@ -218,19 +312,20 @@ def register(cfg: Config, run_id: str, model_uri: str, headline: float, data_id:
 
 
 def log_to_run(cfg: Config, run_info: Path, metrics: dict[str, float], artifacts: list[Path]) -> list[str]:
-    """Add metrics and artifacts to a finished training run; returns the errors (never raises)."""
-    import mlflow
+    """Add metrics and artifacts to a finished training run, keeping its status; returns the errors (never raises)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
 
     info = read_run_info(run_info)
     errors: list[str] = []
     try:
         check_reachable(info["tracking_uri"])
-        mlflow.set_tracking_uri(info["tracking_uri"])
-        with mlflow.start_run(run_id=info["run_id"]):
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-            for a in artifacts:
-                if Path(a).exists():
-                    mlflow.log_artifact(str(a), "evaluation")
+        client = MlflowClient(info["tracking_uri"])
+        ts = int(time.time() * 1000)
+        client.log_batch(info["run_id"], metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+        for a in artifacts:
+            if Path(a).exists():
+                client.log_artifact(info["run_id"], str(a), "evaluation")
     except Exception as exc:
         errors.append(f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
     return errors

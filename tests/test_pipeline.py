@@ -94,9 +94,23 @@ def test_local_pipeline_run_equals_the_engine_bitwise(tmp_path):
         engine = train(cfg, progress=False)
     finally:
         os.chdir(cwd)
-    r = fedcmi("pipeline", "run-local", "--out", "pipe.safetensors", cwd=tmp_path)
+    store = f"sqlite:///{tmp_path}/pipeline-mlflow.db"
+    r = fedcmi("pipeline", "run-local", "--out", "pipe.safetensors", "--tracking-uri", store, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     state, _ = load_state(tmp_path / "pipe.safetensors")
     worst = max(float((state[k].double() - engine.state[k].double()).abs().max()) for k in state)
     assert worst <= 1e-6
     assert all(torch.equal(state[k], engine.state[k]) for k in state), "expected bitwise equality"
+
+    # the pipeline's run holds every round's evaluation, and its final model is registered
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert run.data.tags["runner"] == "kubeflow" and run.data.params["algorithm.name"] == "fedcmi"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "mm_acc")]
+    assert sorted(steps) == list(range(1, cfg.federation.rounds + 1))
+    final = [m for m in client.get_metric_history(run.info.run_id, "mm_acc") if m.step == cfg.federation.rounds]
+    assert final[0].value == engine.history[-1]["mm_acc"]
+    champion = client.get_model_version_by_alias(cfg.tracking.registered_model, "champion")
+    assert champion.run_id == run.info.run_id

@@ -28,8 +28,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_server(tmp: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
          "--backend-store-uri", f"sqlite:///{tmp}/server.db", "--artifacts-destination", str(tmp / "artifacts")],
@@ -144,33 +144,68 @@ def test_unreachable_server_fails_before_training(project):
     assert not (project / "outputs" / "train").exists()
 
 
-def test_server_lost_mid_run_loses_no_result(project, tmp_path_factory):
+def _train_with_server_events(project, uri, events, probe_every=30.0):
+    """Train 4 rounds in-process while ``events[round]()`` runs after that round is logged."""
     from fedcmi.config import load_config
     from fedcmi.engine import train
     from fedcmi.tracking import RunTracker
 
-    server_dir = tmp_path_factory.mktemp("server")
-    proc, uri = start_server(server_dir)
     os.environ.update({"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     cwd = os.getcwd()
     os.chdir(project)
     try:
         cfg = load_config("params.yaml", ["federation.rounds=4"])
-        tracker = RunTracker(cfg)
+        tracker = RunTracker(cfg, probe_every=probe_every)
 
-        def log_then_kill(rec):
+        def log_then(rec):
             tracker.log_round(rec)
-            if rec["round"] == 1:
-                stop(proc)
+            events.get(rec["round"], lambda: None)()
 
-        res = train(cfg, progress=False, on_round=log_then_kill)
+        res = train(cfg, progress=False, on_round=log_then)
         errors = tracker.close()
     finally:
         os.chdir(cwd)
         for k in ("MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
             os.environ.pop(k, None)
+    return res, tracker, errors
+
+
+def test_server_lost_mid_run_for_good_loses_no_local_result_and_leaves_no_open_run(project, tmp_path_factory):
+    import mlflow
+
+    proc, uri = start_server(tmp_path_factory.mktemp("server"))
+    try:
+        res, tracker, errors = _train_with_server_events(project, uri, {1: lambda: stop(proc)})
+    finally:
         stop(proc)
     assert [r["round"] for r in res.history] == [1, 2, 3, 4]
-    assert errors and "round 2" in errors[0]
+    assert tracker.unlogged == ["round 2 metrics", "round 3 metrics", "round 4 metrics"]
+    assert len(errors) == 1 and "still unreachable" in errors[0] and "round 4 metrics" in errors[0]
+    # nothing left open for MLflow's exit handler, which would retry against the dead server for minutes
+    assert mlflow.active_run() is None
     state = json.loads((project / "outputs/train/checkpoints/state.json").read_text())
-    assert state["completed_rounds"] == 4
+    assert state["completed_rounds"] == 4 and len(state["history"]) == 4
+
+
+def test_server_lost_mid_run_and_back_gets_every_round_replayed(project, tmp_path_factory):
+    server_dir = tmp_path_factory.mktemp("server")
+    proc, uri = start_server(server_dir)
+    port = int(uri.rsplit(":", 1)[1])
+    procs = [proc]
+
+    def restart():
+        procs.append(start_server(server_dir, port)[0])
+
+    try:
+        res, tracker, errors = _train_with_server_events(
+            project, uri, {1: lambda: stop(procs[0]), 3: restart}, probe_every=0.0)
+        assert errors == [] and tracker.unlogged == []
+        assert tracker.replayed == ["round 2 metrics", "round 3 metrics"]
+        hist = get(uri, f"/api/2.0/mlflow/metrics/get-history?run_id={tracker.run_id}&metric_key=mm_acc")["metrics"]
+        by_step = {m["step"]: m["value"] for m in hist}
+        assert sorted(by_step) == [1, 2, 3, 4]
+        assert all(by_step[r["round"]] == pytest.approx(r["mm_acc"]) for r in res.history)
+        assert get(uri, f"/api/2.0/mlflow/runs/get?run_id={tracker.run_id}")["run"]["info"]["status"] == "FINISHED"
+    finally:
+        for p in procs:
+            stop(p)
