@@ -1,11 +1,21 @@
-"""Accuracy of every algorithm on the default synthetic setting, over several seeds.
+"""Accuracy of every algorithm and ablation on the synthetic data, under three partitions.
 
-    python benchmarks/accuracy.py --seeds 0 1 2 --out benchmarks/results/accuracy_default
+    python benchmarks/accuracy.py --jobs 2
 
-Each (run, seed) prepares the data, partitions and trains through the engine
-with params.yaml plus the run's overrides. Writes ``results.json`` (every
-run's final metrics and per-round history), ``table.md`` (mean and std) and
-``curves.png`` (per-round multimodal and weak-modality accuracy).
+For each partition setting (IID; Dirichlet alpha=1 label skew; modality
+heterogeneity with half the clients multimodal), each run (FedAvg, FedProx,
+single-modality FedAvg, OGM-GE, FedCMI and its ablations), each learning rate
+of ``--lrs`` and each seed, trains through the engine with ``params.yaml``
+plus the run's overrides, then evaluates the final global model on the
+validation split and the test split.
+
+Two tables per setting: at the shared default learning rate (``optim.lr`` of
+params.yaml, the same for every method), and at each method's own best
+learning rate from the grid, chosen by mean *validation* multimodal accuracy
+over the seeds (the test split never chooses anything). Writes
+``results.json`` (every run: final test and validation metrics, per-round
+history), ``tables.md`` and ``curves_<setting>.png`` under ``--out``. Finished
+runs are cached under ``--out``/work, so an interrupted benchmark resumes.
 """
 
 from __future__ import annotations
@@ -13,19 +23,25 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import RESULTS, ROOT, ensure_data, save_results
 
-from fedcmi.config import load_config  # noqa: E402
-from fedcmi.data import DataModule, prepare  # noqa: E402
-from fedcmi.engine import train  # noqa: E402
-from fedcmi.io import write_json, write_text  # noqa: E402
-from fedcmi.partition import make_partition, save_partition  # noqa: E402
+from fedcmi.config import load_config
+from fedcmi.io import write_json, write_text
 
+SETTINGS: dict[str, list[str]] = {
+    "iid": [],
+    "dirichlet": ["partition.scheme=dirichlet", "partition.alpha=1.0"],
+    "hetero": ["partition.multimodal_fraction=0.5"],
+}
+SETTING_TITLES = {
+    "iid": "IID, all clients multimodal (the default setting)",
+    "dirichlet": "Dirichlet(alpha=1) label skew, all clients multimodal",
+    "hetero": "modality heterogeneity: half the clients multimodal, a quarter audio only, a quarter visual only",
+}
 RUNS: dict[str, list[str]] = {
     "FedAvg": ["algorithm.name=fedavg"],
     "FedProx": ["algorithm.name=fedprox"],
@@ -41,84 +57,163 @@ RUNS: dict[str, list[str]] = {
 COLUMNS = ["mm_acc", "uni_acc_audio", "uni_acc_visual", "probe_acc_audio", "probe_acc_visual", "worst_class_acc"]
 
 
-def run_one(params: Path, overrides: list[str], seed: int, work: Path) -> dict:
-    base = [f"seed={seed}", f"data.prepared_dir={work}/prepared_{seed}", f"partition.file={work}/partition_{seed}.json",
-            f"output.dir={work}/out", "tracking.enabled=false"]
-    cfg = load_config(params, base + overrides)
-    if not (work / f"prepared_{seed}").exists():
-        prepare(cfg)
-        dm = DataModule(cfg.data.prepared_dir)
-        save_partition(make_partition(cfg, dm.train.labels, dm.spec.modalities, dm.spec.num_classes), cfg.partition.file)
+def run_key(setting: str, name: str, lr: float, seed: int) -> str:
+    return f"{setting}|{name}|lr={lr:g}|seed={seed}"
+
+
+def run_one(job: tuple) -> tuple[str, dict]:
+    """One (setting, run, lr, seed): train, then evaluate on val and test. Cached under work/."""
+    params, setting, name, lr, seed, extra, work = job
+    import torch
+
+    from fedcmi.engine import train
+    from fedcmi.federation import Federation
+    from fedcmi.partition import load_partition
+
+    torch.set_num_threads(1)  # one core per job; --jobs sets how many run at once
+    key = run_key(setting, name, lr, seed)
+    cache = Path(work) / "runs" / (key.replace("|", "__").replace(" ", "_").replace("/", "-") + ".json")
+    if cache.is_file():
+        return key, json.loads(cache.read_text())
+    base = [f"seed={seed}", f"data.prepared_dir={work}/prepared_{seed}",
+            f"partition.file={work}/partition_{setting}_{seed}.json", f"output.dir={work}/out",
+            "tracking.enabled=false", f"optim.lr={lr}"]
+    cfg = load_config(params, base + SETTINGS[setting] + RUNS[name] + list(extra))
+    dm = ensure_data(cfg)
     t0 = time.perf_counter()
-    res = train(cfg, work / "out" / f"{'_'.join(overrides)}_{seed}", resume="never", progress=False)
-    return {"final": res.final, "history": res.history, "seconds": time.perf_counter() - t0}
+    res = train(cfg, Path(work) / "out" / cache.stem, resume="never", progress=False)
+    seconds = time.perf_counter() - t0
+    fed = Federation(cfg, dm, load_partition(cfg.partition.file))
+    val = fed.evaluate(res.state, split="val").metrics
+    out = {"test": res.final, "val": val, "history": res.history, "seconds": seconds}
+    write_json(cache, out)
+    return key, out
 
 
-def table(results: dict, seeds: list[int], command: str) -> str:
-    head = "| run | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
+CURVE_KEYS = ("round", "mm_acc", "uni_acc_audio", "uni_acc_visual", "worst_class_acc", "imbalance_ratio",
+              "dominant_frac_audio", "train_loss")
+
+
+def compact(r: dict) -> dict:
+    """A run without per-class figures, and its history cut to the curves' keys (the cache keeps it all)."""
+    keep = lambda d: {k: v for k, v in d.items() if not k.startswith("class_acc_")}  # noqa: E731
+    return {"test": keep(r["test"]), "val": keep(r["val"]), "seconds": round(r["seconds"], 2),
+            "history": [{k: h[k] for k in CURVE_KEYS if k in h} for h in r["history"]]}
+
+
+def mean_std(vals: list[float]) -> str:
+    if not vals:
+        return "–"
+    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}"
+
+
+def select_lr(results: dict, setting: str, name: str, lrs: list[float], seeds: list[int]) -> float:
+    """The learning rate with the best mean validation multimodal accuracy (ties: the smaller lr)."""
+    scores = {lr: statistics.mean(results[run_key(setting, name, lr, s)]["val"]["mm_acc"] for s in seeds)
+              for lr in lrs}
+    return max(sorted(lrs), key=lambda lr: scores[lr])
+
+
+def table(results: dict, setting: str, lr_of: dict[str, float], seeds: list[int], show_lr: bool) -> str:
+    cols = (["lr"] if show_lr else []) + COLUMNS
+    head = "| run | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
     rows = []
-    for name, per_seed in results.items():
-        cells = []
-        for col in COLUMNS:
-            vals = [r["final"][col] for r in per_seed.values() if col in r["final"]]
-            cells.append(f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.3f}"
-                         if vals else "–")
+    for name, lr in lr_of.items():
+        finals = [results[run_key(setting, name, lr, s)]["test"] for s in seeds]
+        cells = ([f"{lr:g}"] if show_lr else []) + [mean_std([f[c] for f in finals if c in f]) for c in COLUMNS]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    note = f"\nSeeds {seeds}; mean ± std over seeds. Command: `{command}`\n"
-    return head + "\n".join(rows) + "\n" + note
+    return head + "\n".join(rows) + "\n"
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, setting: str, lr_of: dict[str, float], seeds: list[int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, per_seed in results.items():
-        hist = [r["history"] for r in per_seed.values()]
+    from fedcmi.io import write_with
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    keys = ("mm_acc", "uni_acc_audio", "uni_acc_visual")
+    titles = ("multimodal accuracy", "audio (strong) head", "visual (weak) head")
+    for name, lr in lr_of.items():
+        hist = [results[run_key(setting, name, lr, s)]["history"] for s in seeds]
         rounds = [h["round"] for h in hist[0] if "mm_acc" in h]
-        for ax, key in zip(axes, ("mm_acc", "uni_acc_visual")):
+        style = "-" if name.startswith(("FedCMI", "FedAvg", "FedProx")) and "only" not in name else "--"
+        for ax, key in zip(axes, keys):
             if key not in hist[0][-1]:
                 continue
             mean = [statistics.mean(h[i][key] for h in hist) for i in range(len(rounds))]
-            ax.plot(rounds, mean, label=name)
-    axes[0].set_title("multimodal accuracy (test)")
-    axes[1].set_title("visual (weak) uni-modal accuracy (test)")
-    for ax in axes:
+            ax.plot(rounds, mean, style, label=f"{name} (lr {lr:g})", lw=2.2 if name == "FedCMI" else 1.2)
+    for ax, title in zip(axes, titles):
+        ax.set_title(f"{title} (test), mean of seeds {seeds}", fontsize=9)
         ax.set_xlabel("round")
+        ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[2].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{SETTING_TITLES[setting]}; each method at its validation-selected learning rate", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--runs", nargs="*", default=list(RUNS), help="which runs (names as in the table)")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), help="which runs (names as in the tables)")
+    ap.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.02, 0.05],
+                    help="the learning-rate grid every method gets (the default lr must be in it)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy_default"))
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, one CPU thread each")
+    ap.add_argument("--out", default=str(RESULTS / "accuracy"))
     args = ap.parse_args()
     out = Path(args.out)
     work = out / "work"
-    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    default_lr = load_config(args.params, args.extra).optim.lr
+    if default_lr not in args.lrs:
+        ap.error(f"the default optim.lr {default_lr} must be in --lrs")
+    unknown = [r for r in args.runs if r not in RUNS]
+    if unknown:
+        ap.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
+
+    # Prepare each seed's data and partitions before the pool starts, so no two jobs prepare the same folder.
+    for seed in args.seeds:
+        for setting in args.settings:
+            ensure_data(load_config(args.params, [f"seed={seed}", f"data.prepared_dir={work}/prepared_{seed}",
+                                                  f"partition.file={work}/partition_{setting}_{seed}.json",
+                                                  *SETTINGS[setting], *args.extra]))
+    jobs = [(args.params, setting, name, lr, seed, tuple(args.extra), str(work))
+            for setting in args.settings for name in args.runs for lr in args.lrs for seed in args.seeds]
     results: dict = {}
-    for name in args.runs:
-        results[name] = {}
-        for seed in args.seeds:
-            r = run_one(Path(args.params), RUNS[name] + args.extra, seed, work)
-            results[name][seed] = r
-            f = r["final"]
-            print(f"{name:30s} seed {seed}: mm {f['mm_acc']:.3f} "
-                  + " ".join(f"{c} {f[c]:.3f}" for c in COLUMNS[1:] if c in f) + f" ({r['seconds']:.1f}s)", flush=True)
-    write_json(out / "results.json", {"command": command, "seeds": args.seeds, "extra": args.extra,
-                                      "results": {n: {str(s): r for s, r in v.items()} for n, v in results.items()}})
-    md = table(results, args.seeds, command)
-    write_text(out / "table.md", md)
-    plot(results, out / "curves.png")
-    print(md)
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for i, (key, r) in enumerate(pool.map(run_one, jobs), 1):
+            results[key] = r
+            print(f"[{i}/{len(jobs)} {time.perf_counter() - t0:7.0f}s] {key:55s} val {r['val']['mm_acc']:.3f} "
+                  f"test {r['test']['mm_acc']:.3f} ({r['seconds']:.1f}s)", flush=True)
+
+    md = [f"Synthetic data, `params.yaml` defaults ({load_config(args.params).federation.rounds} rounds); "
+          f"seeds {args.seeds}; final test accuracy, mean ± std over seeds.\n"]
+    selected: dict = {}
+    for setting in args.settings:
+        fixed = {name: default_lr for name in args.runs}
+        tuned = {name: select_lr(results, setting, name, args.lrs, args.seeds) for name in args.runs}
+        selected[setting] = tuned
+        md.append(f"### {SETTING_TITLES[setting]}\n\nEvery method at the default lr {default_lr:g}:\n")
+        md.append(table(results, setting, fixed, args.seeds, show_lr=False))
+        md.append(f"\nEach method at its own lr from {args.lrs}, chosen on the validation split:\n")
+        md.append(table(results, setting, tuned, args.seeds, show_lr=True))
+        md.append("")
+        plot(results, setting, tuned, args.seeds, out / f"curves_{setting}.png")
+    text = "\n".join(md)
+    write_text(out / "tables.md", text)
+    save_results(out / "results.json", {"seeds": args.seeds, "lrs": args.lrs, "default_lr": default_lr,
+                                        "extra": args.extra, "settings": {s: SETTINGS[s] for s in args.settings},
+                                        "runs": {n: RUNS[n] for n in args.runs}, "selected_lr": selected,
+                                        "results": {k: compact(r) for k, r in results.items()}})
+    print(text)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
 
     model = Path(args.model) if args.model else cfg.output.dir / "train" / "model.safetensors"
     out = Path(args.out) if args.out else None
-    metrics = evaluate_step(cfg, model, out, probe=args.probe)
+    metrics = evaluate_step(cfg, model, out, probe=args.probe, split=args.split)
     cm = metrics.pop("confusion")
     if args.plots:
         plots = Path(args.plots)
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", cmd_evaluate, "Evaluate a global model file on the test split.")
     p.add_argument("--model", help="model file (default: <output.dir>/train/model.safetensors)")
     p.add_argument("--out", help="write metrics JSON here")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="the split to evaluate on (val: the validation split, for choosing settings)")
     p.add_argument("--probe", action="store_true", help="also fit a ridge probe on each frozen encoder")
     p.add_argument("--plots", help="write the confusion matrix (JSON for dvc plots, and PNG) into this folder")
     p.add_argument("--log", action="store_true", help="log the metrics into the training run's MLflow run")

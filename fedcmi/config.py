@@ -32,6 +32,7 @@ class SyntheticConfig(_Section):
 
     num_train: int = Field(2400, ge=10)
     num_test: int = Field(600, ge=10)
+    num_val: int = Field(600, ge=0, description="validation samples, for choosing settings; 0 for none")
     num_classes: int = Field(6, ge=2, le=64)
     strong_modality: str = "audio"
     spectrogram: tuple[int, int] = (16, 16)
@@ -259,6 +260,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return head + ("\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0])
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: the problem and where."""
+    problem = getattr(exc, "problem", None) or exc.__class__.__name__
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (['a','b','c'], YAML-parsed value)."""
     if "=" not in text:
@@ -270,7 +278,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
     return [p.strip() for p in parts], value
 
 
@@ -309,9 +317,11 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
         if not p.is_file():
             raise ConfigError(f"params file {p} not found")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+            raise ConfigError(f"{p} is not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"invalid configuration in {p}: the top level must be a mapping of settings")
     if overrides:

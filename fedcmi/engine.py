@@ -20,7 +20,8 @@ from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.config import Config
 from fedcmi.data import DataModule
 from fedcmi.federation import Federation
-from fedcmi.io import load_state, read_json, save_state, write_json
+from fedcmi.io import (ModelFileError, check_writable, load_state, read_json, remove_stale_temporaries,
+                       save_state, write_json)
 from fedcmi.partition import load_partition
 
 log = logging.getLogger("fedcmi")
@@ -58,24 +59,56 @@ def run_fingerprint(cfg: Config, partition_file: Path, data_meta: dict) -> str:
 
 
 class Checkpointer:
-    """Writes and reads ``checkpoints/`` under a run's output folder."""
+    """Writes and reads ``checkpoints/`` under a run's output folder.
+
+    ``state.json`` names the newest committed model file and holds the
+    history up to it; it is written after that file, so a crash between the
+    two leaves the previous round in force. A model file that cannot be read
+    (a damaged disk, a hand-edited folder) falls back to the newest older one
+    that can, with the history cut to match.
+    """
 
     def __init__(self, folder: Path, keep: int) -> None:
         self.folder = Path(folder)
         self.keep = keep
 
     def load(self) -> dict | None:
+        """The engine state to resume from, or None when there is none."""
+        for f in remove_stale_temporaries(self.folder):
+            log.info("removed %s, left by a writer that was stopped", f.name)
         path = self.folder / STATE_FILE
         if not path.is_file():
             return None
-        meta = read_json(path)
-        if meta.get("format") != ENGINE_FORMAT:
-            raise ResumeError(f"{path} is not a fedcmi engine state")
+        try:
+            meta = read_json(path)
+        except ValueError as exc:
+            raise ResumeError(f"{exc}; rerun with --resume never to start over") from None
+        if not isinstance(meta, dict) or meta.get("format") != ENGINE_FORMAT:
+            raise ResumeError(f"{path} is not a fedcmi engine state; rerun with --resume never to start over")
         return meta
 
-    def load_model(self, meta: dict) -> StateDict:
-        state, _ = load_state(self.folder / meta["model_file"])
-        return state
+    def load_model(self, meta: dict) -> tuple[StateDict, dict]:
+        """The newest readable checkpoint at or before ``meta``'s round, and ``meta`` cut to that round."""
+        done = int(meta["completed_rounds"])
+        candidates = [meta["model_file"]] + [f.name for f in sorted(self.folder.glob("round_*.safetensors"),
+                                                                     reverse=True) if f.name != meta["model_file"]]
+        problems = []
+        for name in candidates:
+            try:
+                state, file_meta = load_state(self.folder / name)
+            except ModelFileError as exc:
+                problems.append(str(exc))
+                continue
+            rnd = int(file_meta.get("round", -1))
+            if file_meta.get("fingerprint") != meta["fingerprint"] or not 0 < rnd <= done:
+                problems.append(f"{name} belongs to another run or round")
+                continue
+            if rnd < done:
+                log.warning("checkpoint of round %d is unreadable (%s); resuming after round %d instead",
+                            done, problems[0], rnd)
+            return state, {**meta, "completed_rounds": rnd, "model_file": name, "history": meta["history"][:rnd]}
+        raise ResumeError(f"no readable checkpoint in {self.folder} ({'; '.join(problems)}); "
+                          "rerun with --resume never to start over")
 
     def save(self, state: StateDict, completed: int, fingerprint: str, history: list[dict]) -> None:
         name = f"round_{completed:05d}.safetensors"
@@ -113,7 +146,8 @@ def train(
     partition = load_partition(cfg.partition.file)
     fed = Federation(cfg, data, partition)
     fp = run_fingerprint(cfg, cfg.partition.file, data.meta)
-    ckpt = Checkpointer(out_dir / "checkpoints", cfg.output.keep_checkpoints)
+    ckpt = Checkpointer(check_writable(out_dir / "checkpoints"), cfg.output.keep_checkpoints)  # fail before training
+    remove_stale_temporaries(out_dir)  # a final output whose writer was killed
 
     state, history, start = fed.initial_state(), [], 0
     meta = ckpt.load() if resume != "never" else None
@@ -123,12 +157,12 @@ def train(
         log.warning("checkpoint in %s was made with other settings; starting from round 0", ckpt.folder)
         meta = None
     if meta is not None:
-        start = int(meta["completed_rounds"])
+        state, meta = ckpt.load_model(meta)
+        start, history = int(meta["completed_rounds"]), list(meta["history"])
         if start > cfg.federation.rounds:
             raise ResumeError(
                 f"the checkpoint has {start} rounds done, more than federation.rounds={cfg.federation.rounds}"
             )
-        state, history = ckpt.load_model(meta), list(meta["history"])
         log.info("resuming after round %d", start)
     elif resume == "must":
         raise ResumeError(f"no checkpoint to resume in {ckpt.folder}")
@@ -143,7 +177,8 @@ def train(
         tr = time.perf_counter()
         res = fed.run_round(state, rnd)
         state = res.state
-        rec: dict = {"round": rnd + 1, "clients": res.clients, "rejected": res.rejected, **res.summary}
+        rec: dict = {"round": rnd + 1, "clients": res.clients, "accepted": res.accepted, "rejected": res.rejected,
+                     **({"idle": res.idle} if res.idle else {}), **res.summary}
         last = rnd + 1 == rounds
         if (rnd + 1) % cfg.evaluation.every == 0 or last:
             ev = fed.evaluate(state, probe=last and cfg.evaluation.linear_probe)

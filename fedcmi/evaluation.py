@@ -94,15 +94,17 @@ def ridge_probe_accuracy(
 
 
 def evaluate_model(
-    model: nn.Module, data: DataModule, batch_size: int, device: torch.device, probe: bool = False
+    model: nn.Module, data: DataModule, batch_size: int, device: torch.device, probe: bool = False,
+    split: str = "test",
 ) -> EvalResult:
-    """Every metric on the test split; with ``probe``, also a ridge probe per encoder."""
+    """Every metric on ``split`` (the test set by default); with ``probe``, also a ridge probe per encoder
+    fitted on the training split."""
     model.eval()
-    logits, y = _collect(model, data.test_batches(batch_size), device)
+    logits, y = _collect(model, data.split_batches(split, batch_size), device)
     res = _metrics_from_logits(logits, y, data.spec.num_classes, data.spec.modalities)
     if probe:
         for m in model.modalities:  # type: ignore[union-attr]
-            tx, ty = _features(model, data.train_batches(batch_size), m, device)
-            ex, ey = _features(model, data.test_batches(batch_size), m, device)
+            tx, ty = _features(model, data.split_batches("train", batch_size), m, device)
+            ex, ey = _features(model, data.split_batches(split, batch_size), m, device)
             res.metrics[f"probe_acc_{m}"] = ridge_probe_accuracy(tx, ty, ex, ey, data.spec.num_classes)
     return res

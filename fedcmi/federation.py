@@ -55,6 +55,7 @@ class RoundResult:
     accepted: list[int]
     rejected: dict[int, str] = field(default_factory=dict)
     summary: dict[str, float] = field(default_factory=dict)
+    idle: list[int] = field(default_factory=list)  # sampled, but with nothing to train under this algorithm
 
 
 class Federation:
@@ -126,15 +127,22 @@ class Federation:
         return res
 
     def _fold(self, global_state: StateDict, producers, rnd: int) -> RoundResult:
-        """Fold (client id, update producer) pairs; a producer may return None (nothing to train) or fail."""
+        """Fold (client id, update producer) pairs; a producer may return None (nothing to train) or fail.
+
+        A round needs ``federation.min_clients`` valid updates, else :class:`RoundFailed` and the global
+        model stays. A round where no sampled client has anything to train (single-modality FedAvg
+        sampling only clients without that modality) is idle: the global model stays, and the run goes on.
+        """
         acc = self.strategy.accumulator(self.model, global_state)
         accepted: list[int] = []
+        idle: list[int] = []
         rejected: dict[int, str] = {}
         kept: list[ClientUpdate] = []
         for cid, produce in producers:
             try:
                 u = produce()
                 if u is None:
+                    idle.append(cid)
                     continue
                 check_update(global_state, u)
             except UpdateRejected as exc:
@@ -146,15 +154,21 @@ class Federation:
                 accepted.append(cid)
                 kept.append(ClientUpdate(u.client_id, {}, u.num_examples, u.modalities, u.metrics))
                 continue
-            log.warning("round %d: update rejected: %s", rnd, rejected[cid])
+            log.warning("round %d: update rejected: %s", rnd + 1, rejected[cid])
         need = self.cfg.federation.min_clients
+        if not accepted and not rejected:
+            log.warning("round %d: no sampled client has anything to train (%s); the global model stays", rnd + 1,
+                        idle)
+            return RoundResult({k: v.detach().cpu().clone() for k, v in global_state.items()}, [], [], {},
+                               {}, idle)
         if len(accepted) < need:
             raise RoundFailed(
-                f"round {rnd}: {len(accepted)} valid update(s), federation.min_clients is {need}; "
+                f"round {rnd + 1}: {len(accepted)} valid update(s), federation.min_clients is {need}; "
                 f"rejected: {rejected or 'none'}"
             )
-        return RoundResult(acc.result(), [], accepted, rejected, self.strategy.round_summary(kept))
+        return RoundResult(acc.result(), [], accepted, rejected, self.strategy.round_summary(kept), idle)
 
-    def evaluate(self, state: StateDict, probe: bool = False) -> EvalResult:
+    def evaluate(self, state: StateDict, probe: bool = False, split: str = "test") -> EvalResult:
         self.load(state)
-        return evaluate_model(self.model, self.data, self.cfg.evaluation.batch_size, self.device, probe=probe)
+        return evaluate_model(self.model, self.data, self.cfg.evaluation.batch_size, self.device, probe=probe,
+                              split=split)

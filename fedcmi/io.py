@@ -17,11 +17,13 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 from safetensors import safe_open
 
 StateDict = dict[str, torch.Tensor]
 FORMAT = "fedcmi-state/1"
+TMP_SUFFIX = ".tmp"
 
 
 class ModelFileError(ValueError):
@@ -37,17 +39,29 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _cannot_write(target: Path, exc: OSError) -> OSError:
+    """The same OSError (errno kept), saying which file could not be written and that nothing was replaced."""
+    reason = exc.strerror or str(exc)
+    return type(exc)(exc.errno, f"cannot write {target}: {reason}; the previous file, if any, is untouched") \
+        if exc.errno is not None else OSError(f"cannot write {target}: {reason}")
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it over ``target`` on success."""
+    """Yield a temporary path beside ``target``; rename it over ``target`` on success.
+
+    On any failure (a full disk, a killed writer) the temporary file goes and
+    ``target`` keeps its old content.
+    """
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OSError(f"cannot create output folder {target.parent}: {exc.strerror}") from exc
-    if not os.access(target.parent, os.W_OK):
-        raise PermissionError(f"output folder {target.parent} is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        raise OSError(exc.errno, f"cannot create output folder {target.parent}: {exc.strerror}") from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent)
+    except OSError as exc:
+        raise _cannot_write(target, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -56,10 +70,30 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and not str(exc).startswith("cannot write"):
+            raise _cannot_write(target, exc) from None
         raise
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and prove a file can be written there; a clear OSError if not."""
+    folder = Path(folder)
+    probe = folder / ".fedcmi-write-probe"
+    write_bytes(probe, b"ok")
+    probe.unlink()
+    return folder
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete temporary files a killed writer left in ``folder`` (never a committed file)."""
+    stale = sorted(Path(folder).glob(f".*{TMP_SUFFIX}")) if Path(folder).is_dir() else []
+    for f in stale:
+        with contextlib.suppress(OSError):
+            f.unlink()
+    return stale
 
 
 def write_bytes(target: str | Path, data: bytes) -> Path:
@@ -82,7 +116,7 @@ def read_json(path: str | Path) -> Any:
         return json.loads(p.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{p} not found") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{p} is not valid JSON: {exc}") from None
 
 
@@ -97,7 +131,8 @@ def save_state(target: str | Path, state: Mapping[str, torch.Tensor], meta: Mapp
     """Save a state dict as safetensors with JSON metadata, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"format": FORMAT, "meta": json.dumps(dict(meta or {}), sort_keys=True)}
-    return write_with(target, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    # Serialised here and written by write_bytes, so a full disk is an OSError like every other write failure.
+    return write_bytes(target, save_bytes(tensors, metadata=metadata))
 
 
 def load_state(path: str | Path) -> tuple[StateDict, dict[str, Any]]:

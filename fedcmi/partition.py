@@ -239,6 +239,15 @@ def load_partition(path: str | Path) -> Partition:
     if not p.is_file():
         raise PartitionError(f"partition file {p} not found; run `fedcmi partition` first")
     try:
-        return Partition.from_json(read_json(p))
-    except (KeyError, TypeError) as exc:
-        raise PartitionError(f"{p} is not a valid partition file (missing {exc})") from None
+        raw = read_json(p)
+    except ValueError as exc:
+        raise PartitionError(f"{exc}; rerun `fedcmi partition`") from None
+    if not isinstance(raw, dict):
+        raise PartitionError(f"{p} is not a partition file; rerun `fedcmi partition`")
+    try:
+        return Partition.from_json(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, PartitionError):
+            raise PartitionError(f"{p}: {exc}") from None
+        raise PartitionError(f"{p} is not a valid partition file ({exc.__class__.__name__}: {exc}); "
+                             "rerun `fedcmi partition`") from None

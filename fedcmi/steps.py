@@ -101,15 +101,17 @@ def aggregate_step(
     state, _ = _load_global(fed, global_model)
     read = [read_update(p) for p in updates]
     res = fed.aggregate(state, [u for u in read if u is not None], rnd)
-    summary = {"round": rnd + 1, "accepted": res.accepted, "rejected": res.rejected, **res.summary}
+    summary = {"round": rnd + 1, "accepted": res.accepted, "rejected": res.rejected, "idle": res.idle,
+               **res.summary}
     return save_state(out, res.state, {"kind": "global", "round": rnd + 1}), summary
 
 
-def evaluate_step(cfg: Config, model: str | Path, out: str | Path | None = None, probe: bool = False) -> dict:
-    """Evaluate a model file on the test split; writes metrics (and the confusion matrix) as JSON."""
+def evaluate_step(cfg: Config, model: str | Path, out: str | Path | None = None, probe: bool = False,
+                  split: str = "test") -> dict:
+    """Evaluate a model file on ``split`` (test by default); writes metrics (and the confusion matrix) as JSON."""
     fed = _federation(cfg)
     state, _ = _load_global(fed, model)
-    res = fed.evaluate(state, probe=probe)
+    res = fed.evaluate(state, probe=probe, split=split)
     if out is not None:
         write_json(out, {**res.metrics, "confusion": res.confusion})
     return {**res.metrics, "confusion": res.confusion}

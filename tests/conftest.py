@@ -10,7 +10,7 @@ from fedcmi.config import Config, config_from_dict
 
 TINY = {
     "seed": 3,
-    "data": {"synthetic": {"num_train": 160, "num_test": 60, "spectrogram": [8, 8], "frames": 1, "frame_size": 8}},
+    "data": {"synthetic": {"num_train": 160, "num_test": 60, "num_val": 30, "spectrogram": [8, 8], "frames": 1, "frame_size": 8}},
     "partition": {"num_clients": 4, "min_samples": 4},
     "model": {"embed_dim": 8, "width": 4},
     "federation": {"rounds": 2, "clients_per_round": 2, "batch_size": 16},

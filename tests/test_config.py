@@ -81,3 +81,58 @@ def test_fuzzed_known_fields_never_raise_anything_but_config_error(path, value):
         config_from_dict(raw)
     except ConfigError:
         pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=60))
+def test_fuzzed_override_strings_never_raise_anything_but_config_error(text):
+    try:
+        cfg = load_config(ROOT / "params.yaml", [text])
+    except ConfigError as exc:
+        assert str(exc)
+    else:
+        assert isinstance(cfg, Config)
+
+
+documents = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.one_of(st.sampled_from(sorted(Config.model_fields)), st.text(max_size=6), st.integers()), inner,
+        max_size=4),
+    max_leaves=16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=documents)
+def test_fuzzed_params_documents_give_a_validation_error_or_a_config(tmp_path_factory, doc):
+    import yaml
+
+    path = tmp_path_factory.getbasetemp() / "fuzz_params.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        assert str(exc).startswith(("invalid configuration", f"{path} is not valid YAML"))
+    else:
+        assert isinstance(cfg, Config)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=200))
+def test_fuzzed_params_file_text_never_raises_anything_but_config_error(tmp_path_factory, text):
+    path = tmp_path_factory.getbasetemp() / "fuzz_text.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    try:
+        load_config(path)
+    except ConfigError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_fuzzed_params_file_bytes_never_raise_anything_but_config_error(tmp_path_factory, data):
+    path = tmp_path_factory.getbasetemp() / "fuzz_bytes.yaml"
+    path.write_bytes(data)
+    try:
+        load_config(path)
+    except ConfigError:
+        pass

@@ -43,8 +43,7 @@ def prepare(cfg: Config) -> dict:
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     return {
         "path": str(out),
-        "train": len(splits["train"]),
-        "test": len(splits["test"]),
+        **{name: len(split) for name, split in splits.items()},
         "num_classes": spec.num_classes,
         "shapes": {k: list(v) for k, v in spec.shapes.items()},
         "bytes": size,
@@ -66,13 +65,21 @@ class DataModule:
     def test(self) -> Split:
         return self.splits["test"]
 
+    @property
+    def val(self) -> Split | None:
+        return self.splits.get("val")
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise DataError(f"the prepared data has no {name!r} split (it has {sorted(self.splits)})")
+        return self.splits[name]
+
     def client_batches(
         self, indices: np.ndarray, modalities: Sequence[str], batch_size: int, seed: int
     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         return iterate_batches(self.train, indices, modalities, batch_size, shuffle_seed=seed)
 
-    def test_batches(self, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        return iterate_batches(self.test, np.arange(len(self.test)), self.spec.modalities, batch_size)
-
-    def train_batches(self, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        return iterate_batches(self.train, np.arange(len(self.train)), self.spec.modalities, batch_size)
+    def split_batches(self, name: str, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """Every sample of split ``name``, in order, with both modalities."""
+        split = self.split(name)
+        return iterate_batches(split, np.arange(len(split)), self.spec.modalities, batch_size)

@@ -2,16 +2,22 @@
 
 A prepared dataset is a folder::
 
-    meta.json                 modalities, shapes, classes, sizes, source fingerprint
-    train/<modality>.npy      float32, one row per sample
+    meta.json                 modalities, shapes, dtypes, classes, sizes, source, preprocessing report
+    train/<modality>.npy      one row per sample: float32, uint8 (images) or int64 (token ids)
     train/label.npy           int64
+    val/...                   optional, the same for a validation split
     test/...                  the same for the test split
 
-The arrays are opened memory-mapped, so a batch reads only its own rows.
+The arrays are opened memory-mapped, so a batch reads only its own rows and
+epochs never decode source files again. uint8 modalities are turned into
+normalised float32 per batch (``DatasetSpec.normalize``), so a cache of
+224 x 224 frames takes a quarter of the space float32 would.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +29,10 @@ import torch
 from fedcmi.io import read_json, write_json
 
 SPLITS = ("train", "test")
+OPTIONAL_SPLITS = ("val",)
 META = "meta.json"
-FORMAT = "fedcmi-prepared/1"
+FORMAT = "fedcmi-prepared/2"
+DTYPES = ("float32", "uint8", "int64")
 
 
 class DataError(ValueError):
@@ -33,12 +41,24 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What the models need to know about a dataset."""
+    """What the models need to know about a dataset.
+
+    ``dtypes`` default to float32. ``normalize[m]`` (for uint8 modalities)
+    holds ``scale``, and per-channel ``mean`` and ``std`` over the channel
+    axis ``-3``: x -> (x * scale - mean) / std. ``vocab_sizes[m]`` is set for
+    token-id modalities (id 0 is padding).
+    """
 
     modalities: tuple[str, str]
     shapes: dict[str, tuple[int, ...]]
     num_classes: int
     class_names: tuple[str, ...] = ()
+    dtypes: dict[str, str] = field(default_factory=dict)
+    normalize: dict[str, dict] = field(default_factory=dict)
+    vocab_sizes: dict[str, int] = field(default_factory=dict)
+
+    def dtype(self, m: str) -> str:
+        return self.dtypes.get(m, "float32")
 
     def to_json(self) -> dict:
         return {
@@ -46,6 +66,9 @@ class DatasetSpec:
             "shapes": {k: list(v) for k, v in self.shapes.items()},
             "num_classes": self.num_classes,
             "class_names": list(self.class_names),
+            "dtypes": {m: self.dtype(m) for m in self.modalities},
+            "normalize": dict(self.normalize),
+            "vocab_sizes": dict(self.vocab_sizes),
         }
 
     @classmethod
@@ -55,7 +78,22 @@ class DatasetSpec:
             shapes={k: tuple(v) for k, v in d["shapes"].items()},
             num_classes=int(d["num_classes"]),
             class_names=tuple(d.get("class_names", ())),
+            dtypes=dict(d.get("dtypes", {})),
+            normalize=dict(d.get("normalize", {})),
+            vocab_sizes={k: int(v) for k, v in d.get("vocab_sizes", {}).items()},
         )
+
+
+def _to_tensor(arr: np.ndarray, norm: Mapping | None) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(arr))
+    if norm is None:
+        return x
+    x = x.to(torch.float32) * float(norm.get("scale", 1.0))
+    if "mean" in norm:
+        shape = (-1, 1, 1)  # per channel, on axis -3 of C x H x W or T x C x H x W
+        x = (x - torch.tensor(norm["mean"], dtype=torch.float32).view(shape)) / torch.tensor(
+            norm["std"], dtype=torch.float32).view(shape)
+    return x
 
 
 @dataclass
@@ -64,7 +102,7 @@ class Split:
 
     features: dict[str, np.ndarray]
     labels: np.ndarray
-    _label_tensor: torch.Tensor | None = field(default=None, repr=False)
+    normalize: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.labels)
@@ -76,8 +114,8 @@ class Split:
         return len(self.labels)
 
     def batch(self, idx: np.ndarray, modalities: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Rows ``idx`` (sorted for mmap locality is the caller's choice) as tensors."""
-        x = {m: torch.from_numpy(np.ascontiguousarray(self.features[m][idx])) for m in modalities}
+        """Rows ``idx`` as tensors (uint8 modalities normalised to float32)."""
+        x = {m: _to_tensor(self.features[m][idx], self.normalize.get(m)) for m in modalities}
         y = torch.from_numpy(np.ascontiguousarray(self.labels[idx]))
         return x, y
 
@@ -97,55 +135,199 @@ def iterate_batches(
         yield split.batch(order[start : start + batch_size], modalities)
 
 
-def write_prepared(out_dir: Path, spec: DatasetSpec, splits: Mapping[str, Split], source: Mapping) -> Path:
-    """Write a prepared dataset; the folder appears whole or not at all."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+def _shrink_npy(path: Path, rows: int) -> None:
+    """Cut a .npy file to its first ``rows`` rows, in place (the header is rewritten, the file truncated)."""
+    fmt = np.lib.format
+    with open(path, "r+b") as fh:
+        version = fmt.read_magic(fh)
+        read, write = ((fmt.read_array_header_1_0, fmt.write_array_header_1_0) if version == (1, 0)
+                       else (fmt.read_array_header_2_0, fmt.write_array_header_2_0))
+        shape, fortran, dtype = read(fh)
+        offset = fh.tell()
+        header = {"descr": fmt.dtype_to_descr(dtype), "fortran_order": fortran, "shape": (rows, *shape[1:])}
+        fh.seek(0)
+        # numpy pads headers so that the first axis can change in place; check, and fall back to a copy if not
+        write(fh, header)
+        fits = fh.tell() == offset
+        if fits:
+            fh.truncate(offset + rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+    if not fits:
+        arr = np.load(path, mmap_mode="r")
+        tmp = path.with_suffix(".shrink.npy")
+        np.save(tmp, np.ascontiguousarray(arr[:rows]))
+        del arr
+        tmp.replace(path)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a new memory-mapped file's blocks now: a full disk is then a clear OSError here, not a
+    SIGBUS when a page is first written."""
+    fd = os.open(path, os.O_RDWR)
     try:
-        sizes = {}
-        for split_name, split in splits.items():
-            d = tmp / split_name
-            d.mkdir()
-            for m in spec.modalities:
-                np.save(d / f"{m}.npy", np.ascontiguousarray(split.features[m], dtype=np.float32))
-            np.save(d / "label.npy", np.ascontiguousarray(split.labels, dtype=np.int64))
-            sizes[split_name] = len(split)
-        write_json(tmp / META, {"format": FORMAT, **spec.to_json(), "sizes": sizes, "source": dict(source)})
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if out_dir.exists():
-            out_dir.rename(old)
+        size = os.fstat(fd).st_size
+        if size and hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without it: write as we go
+                    raise OSError(exc.errno, f"cannot write {path} ({size / 2**20:.0f} MiB): {exc.strerror}") \
+                        from None
+    finally:
+        os.close(fd)
+
+
+def _siblings(out_dir: Path) -> tuple[Path, Path]:
+    return out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
+
+
+def recover_interrupted_swap(out_dir: Path) -> None:
+    """Finish a swap that a crash cut between its two renames: the complete new copy wins, else the old."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        return
+    tmp, old = _siblings(out_dir)
+    if (tmp / META).is_file():  # meta.json is written last: a folder holding it is complete
         tmp.rename(out_dir)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    elif old.exists():
+        old.rename(out_dir)
+
+
+class PreparedWriter:
+    """Writes a prepared dataset row by row into memory-mapped arrays, atomically.
+
+    Open with the most rows each split can have; :meth:`add` appends one
+    sample; :meth:`commit` shrinks each split to the rows actually added,
+    writes ``meta.json`` and moves the folder into place. The folder appears
+    whole or not at all: a failure, or leaving the ``with`` block without
+    :meth:`commit`, removes the partial copy and keeps a previous one.
+    """
+
+    def __init__(self, out_dir: Path, spec: DatasetSpec, capacity: Mapping[str, int]) -> None:
+        self.out_dir = Path(out_dir)
+        self.spec = spec
+        recover_interrupted_swap(self.out_dir)
+        self.tmp, self.old = _siblings(self.out_dir)
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.count = {s: 0 for s in capacity}
+        self.arrays: dict[str, dict[str, np.ndarray]] = {}
+        for split, cap in capacity.items():
+            if split not in SPLITS + OPTIONAL_SPLITS:
+                raise ValueError(f"unknown split {split!r}")
+            (self.tmp / split).mkdir()
+            arrs = {}
+            shapes = {**{m: (np.dtype(spec.dtype(m)), (cap, *spec.shapes[m])) for m in spec.modalities},
+                      "label": (np.dtype(np.int64), (cap,))}
+            for name, (dtype, shape) in shapes.items():
+                path = self.tmp / split / f"{name}.npy"
+                try:
+                    arrs[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+                    _reserve(path)
+                except BaseException:
+                    self.arrays[split] = arrs
+                    self.abort()
+                    raise
+            self.arrays[split] = arrs
+
+    def __enter__(self) -> "PreparedWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()
+
+    def add(self, split: str, features: Mapping[str, np.ndarray], label: int) -> None:
+        i = self.count[split]
+        arrs = self.arrays[split]
+        for m in self.spec.modalities:
+            arrs[m][i] = features[m]
+        arrs["label"][i] = label
+        self.count[split] = i + 1
+
+    def add_many(self, split: str, features: Mapping[str, np.ndarray], labels: np.ndarray) -> None:
+        i, n = self.count[split], len(labels)
+        arrs = self.arrays[split]
+        for m in self.spec.modalities:
+            arrs[m][i : i + n] = features[m]
+        arrs["label"][i : i + n] = labels
+        self.count[split] = i + n
+
+    def commit(self, source: Mapping, report: Mapping | None = None) -> Path:
+        for split, arrs in self.arrays.items():
+            for name, arr in arrs.items():
+                arr.flush()
+                cap = len(arr)
+                del arr
+                if self.count[split] < cap:
+                    _shrink_npy(self.tmp / split / f"{name}.npy", self.count[split])
+        self.arrays = {}
+        meta = {"format": FORMAT, **self.spec.to_json(), "sizes": dict(self.count), "source": dict(source),
+                "report": dict(report or {})}
+        write_json(self.tmp / META, meta)
+        if self.old.exists():
+            shutil.rmtree(self.old)
+        if self.out_dir.exists():
+            self.out_dir.rename(self.old)
+        self.tmp.rename(self.out_dir)  # a crash just before this is finished by recover_interrupted_swap
+        if self.old.exists():
+            shutil.rmtree(self.old)
+        return self.out_dir
+
+    def abort(self) -> None:
+        self.arrays = {}
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_prepared(out_dir: Path, spec: DatasetSpec, splits: Mapping[str, Split], source: Mapping,
+                   report: Mapping | None = None) -> Path:
+    """Write in-memory splits as a prepared dataset; the folder appears whole or not at all."""
+    with PreparedWriter(out_dir, spec, {name: len(s) for name, s in splits.items()}) as w:
+        for name, s in splits.items():
+            w.add_many(name, s.features, s.labels)
+        return w.commit(source, report)
+
+
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path} is damaged ({str(exc).splitlines()[0][:120]}); rerun `fedcmi prepare`") from None
 
 
 def read_prepared(path: Path) -> tuple[DatasetSpec, dict[str, Split], dict]:
     """Open a prepared dataset memory-mapped; errors name what is missing."""
     path = Path(path)
+    recover_interrupted_swap(path)
     meta_path = path / META
     if not meta_path.is_file():
         raise DataError(f"no prepared dataset at {path} (expected {META}); run `fedcmi prepare` first")
-    meta = read_json(meta_path)
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        meta = read_json(meta_path)
+    except ValueError as exc:
+        raise DataError(f"{exc}; rerun `fedcmi prepare`") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"{meta_path} has format {found!r}, expected {FORMAT!r}; rerun `fedcmi prepare`")
     spec = DatasetSpec.from_json(meta)
     splits = {}
-    for split_name in SPLITS:
+    names = SPLITS + tuple(s for s in OPTIONAL_SPLITS if s in meta.get("sizes", {}))
+    for split_name in names:
         feats = {}
         for m in spec.modalities:
             f = path / split_name / f"{m}.npy"
             if not f.is_file():
                 raise DataError(f"prepared dataset {path} lacks {split_name}/{m}.npy")
-            feats[m] = np.load(f, mmap_mode="r", allow_pickle=False)
-        labels = np.load(path / split_name / "label.npy", allow_pickle=False)
-        splits[split_name] = Split(feats, labels)
+            feats[m] = _load_npy(f, mmap=True)
+            if feats[m].dtype != np.dtype(spec.dtype(m)) or tuple(feats[m].shape[1:]) != spec.shapes[m]:
+                raise DataError(f"{f} holds {feats[m].dtype} {feats[m].shape[1:]}, meta.json says "
+                                f"{spec.dtype(m)} {spec.shapes[m]}; rerun `fedcmi prepare`")
+        label_file = path / split_name / "label.npy"
+        if not label_file.is_file():
+            raise DataError(f"prepared dataset {path} lacks {split_name}/label.npy")
+        labels = _load_npy(label_file, mmap=False)
+        if labels.ndim != 1 or labels.dtype != np.int64:
+            raise DataError(f"{label_file} holds {labels.dtype} {labels.shape}, expected int64 labels; "
+                            "rerun `fedcmi prepare`")
+        splits[split_name] = Split(feats, labels, {m: spec.normalize[m] for m in spec.normalize})
     return spec, splits, meta

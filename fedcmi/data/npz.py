@@ -18,7 +18,7 @@ from fedcmi.data.base import DataError, DatasetSpec, Split, SPLITS
 
 
 class NpzSource:
-    """Reads and validates a folder of ``train.npz`` / ``test.npz``."""
+    """Reads and validates a folder of ``train.npz`` / ``test.npz`` (and ``val.npz``, if there)."""
 
     def __init__(self, root: Path, modalities: tuple[str, str]) -> None:
         self.root = Path(root)
@@ -59,16 +59,21 @@ class NpzSource:
         if not self.root.is_dir():
             raise DataError(f"data.path {self.root} is not a folder; expected layout: {self._layout()}")
         splits = {s: self._load(s) for s in SPLITS}
-        for m in self.modalities:
-            a, b = splits["train"].features[m].shape[1:], splits["test"].features[m].shape[1:]
-            if a != b:
-                raise DataError(f"modality {m!r} has shape {a} in train.npz but {b} in test.npz")
-        if splits["train"].labels.min() < 0:
-            raise DataError("labels must be non-negative class indices")
-        k = int(max(splits["train"].labels.max(), splits["test"].labels.max())) + 1
-        unseen = sorted(set(np.unique(splits["test"].labels)) - set(np.unique(splits["train"].labels)))
-        if unseen:
-            raise DataError(f"test labels {unseen} never occur in train.npz")
+        if (self.root / "val.npz").is_file():  # optional: a validation split for choosing settings
+            splits["val"] = self._load("val")
+        for name, split in splits.items():
+            for m in self.modalities:
+                a, b = splits["train"].features[m].shape[1:], split.features[m].shape[1:]
+                if a != b:
+                    raise DataError(f"modality {m!r} has shape {a} in train.npz but {b} in {name}.npz")
+            if len(split) and split.labels.min() < 0:
+                raise DataError(f"{name}.npz: labels must be non-negative class indices")
+        k = int(max(split.labels.max() for split in splits.values() if len(split))) + 1
+        seen = set(np.unique(splits["train"].labels))
+        for name in ("test", "val"):
+            unseen = sorted(set(np.unique(splits[name].labels)) - seen) if name in splits else []
+            if unseen:
+                raise DataError(f"{name} labels {unseen} never occur in train.npz")
         self._spec = DatasetSpec(
             self.modalities,
             {m: tuple(splits["train"].features[m].shape[1:]) for m in self.modalities},

@@ -108,8 +108,12 @@ class SyntheticSource:
             tshape = spec.shapes[m] if kind == "spectrogram" else spec.shapes[m][1:]
             templates[m] = _smooth_templates(rng, c.num_classes, tshape)
         splits = {}
-        for split_name, n in (("train", c.num_train), ("test", c.num_test)):
-            srng = np.random.default_rng([self.seed, 7919, 1 if split_name == "train" else 2])
+        # Each split draws from a stream of its own, so adding or resizing one leaves the others as they were.
+        sizes = {"train": (c.num_train, 1), "test": (c.num_test, 2), "val": (c.num_val, 3)}
+        for split_name, (n, stream) in sizes.items():
+            if n == 0:
+                continue
+            srng = np.random.default_rng([self.seed, 7919, stream])
             labels = np.arange(n) % c.num_classes
             srng.shuffle(labels)
             feats = {}

@@ -1,0 +1,56 @@
+"""What the benchmark scripts share: the project on the path, seeded data set-up, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from fedcmi.config import Config  # noqa: E402
+from fedcmi.data import DataModule, prepare  # noqa: E402
+from fedcmi.io import write_json  # noqa: E402
+from fedcmi.partition import make_partition, save_partition  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def ensure_data(cfg: Config) -> DataModule:
+    """Prepare ``cfg``'s data and partition once (skipped when their files exist); returns the data."""
+    if not (Path(cfg.data.prepared_dir) / "meta.json").is_file():
+        prepare(cfg)
+    dm = DataModule(cfg.data.prepared_dir)
+    if not Path(cfg.partition.file).is_file():
+        save_partition(make_partition(cfg, dm.train.labels, dm.spec.modalities, dm.spec.num_classes),
+                       cfg.partition.file)
+    return dm
+
+
+def machine() -> dict:
+    """Where a figure was measured."""
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def command_line() -> str:
+    return "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
+                                 else sys.argv[0], *sys.argv[1:]])
+
+
+def save_results(path: Path, payload: dict) -> Path:
+    """Write a results file with the command and machine that produced it; print where."""
+    out = write_json(path, {"command": command_line(), "machine": machine(), **payload})
+    print(f"wrote {out}")
+    return out
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
