@@ -38,7 +38,7 @@ def _print_json(obj) -> None:
 def cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.data import prepare
 
-    _print_json(prepare(cfg))
+    _print_json(prepare(cfg, progress=not args.no_progress))
     return 0
 
 
@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
         return p
 
-    add("prepare", cmd_prepare, "Turn the configured dataset into the prepared tensor folder (data.prepared_dir).")
+    p = add("prepare", cmd_prepare, "Turn the configured dataset into the prepared tensor folder (data.prepared_dir): "
+            "decoded once, memory-mapped, with a report of skipped samples in its meta.json.")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = add("partition", cmd_partition, "Split the training set across clients; write partition.file and statistics.")
     p.add_argument("--stats", help="where to write per-client statistics (default: beside the partition file)")
     p = add("train", cmd_train, "Run the federated rounds in this process, with a progress bar; "
@@ -235,8 +237,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
     from fedcmi.tracking import TrackingUnavailable
 
-    known = [DataError, ResumeError, RoundFailed, ModelFileError, EncoderError, PartitionError, TrackingUnavailable,
-             OSError]
+    from fedcmi.data.text import TextError
+
+    known = [DataError, TextError, ResumeError, RoundFailed, ModelFileError, EncoderError, PartitionError,
+             TrackingUnavailable, OSError]
     try:
         from pipelines.cli import PipelineError
 

@@ -15,7 +15,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ENCODERS = ("mlp", "cnn", "clip", "resnet18")
+ENCODERS = ("mlp", "cnn", "clip", "resnet18", "text")
+DATASET_MODALITIES = {"cremad": ("audio", "visual"), "ave": ("audio", "visual"), "crisismmd": ("image", "text")}
 ALGORITHMS = ("fedavg", "fedprox", "unimodal", "ogm_ge", "fedcmi")
 
 
@@ -50,14 +51,85 @@ class SyntheticConfig(_Section):
         return v
 
 
+class AudioVisualConfig(_Section):
+    """Audio to a log spectrogram, frames picked evenly: what CREMA-D and AVE share."""
+
+    sample_rate: int = Field(16000, ge=1000, le=192000, description="audio is resampled to this rate")
+    audio_seconds: float = Field(3.0, gt=0, le=600, description="audio tiled (short clips) and cut to this length")
+    nperseg: int = Field(512, ge=16, le=8192, description="spectrogram window (scipy.signal.spectrogram)")
+    noverlap: int = Field(353, ge=0, description="spectrogram window overlap; below nperseg")
+    frames: int = Field(1, ge=1, le=64, description="frames per clip, picked evenly from the sorted frame list")
+    frame_size: int = Field(224, ge=8, le=1024, description="frames resized to frame_size x frame_size")
+    fps: int = Field(1, ge=1, le=60, description="frames per second when frames are taken from the videos")
+    audio_dir: str = "AudioWAV"
+    frames_dir: str = "Image-01-FPS"
+    video_dir: str = "VideoFlash"
+
+    @model_validator(mode="after")
+    def _overlap(self) -> "AudioVisualConfig":
+        if self.noverlap >= self.nperseg:
+            raise ValueError(f"noverlap ({self.noverlap}) must be below nperseg ({self.nperseg})")
+        if int(self.audio_seconds * self.sample_rate) < self.nperseg:
+            raise ValueError("audio_seconds * sample_rate must hold at least one spectrogram window (nperseg)")
+        return self
+
+
+class CremaDConfig(AudioVisualConfig):
+    """CREMA-D: 6 emotions from the clip names; the common split lists or a seeded split by speaker."""
+
+    split: Literal["lists", "speakers"] = "lists"
+    train_list: str = "train.csv"
+    test_list: str = "test.csv"
+    test_speakers: float = Field(0.1, gt=0, lt=1, description="fraction of actors held out (split: speakers)")
+    val_fraction: float = Field(0.0, ge=0, lt=0.5, description="of the training actors, held out as validation")
+
+
+class AVEConfig(AudioVisualConfig):
+    """AVE: 28 event classes; audio and frames inside each annotated event segment."""
+
+    audio_seconds: float = Field(10.0, gt=0, le=600)
+    frames: int = Field(4, ge=1, le=64)
+    audio_dir: str = "audio"
+    frames_dir: str = "frames"
+    video_dir: str = "AVE"
+    train_list: str = "trainSet.txt"
+    val_list: str = "valSet.txt"
+    test_list: str = "testSet.txt"
+
+
+class CrisisMMDConfig(_Section):
+    """CrisisMMD v2.0: tweet image + text, the informative (2) or humanitarian (8) task."""
+
+    task: Literal["informative", "humanitarian"] = "informative"
+    split_dir: str = "crisismmd_datasplit_all"
+    label_column: Literal["label", "label_text", "label_image", "label_text_image"] = "label"
+    merge_humanitarian: bool = Field(False, description="fold injured/dead and missing/found into "
+                                     "affected_individuals: 6 classes instead of 8")
+    image_size: int = Field(224, ge=8, le=1024)
+    text: Literal["vocab", "vectors"] = Field(
+        "vocab", description="vocab: token ids over a vocabulary from the training split, for the trainable "
+        "'text' encoder; vectors: the mean of pretrained word vectors (text_model), for the 'mlp' encoder")
+    max_tokens: int = Field(48, ge=1, le=1024)
+    min_token_count: int = Field(2, ge=1, description="training-split count a token needs to enter the vocabulary")
+    max_vocab: int = Field(20000, ge=10)
+    text_model: Optional[Path] = Field(None, description="word vectors stored locally, one 'word v1 v2 ...' per line "
+                                       "(GloVe, word2vec or fastText text format), for text: vectors")
+
+
 class DataConfig(_Section):
     """Which dataset, where it lives and which two modalities it holds."""
 
-    name: Literal["synthetic", "npz"] = "synthetic"
+    name: Literal["synthetic", "npz", "cremad", "ave", "crisismmd"] = "synthetic"
     path: Path = Path("data/raw")
     prepared_dir: Path = Path("data/prepared")
     modalities: tuple[str, str] = ("audio", "visual")
+    workers: int = Field(0, ge=0, le=256, description="processes decoding files in prepare; 0: one per CPU")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="unreadable or unlabelled samples prepare "
+                                    "skips and reports; above this fraction of all samples it stops")
     synthetic: SyntheticConfig = SyntheticConfig()
+    cremad: CremaDConfig = CremaDConfig()
+    ave: AVEConfig = AVEConfig()
+    crisismmd: CrisisMMDConfig = CrisisMMDConfig()
 
     @field_validator("modalities")
     @classmethod
@@ -88,7 +160,7 @@ class PartitionConfig(_Section):
 class ModelConfig(_Section):
     """Encoders per modality and the heads on top of them."""
 
-    encoders: dict[str, Literal["mlp", "cnn", "clip", "resnet18"]] = {"audio": "cnn", "visual": "clip"}
+    encoders: dict[str, Literal["mlp", "cnn", "clip", "resnet18", "text"]] = {"audio": "cnn", "visual": "clip"}
     embed_dim: int = Field(64, ge=2, le=4096)
     width: int = Field(16, ge=1, le=512, description="channel width of the small CNN/MLP encoders")
     projector: Literal["linear", "mlp"] = "linear"
@@ -192,6 +264,9 @@ class Config(_Section):
             raise ValueError(
                 f"model.encoders must name exactly the modalities {list(mods)}, got {sorted(self.model.encoders)}"
             )
+        fixed = DATASET_MODALITIES.get(self.data.name)
+        if fixed is not None and tuple(mods) != fixed:
+            raise ValueError(f"data.modalities must be {list(fixed)} for data.name {self.data.name!r}, got {list(mods)}")
         if self.data.name == "synthetic" and self.data.synthetic.strong_modality not in mods:
             raise ValueError(f"data.synthetic.strong_modality must be one of {list(mods)}")
         if self.algorithm.name == "unimodal":

@@ -36,6 +36,7 @@ def repo(tmp_path):
         shutil.copy(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     shutil.copytree(ROOT / "fedcmi", tmp_path / "fedcmi", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "data" / "raw", tmp_path / "data" / "raw")
     raw = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     raw["tracking"]["enabled"] = True
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))

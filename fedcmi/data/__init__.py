@@ -16,25 +16,43 @@ import torch
 
 from fedcmi.config import Config
 from fedcmi.data.base import DataError, DatasetSpec, Split, iterate_batches, read_prepared, write_prepared
+from fedcmi.data.cache import RecordSource, build_cache
 from fedcmi.data.npz import NpzSource
 from fedcmi.data.synthetic import SyntheticSource
 
 __all__ = ["DataError", "DatasetSpec", "Split", "DataModule", "prepare", "make_source"]
 
 
-def make_source(cfg: Config) -> SyntheticSource | NpzSource:
-    if cfg.data.name == "synthetic":
-        return SyntheticSource(cfg.data.synthetic, cfg.data.modalities, cfg.seed)
-    return NpzSource(cfg.data.path, cfg.data.modalities)
+def make_source(cfg: Config):
+    """The configured dataset: in-memory (synthetic, npz) or read from files (cremad, ave, crisismmd)."""
+    d = cfg.data
+    if d.name == "synthetic":
+        return SyntheticSource(d.synthetic, d.modalities, cfg.seed)
+    if d.name == "npz":
+        return NpzSource(d.path, d.modalities)
+    if d.name == "cremad":
+        from fedcmi.data.cremad import CremaDSource
+
+        return CremaDSource(d.path, d.cremad, cfg.seed)
+    if d.name == "ave":
+        from fedcmi.data.ave import AVESource
+
+        return AVESource(d.path, d.ave)
+    from fedcmi.data.crisismmd import CrisisMMDSource
+
+    return CrisisMMDSource(d.path, d.crisismmd)
 
 
-def prepare(cfg: Config) -> dict:
-    """Turn the configured source into the prepared folder; returns a summary."""
+def prepare(cfg: Config, progress: bool = False) -> dict:
+    """Turn the configured source into the prepared folder (whole or not at all); returns a summary."""
     t0 = time.perf_counter()
     source = make_source(cfg)
+    info = {"name": cfg.data.name, "seed": cfg.seed}
+    if isinstance(source, RecordSource):
+        return build_cache(source, cfg.data.prepared_dir, cfg.data.workers, cfg.data.max_bad_fraction, info,
+                           progress=progress)
     splits = source.generate()
     spec = source.spec()
-    info = {"name": cfg.data.name, "seed": cfg.seed}
     if cfg.data.name == "synthetic":
         info["synthetic"] = cfg.data.synthetic.model_dump(mode="json")
     else:

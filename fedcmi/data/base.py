@@ -252,7 +252,7 @@ class PreparedWriter:
         arrs["label"][i : i + n] = labels
         self.count[split] = i + n
 
-    def commit(self, source: Mapping, report: Mapping | None = None) -> Path:
+    def commit(self, source: Mapping, report: Mapping | None = None, extra_files: Mapping | None = None) -> Path:
         for split, arrs in self.arrays.items():
             for name, arr in arrs.items():
                 arr.flush()
@@ -263,7 +263,9 @@ class PreparedWriter:
         self.arrays = {}
         meta = {"format": FORMAT, **self.spec.to_json(), "sizes": dict(self.count), "source": dict(source),
                 "report": dict(report or {})}
-        write_json(self.tmp / META, meta)
+        for name, content in (extra_files or {}).items():
+            write_json(self.tmp / name, content)
+        write_json(self.tmp / META, meta)  # last: a folder holding meta.json is complete
         if self.old.exists():
             shutil.rmtree(self.old)
         if self.out_dir.exists():

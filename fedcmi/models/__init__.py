@@ -26,7 +26,8 @@ def build_model(cfg: Config, spec: DatasetSpec) -> nn.Module:
     if cfg.algorithm.name == "fedcmi":
         return FedCMINet(
             spec.modalities, spec.shapes, m.encoders, spec.num_classes, m.embed_dim, m.width,
-            m.projector, m.projectors, m.fusion,
+            m.projector, m.projectors, m.fusion, spec.vocab_sizes,
         )
     mods = (cfg.algorithm.modality,) if cfg.algorithm.name == "unimodal" else spec.modalities
-    return FusionNet(mods, spec.shapes, m.encoders, spec.num_classes, m.embed_dim, m.width, m.fusion)
+    return FusionNet(mods, spec.shapes, m.encoders, spec.num_classes, m.embed_dim, m.width, m.fusion,
+                     spec.vocab_sizes)

@@ -2,7 +2,8 @@
 
 ``mlp`` for vectors, ``cnn`` for C x H x W maps, ``clip`` for T x 3 x H x W
 frames (each frame encoded, then averaged over time), ``resnet18`` for real
-data on GPUs (maps with any channel count, or clips of frames).
+data on GPUs (maps with any channel count, or clips of frames), ``text`` for
+token ids (a trainable embedding and 1-D convolutions; nothing downloaded).
 """
 
 from __future__ import annotations
@@ -78,8 +79,34 @@ class ClipEncoder(nn.Module):
         return h.reshape(b, t, -1).mean(dim=1)
 
 
-def build_encoder(kind: str, shape: tuple[int, ...], dim: int, width: int, modality: str = "?") -> nn.Module:
-    """The encoder ``kind`` for inputs of ``shape`` (without the batch axis)."""
+class TextEncoder(nn.Module):
+    """Token ids (0 = padding) -> embedding -> 1-D convolutions of widths 3, 4, 5 -> max over time -> d
+    (Kim, "Convolutional Neural Networks for Sentence Classification", EMNLP 2014)."""
+
+    def __init__(self, vocab_size: int, dim: int, width: int) -> None:
+        super().__init__()
+        emb = max(4 * width, 32)
+        self.embed = nn.Embedding(vocab_size, emb, padding_idx=0)
+        self.convs = nn.ModuleList(nn.Conv1d(emb, 2 * width, k, padding=k // 2) for k in (3, 4, 5))
+        self.out = nn.Sequential(nn.Linear(6 * width, dim), nn.ReLU())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids).transpose(1, 2)  # B x E x L
+        pooled = [torch.relu(conv(x)).amax(dim=2) for conv in self.convs]
+        return self.out(torch.cat(pooled, dim=1))
+
+
+def build_encoder(kind: str, shape: tuple[int, ...], dim: int, width: int, modality: str = "?",
+                  vocab_size: int | None = None) -> nn.Module:
+    """The encoder ``kind`` for inputs of ``shape`` (without the batch axis); ``vocab_size`` marks token ids."""
+    if (kind == "text") != (vocab_size is not None):
+        if kind == "text":
+            raise EncoderError(f"model.encoders.{modality}: 'text' needs token ids, but {modality} holds "
+                               f"numbers of shape {shape}; use 'mlp'")
+        raise EncoderError(f"model.encoders.{modality}: {modality} holds token ids; use 'text'")
+    if kind == "text":
+        assert vocab_size is not None
+        return TextEncoder(vocab_size, dim, width)
     if kind == "mlp":
         return MLPEncoder(shape, dim, width)
     if kind == "cnn":

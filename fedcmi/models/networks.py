@@ -70,11 +70,14 @@ class FedCMINet(_Base):
         projector: str = "linear",
         projectors: str = "two",
         fusion: str = "concat",
+        vocab_sizes: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.modalities = tuple(modalities)
         self.shared_projector = projectors == "one"
-        self.encoders = nn.ModuleDict({m: build_encoder(encoders[m], shapes[m], dim, width, m) for m in modalities})
+        vocab = vocab_sizes or {}
+        self.encoders = nn.ModuleDict({m: build_encoder(encoders[m], shapes[m], dim, width, m, vocab.get(m))
+                                       for m in modalities})
         self.self_proj = nn.ModuleDict({m: _projector(projector, dim) for m in modalities})
         if not self.shared_projector:
             self.inf_proj = nn.ModuleDict({m: _projector(projector, dim) for m in modalities})
@@ -133,11 +136,14 @@ class FusionNet(_Base):
         dim: int,
         width: int,
         fusion: str = "concat",
+        vocab_sizes: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.modalities = tuple(modalities)
         self.dim = dim
-        self.encoders = nn.ModuleDict({m: build_encoder(encoders[m], shapes[m], dim, width, m) for m in modalities})
+        vocab = vocab_sizes or {}
+        self.encoders = nn.ModuleDict({m: build_encoder(encoders[m], shapes[m], dim, width, m, vocab.get(m))
+                                       for m in modalities})
         if len(self.modalities) == 1:
             self.head: nn.Module = nn.Linear(dim, num_classes)
         else:

@@ -1,0 +1,157 @@
+"""Decode a file-based dataset once into the prepared, memory-mapped cache.
+
+A :class:`RecordSource` lists its samples as :class:`Record` s (cheap: paths
+and labels, read from the split files) and decodes one record at a time.
+:func:`build_cache` decodes them in worker processes, in order, writes each
+row as it comes, and skips what cannot be read: every skipped sample is
+counted and listed with its reason in the report, and above
+``max_bad_fraction`` of all samples the run stops with the first reasons.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from fedcmi.data.base import DataError, DatasetSpec, PreparedWriter
+from fedcmi.data.media import MediaError
+from fedcmi.data.text import TextError
+
+IMAGENET_NORM = {"scale": 1.0 / 255.0, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One sample to decode: where its files are, its split and label."""
+
+    split: str
+    key: str
+    label: int
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Skipped:
+    split: str
+    key: str
+    reason: str
+
+
+class RecordSource(ABC):
+    """A dataset read from files in its distributed layout."""
+
+    layout: str = ""  # the expected layout, for error messages
+
+    @abstractmethod
+    def records(self) -> tuple[dict[str, list[Record]], list[Skipped]]:
+        """Every split's records in a fixed order, and the rows skipped already (e.g. unknown labels)."""
+
+    @abstractmethod
+    def spec(self) -> DatasetSpec:
+        """Call after :meth:`records` (a vocabulary may come from the training split)."""
+
+    @abstractmethod
+    def decode(self, record: Record) -> dict[str, np.ndarray]:
+        """The record's arrays, one per modality; :class:`MediaError` when its files cannot be read."""
+
+    def info(self) -> dict:
+        """What identifies the source, stored in meta.json."""
+        return {}
+
+    def extra_files(self) -> dict[str, Any]:
+        """JSON files to store beside the arrays (file name -> content)."""
+        return {}
+
+    def require(self, path: Path, what: str) -> Path:
+        if not path.exists():
+            raise DataError(f"{what} not found at {path}; expected layout:\n{self.layout}")
+        return path
+
+
+_WORKER_SOURCE: RecordSource | None = None
+
+
+def _init_worker(source: RecordSource) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = source
+
+
+def _decode_with(source: RecordSource, record: Record) -> dict[str, np.ndarray] | str:
+    try:
+        return source.decode(record)
+    except (MediaError, TextError) as exc:
+        return str(exc)
+
+
+def _decode_in_worker(record: Record) -> dict[str, np.ndarray] | str:
+    assert _WORKER_SOURCE is not None
+    return _decode_with(_WORKER_SOURCE, record)
+
+
+def _workers(requested: int) -> int:
+    return requested or min(os.cpu_count() or 1, 8)
+
+
+def build_cache(source: RecordSource, out_dir: Path, workers: int = 0, max_bad_fraction: float = 0.01,
+                source_info: dict | None = None, progress: bool = True) -> dict:
+    """Decode every record into ``out_dir``; returns the summary (sizes, skipped, bytes, seconds)."""
+    t0 = time.perf_counter()
+    records, skipped = source.records()
+    spec = source.spec()
+    total = sum(len(r) for r in records.values()) + len(skipped)
+    limit = int(max_bad_fraction * total)
+
+    def check() -> None:
+        if len(skipped) > limit:
+            first = "; ".join(f"{s.key}: {s.reason}" for s in skipped[:5])
+            raise DataError(f"{len(skipped)} of {total} samples could not be used, more than data.max_bad_fraction "
+                            f"({max_bad_fraction}) allows; first: {first}")
+
+    check()
+    n_workers = _workers(workers)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total - len(skipped), desc="prepare", unit="sample", dynamic_ncols=True)
+    # spawn, not fork: the parent may hold torch's thread pools; each worker gets the source once
+    pool = (mp.get_context("spawn").Pool(n_workers, initializer=_init_worker, initargs=(source,))
+            if n_workers > 1 else None)
+    try:
+        with PreparedWriter(out_dir, spec, {s: len(r) for s, r in records.items()}) as writer:
+            for split, recs in records.items():
+                results: Iterator = (pool.imap(_decode_in_worker, recs, chunksize=4) if pool
+                                     else (_decode_with(source, r) for r in recs))
+                for rec, out in zip(recs, results):
+                    if isinstance(out, str):
+                        skipped.append(Skipped(split, rec.key, out))
+                        check()
+                    else:
+                        writer.add(split, out, rec.label)
+                    if bar is not None:
+                        bar.update(1)
+            report = {
+                "samples": total,
+                "kept": dict(writer.count),
+                "skipped": len(skipped),
+                "skipped_samples": [{"split": s.split, "key": s.key, "reason": s.reason} for s in skipped],
+                "seconds": round(time.perf_counter() - t0, 2),
+                "workers": n_workers,
+            }
+            path = writer.commit({**source.info(), **(source_info or {})}, report, source.extra_files())
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if bar is not None:
+            bar.close()
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return {"path": str(path), **report["kept"], "skipped": len(skipped), "num_classes": spec.num_classes,
+            "shapes": {k: list(v) for k, v in spec.shapes.items()}, "bytes": size,
+            "seconds": round(time.perf_counter() - t0, 3)}

@@ -1,0 +1,271 @@
+"""CREMA-D, AVE and CrisisMMD: tiny copies in their real layouts through prepare, partition and a round."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import layouts
+from conftest import merge
+from fedcmi.config import config_from_dict
+from fedcmi.data import DataError, DataModule, prepare
+from fedcmi.data.media import (audio_features, fit_length, log_spectrogram, natural_key, pick_evenly, read_wav,
+                               resample, spectrogram_shape)
+from fedcmi.data.text import Vocabulary, WordVectors, clean, tokenize
+
+# -- the pieces ----------------------------------------------------------------------------------------
+
+
+def test_spectrogram_shapes_of_the_paper_settings():
+    assert spectrogram_shape(16000, 3.0, 512, 353) == (1, 257, 299)  # CREMA-D
+    assert spectrogram_shape(16000, 10.0, 512, 353) == (1, 257, 1004)  # AVE
+    x = np.random.default_rng(0).standard_normal(48000).astype(np.float32)
+    spec = log_spectrogram(x, 16000, 512, 353)
+    assert spec.shape == (1, 257, 299) and spec.dtype == np.float32
+    assert abs(float(spec.mean())) < 1e-4 and abs(float(spec.std()) - 1) < 1e-3  # standardised per clip
+
+
+def test_short_clips_are_tiled_not_crashed_on():
+    x = np.arange(5, dtype=np.float32)
+    assert fit_length(x, 12).tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
+    assert fit_length(x, 3).tolist() == [0, 1, 2]
+    out = audio_features(np.ones(100, np.float32), 16000, 16000, 3.0, 512, 353)  # 6 ms of audio
+    assert out.shape == (1, 257, 299) and np.isfinite(out).all()
+
+
+def test_wav_reading_and_resampling(tmp_path):
+    layouts.write_wav(tmp_path / "a.wav", 0.5, 1000, rate=16000, channels=2)
+    x, rate = read_wav(tmp_path / "a.wav")
+    assert rate == 16000 and x.shape == (8000,) and 0.35 < np.abs(x).max() < 0.45
+    y = resample(x, 16000, 8000)
+    assert y.shape == (4000,)
+    spectrum = np.abs(np.fft.rfft(y))
+    assert abs(np.argmax(spectrum) * 8000 / len(y) - 1000) < 5  # the tone stays at 1 kHz
+
+
+def test_frames_are_picked_evenly_from_the_naturally_sorted_list():
+    assert sorted(["10.jpg", "2.jpg", "1.jpg"], key=natural_key) == ["1.jpg", "2.jpg", "10.jpg"]
+    assert pick_evenly(10, 4) == [1, 3, 6, 8]
+    assert pick_evenly(3, 1) == [1]
+    assert pick_evenly(1, 3) == [0, 0, 0]
+    assert pick_evenly(7, 7) == list(range(7))
+
+
+def test_tweets_are_cleaned_and_the_vocabulary_is_deterministic():
+    assert tokenize("RT @bob: Flood waters rising!! https://t.co/abc #Harvey") == ["flood", "waters", "rising",
+                                                                                     "#harvey"]
+    assert "http" not in clean("see http://x.y/z now")
+    v = Vocabulary.build(["b a", "a c", "a b"], min_count=2, max_size=10)
+    assert v.tokens == ["<pad>", "<unk>", "a", "b"]
+    assert v.encode("a b zzz a a", 4).tolist() == [2, 3, 1, 2]
+    assert v.encode("b", 3).tolist() == [3, 0, 0]
+
+
+@pytest.mark.parametrize("header", [False, True])
+def test_word_vectors_from_a_local_file(tmp_path, header):
+    wv = WordVectors(layouts.glove(tmp_path / "v.txt", dim=6, header=header), {"flood", "water", "zebra"})
+    assert wv.dim == 6 and set(wv.vectors) == {"flood", "water"}
+    e = wv.embed("Flood and water")
+    assert np.allclose(e, (wv.vectors["flood"] + wv.vectors["water"]) / 2)
+    assert not wv.embed("nothing known").any()
+
+
+# -- the datasets end to end --------------------------------------------------------------------------
+def _cfg(tmp_path, data: dict, encoders: dict, modalities: list[str]) -> object:
+    return config_from_dict(merge({
+        "seed": 1,
+        "data": {"prepared_dir": str(tmp_path / "prepared"), "modalities": modalities, "workers": 1,
+                 "max_bad_fraction": 0.25},
+        "partition": {"num_clients": 3, "min_samples": 2, "file": str(tmp_path / "partition.json")},
+        "model": {"encoders": encoders, "embed_dim": 8, "width": 4},
+        "federation": {"rounds": 1, "clients_per_round": 2, "batch_size": 4},
+        "algorithm": {"name": "fedcmi"},
+        "evaluation": {"linear_probe": False},
+        "tracking": {"enabled": False},
+        "output": {"dir": str(tmp_path / "out")},
+    }, {"data": data}))
+
+
+def _partition_and_train(cfg) -> dict:
+    from fedcmi.engine import train
+    from fedcmi.partition import make_partition, save_partition
+
+    dm = DataModule(cfg.data.prepared_dir)
+    save_partition(make_partition(cfg, dm.train.labels, dm.spec.modalities, dm.spec.num_classes), cfg.partition.file)
+    res = train(cfg, progress=False)
+    assert len(res.history) == 1 and 0 <= res.final["mm_acc"] <= 1
+    assert all(torch.isfinite(v).all() for v in res.state.values() if v.is_floating_point())
+    return res.final
+
+
+CREMAD = {"sample_rate": 8000, "audio_seconds": 0.5, "nperseg": 64, "noverlap": 32, "frames": 2, "frame_size": 16}
+
+
+@pytest.fixture(scope="module")
+def cremad_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("CREMA-D")
+    return root, layouts.cremad(root)
+
+
+def test_cremad_prepares_from_its_layout_and_trains_a_round(cremad_root, tmp_path):
+    root, planted = cremad_root
+    cfg = _cfg(tmp_path, {"name": "cremad", "path": str(root), "cremad": CREMAD}, {"audio": "cnn", "visual": "clip"},
+               ["audio", "visual"])
+    info = prepare(cfg)
+    dm = DataModule(cfg.data.prepared_dir)
+    assert info["train"] == len(planted["train"]) - 1 and info["test"] == len(planted["test"])  # the broken wav
+    assert dm.spec.shapes == {"audio": (1, 33, 124), "visual": (2, 3, 16, 16)}  # (4000 - 32) // 32 windows
+    assert dm.spec.class_names == ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
+    assert dm.train.features["visual"].dtype == np.uint8
+    report = dm.meta["report"]
+    reasons = {s["key"]: s["reason"] for s in report["skipped_samples"]}
+    assert set(reasons) == {planted["broken"], planted["unknown"]}
+    assert "not a readable PCM WAV" in reasons[planted["broken"]] and "unknown label 'XXX'" in reasons[planted["unknown"]]
+    # labels come from the list, in list order; the clip decoded from its video holds its class's colour
+    kept = [c for c in planted["train"] if c != planted["broken"]]
+    assert dm.train.labels.tolist() == [layouts.EMOTIONS.index(c.split("_")[2]) for c in kept]
+    row = kept.index(planted["video_only"])
+    red = dm.train.features["visual"][row, :, 0].mean(axis=(1, 2))
+    assert np.allclose(red, layouts.class_color(2, 0)[0], atol=12)
+    # frames are the evenly picked ones of the naturally sorted list (1, 2, 10 -> the 1st and the 3rd)
+    row = kept.index("1001_IEO_NEU_XX")
+    assert np.allclose(dm.train.features["visual"][row, :, 0].mean(axis=(1, 2)),
+                       [layouts.class_color(0, 10)[0], layouts.class_color(0, 100)[0]], atol=12)
+    x, _ = dm.train.batch(np.array([row]), ["visual"])
+    assert x["visual"].dtype == torch.float32 and x["visual"].abs().max() < 3  # normalised per batch
+    _partition_and_train(cfg)
+
+
+def test_cremad_speaker_split_holds_out_whole_actors_and_is_seeded(cremad_root, tmp_path):
+    root, _ = cremad_root
+    data = {"name": "cremad", "path": str(root), "cremad": {**CREMAD, "split": "speakers", "test_speakers": 0.25,
+                                                          "val_fraction": 0.34}}
+    cfg = _cfg(tmp_path, data, {"audio": "cnn", "visual": "clip"}, ["audio", "visual"])
+    from fedcmi.data.cremad import CremaDSource, clip_actor
+
+    recs, _ = CremaDSource(root, cfg.data.cremad, cfg.seed).records()
+    actors = {s: {clip_actor(r.key) for r in recs[s]} for s in recs}
+    assert len(actors["test"]) == 1 and len(actors["val"]) == 1 and len(actors["train"]) == 2
+    assert not (actors["test"] & actors["train"]) and not (actors["val"] & actors["train"])
+    again, _ = CremaDSource(root, cfg.data.cremad, cfg.seed).records()
+    assert again == recs
+    info = prepare(cfg)
+    assert info["val"] > 0
+
+
+def test_cremad_prepares_in_worker_processes_with_the_same_result(cremad_root, tmp_path):
+    root, _ = cremad_root
+    one = _cfg(tmp_path / "one", {"name": "cremad", "path": str(root), "cremad": CREMAD},
+               {"audio": "cnn", "visual": "clip"}, ["audio", "visual"])
+    two = one.model_copy(update={"data": one.data.model_copy(update={"workers": 2,
+                                                                     "prepared_dir": tmp_path / "two"})})
+    prepare(one)
+    prepare(two)
+    for split in ("train", "test"):
+        for name in ("audio", "visual", "label"):
+            a = np.load(one.data.prepared_dir / split / f"{name}.npy")
+            b = np.load(two.data.prepared_dir / split / f"{name}.npy")
+            assert np.array_equal(a, b)
+
+
+def test_ave_prepares_event_segments_and_trains_a_round(tmp_path):
+    pytest.importorskip("av")
+    root = tmp_path / "AVE_Dataset"
+    planted = layouts.ave(root)
+    data = {"name": "ave", "path": str(root),
+            "ave": {"sample_rate": 8000, "audio_seconds": 1.0, "nperseg": 64, "noverlap": 32, "frames": 2,
+                    "frame_size": 16}}
+    cfg = _cfg(tmp_path, data, {"audio": "cnn", "visual": "clip"}, ["audio", "visual"])
+    info = prepare(cfg)
+    dm = DataModule(cfg.data.prepared_dir)
+    assert (info["train"], info["val"], info["test"]) == (6, 1, 2)
+    assert dm.spec.class_names == tuple(sorted(layouts.AVE_CATEGORIES))
+    assert [s["reason"] for s in dm.meta["report"]["skipped_samples"]] == [
+        "unknown label 'Helicopter': not a category of trainSet.txt"]
+    # frames come from inside the segment: v001 (Bark, seconds 1-3) never shows its second-0 colour
+    k = layouts.AVE_CATEGORIES.index("Bark")
+    row = 1
+    reds = dm.train.features["visual"][row, :, 0].mean(axis=(1, 2))
+    assert np.allclose(reds, [layouts.class_color(k, 10)[0], layouts.class_color(k, 20)[0]], atol=12)
+    assert dm.train.labels[row] == dm.spec.class_names.index("Bark")
+    _partition_and_train(cfg)
+
+
+@pytest.mark.parametrize("text", ["vocab", "vectors"])
+def test_crisismmd_prepares_image_and_text_and_trains_a_round(tmp_path, text):
+    root = tmp_path / "CrisisMMD_v2.0"
+    planted = layouts.crisismmd(root)
+    crisis = {"image_size": 16, "max_tokens": 8, "min_token_count": 1, "text": text}
+    if text == "vectors":
+        crisis["text_model"] = str(layouts.glove(tmp_path / "glove.txt", dim=6))
+    cfg = _cfg(tmp_path, {"name": "crisismmd", "path": str(root), "crisismmd": crisis},
+               {"image": "cnn", "text": "text" if text == "vocab" else "mlp"}, ["image", "text"])
+    info = prepare(cfg)
+    dm = DataModule(cfg.data.prepared_dir)
+    assert (info["train"], info["val"], info["test"]) == (15, 4, 6)
+    reasons = [s["reason"] for s in dm.meta["report"]["skipped_samples"]]
+    assert any("missing" in r for r in reasons) and any("unknown label 'nonsense_label'" in r for r in reasons)
+    assert dm.spec.class_names == ("informative", "not_informative")
+    if text == "vocab":
+        vocab = json.loads((cfg.data.prepared_dir / "vocabulary_text.json").read_text())
+        assert dm.spec.vocab_sizes["text"] == len(vocab) and "flood" in vocab and "https" not in vocab
+        assert dm.train.features["text"].dtype == np.int64 and dm.spec.shapes["text"] == (8,)
+    else:
+        assert dm.spec.shapes["text"] == (6,) and dm.train.features["text"].dtype == np.float32
+    _partition_and_train(cfg)
+
+
+def test_crisismmd_humanitarian_merge_folds_two_classes(tmp_path):
+    root = tmp_path / "CrisisMMD_v2.0"
+    layouts.crisismmd(root, task="humanitarian")
+    crisis = {"task": "humanitarian", "merge_humanitarian": True, "image_size": 8, "max_tokens": 4}
+    cfg = _cfg(tmp_path, {"name": "crisismmd", "path": str(root), "crisismmd": crisis},
+               {"image": "cnn", "text": "text"}, ["image", "text"])
+    prepare(cfg)
+    dm = DataModule(cfg.data.prepared_dir)
+    assert len(dm.spec.class_names) == 6 and "injured_or_dead_people" not in dm.spec.class_names
+    affected = dm.spec.class_names.index("affected_individuals")
+    assert (dm.train.labels == affected).sum() == 8  # affected_individuals and injured_or_dead_people rows
+
+
+# -- errors ------------------------------------------------------------------------------------------------------
+def test_a_missing_root_or_split_file_names_the_expected_layout(tmp_path, cremad_root):
+    cfg = _cfg(tmp_path, {"name": "cremad", "path": str(tmp_path / "nope"), "cremad": CREMAD},
+               {"audio": "cnn", "visual": "clip"}, ["audio", "visual"])
+    with pytest.raises(DataError, match=r"(?s)CREMA-D root folder not found.*AudioWAV/<clip>.wav"):
+        prepare(cfg)
+    cfg = _cfg(tmp_path, {"name": "ave", "path": str(cremad_root[0])}, {"audio": "cnn", "visual": "clip"},
+               ["audio", "visual"])
+    with pytest.raises(DataError, match=r"(?s)AVE annotation list not found.*trainSet.txt.*Category&VideoID"):
+        prepare(cfg)
+    cfg = _cfg(tmp_path, {"name": "crisismmd", "path": str(tmp_path)}, {"image": "cnn", "text": "text"},
+               ["image", "text"])
+    with pytest.raises(DataError, match="task_informative_text_img_train.tsv"):
+        prepare(cfg)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_too_many_unreadable_files_stop_the_run_and_keep_the_previous_data(cremad_root, tmp_path):
+    root, planted = cremad_root
+    ok = _cfg(tmp_path, {"name": "cremad", "path": str(root), "cremad": CREMAD}, {"audio": "cnn", "visual": "clip"},
+              ["audio", "visual"])
+    prepare(ok)
+    before = (ok.data.prepared_dir / "train" / "audio.npy").read_bytes()
+    # 25 samples, 1 may be bad: the unknown label is, and decoding stops at the broken wav, the second
+    strict = ok.model_copy(update={"data": ok.data.model_copy(update={"max_bad_fraction": 0.05})})
+    with pytest.raises(DataError, match=r"2 of 25 samples could not be used.*max_bad_fraction \(0.05\).*"
+                                        r"unknown label 'XXX'.*1001_IEO_ANG_XX: .*not a readable PCM"):
+        prepare(strict)
+    assert (ok.data.prepared_dir / "train" / "audio.npy").read_bytes() == before
+
+
+def test_dataset_modalities_and_encoders_are_checked(tmp_path):
+    from fedcmi.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.modalities must be \['image', 'text'\]"):
+        config_from_dict({"data": {"name": "crisismmd"}})
+    with pytest.raises(ConfigError, match="noverlap"):
+        config_from_dict({"data": {"cremad": {"nperseg": 64, "noverlap": 64}}})
