@@ -173,6 +173,7 @@ def train(
         from tqdm import tqdm
 
         bar = tqdm(total=rounds, initial=start, desc=f"{cfg.algorithm.name}", unit="round", dynamic_ncols=True)
+    final = None
     for rnd in range(start, rounds):
         tr = time.perf_counter()
         res = fed.run_round(state, rnd)
@@ -183,6 +184,8 @@ def train(
         if (rnd + 1) % cfg.evaluation.every == 0 or last:
             ev = fed.evaluate(state, probe=last and cfg.evaluation.linear_probe)
             rec.update(ev.metrics)
+            if last:
+                final = ev  # the run's final evaluation: the same model, so not computed twice
         rec["seconds"] = round(time.perf_counter() - tr, 4)
         history.append(rec)
         ckpt.save(state, rnd + 1, fp, history)
@@ -195,7 +198,8 @@ def train(
     if bar is not None:
         bar.close()
 
-    final = fed.evaluate(state, probe=cfg.evaluation.linear_probe)
+    if final is None:  # resumed after the last round: nothing ran, so evaluate what the checkpoint holds
+        final = fed.evaluate(state, probe=cfg.evaluation.linear_probe)
     return TrainResult(state, history, final.metrics, final.confusion, start, time.perf_counter() - t0)
 
 

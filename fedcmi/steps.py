@@ -17,7 +17,8 @@ from fedcmi.algorithms import ClientUpdate
 from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.config import Config
 from fedcmi.data import DataModule
-from fedcmi.federation import Federation
+from fedcmi.evaluation import evaluate_model
+from fedcmi.federation import Federation, resolve_device
 from fedcmi.io import ModelFileError, load_state, save_state, write_json
 from fedcmi.partition import load_partition
 
@@ -38,13 +39,13 @@ def _load_global(fed: Federation, path: str | Path):
     return state, meta
 
 
-def load_model(cfg: Config, state: StateDict | str | Path) -> nn.Module:
+def load_model(cfg: Config, state: StateDict | str | Path, data: DataModule | None = None) -> nn.Module:
     """The network of these params holding ``state`` (a state dict or a model file), in eval mode."""
     from fedcmi.models import build_model
 
     if not isinstance(state, dict):
         state, _ = load_state(state)
-    net = build_model(cfg, DataModule(cfg.data.prepared_dir).spec)
+    net = build_model(cfg, (data or DataModule(cfg.data.prepared_dir)).spec)
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
@@ -108,10 +109,14 @@ def aggregate_step(
 
 def evaluate_step(cfg: Config, model: str | Path, out: str | Path | None = None, probe: bool = False,
                   split: str = "test") -> dict:
-    """Evaluate a model file on ``split`` (test by default); writes metrics (and the confusion matrix) as JSON."""
-    fed = _federation(cfg)
-    state, _ = _load_global(fed, model)
-    res = fed.evaluate(state, probe=probe, split=split)
+    """Evaluate a model file on ``split`` (test by default); writes metrics (and the confusion matrix) as JSON.
+
+    Needs the prepared data and the model, not the partition.
+    """
+    data = DataModule(cfg.data.prepared_dir)
+    device = resolve_device(cfg.device)
+    net = load_model(cfg, model, data).to(device)
+    res = evaluate_model(net, data, cfg.evaluation.batch_size, device, probe=probe, split=split)
     if out is not None:
         write_json(out, {**res.metrics, "confusion": res.confusion})
     return {**res.metrics, "confusion": res.confusion}
