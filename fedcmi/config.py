@@ -186,6 +186,8 @@ class OptimConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     lr_decay: float = Field(1.0, gt=0, le=1, description="multiplied into lr every lr_decay_every rounds")
     lr_decay_every: int = Field(1, ge=1)
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
+        "32", description="local training precision: 32, or mixed with bfloat16 / float16 (loss scaling) autocast")
 
 
 class FedCMIConfig(_Section):

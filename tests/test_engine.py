@@ -29,6 +29,8 @@ RUNS = {
     "fedavg-hetero-gated": {"model": {"fusion": "gated"}, "partition": {"multimodal_fraction": 0.5}},
     "fedcmi-dirichlet-sum": {"algorithm": {"name": "fedcmi"}, "model": {"fusion": "sum"},
                              "partition": {"scheme": "dirichlet", "alpha": 1.0}},
+    "fedcmi-bf16-mixed": {"algorithm": {"name": "fedcmi"}, "optim": {"precision": "bf16-mixed"}},
+    "ogm_ge-16-mixed": {"algorithm": {"name": "ogm_ge"}, "optim": {"precision": "16-mixed"}},
 }
 
 

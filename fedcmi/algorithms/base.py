@@ -65,26 +65,37 @@ def local_sgd(
     mu: float = 0.0,
     grad_hook: GradHook | None = None,
 ) -> dict[str, float]:
-    """Run ``local_epochs`` of SGD on ``model`` in place; returns mean loss terms."""
+    """Run ``local_epochs`` of SGD on ``model`` in place; returns mean loss terms.
+
+    With ``optim.precision`` mixed, the forward pass and the loss run under
+    autocast (bfloat16 or float16; float16 with loss scaling). A ``grad_hook``
+    always sees unscaled gradients. At precision 32 both are off.
+    """
     o = ctx.cfg.optim
     model.train()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     anchor = {n: p.detach().clone() for n, p in params} if mu > 0 else {}
     opt = torch.optim.SGD([p for _, p in params], lr=ctx.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    mixed = o.precision != "32"
+    half = torch.bfloat16 if o.precision == "bf16-mixed" else torch.float16
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=o.precision == "16-mixed")
     totals: dict[str, float] = {}
     steps = 0
     for epoch in range(ctx.cfg.federation.local_epochs):
         for x, y in ctx.device_batches(epoch):
-            loss, terms = loss_fn(model, x, y)
+            with torch.autocast(ctx.device.type, dtype=half, enabled=mixed):
+                loss, terms = loss_fn(model, x, y)
             if mu > 0:
                 prox = proximal_term(params, anchor, mu)
                 terms["prox"] = prox.item()
                 loss = loss + prox
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if grad_hook is not None:
+                scaler.unscale_(opt)
                 grad_hook(model, terms)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             terms["loss"] = loss.item()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v
