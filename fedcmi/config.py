@@ -123,7 +123,7 @@ class DataConfig(_Section):
     path: Path = Path("data/raw")
     prepared_dir: Path = Path("data/prepared")
     modalities: tuple[str, str] = ("audio", "visual")
-    workers: int = Field(0, ge=0, le=256, description="processes decoding files in prepare; 0: one per CPU")
+    workers: int = Field(0, ge=0, le=256, description="processes decoding files in prepare; 0: one per CPU but one, at most 8")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="unreadable or unlabelled samples prepare "
                                     "skips and reports; above this fraction of all samples it stops")
     synthetic: SyntheticConfig = SyntheticConfig()
