@@ -174,7 +174,7 @@ def test_cremad_prepares_in_worker_processes_with_the_same_result(cremad_root, t
 def test_ave_prepares_event_segments_and_trains_a_round(tmp_path):
     pytest.importorskip("av")
     root = tmp_path / "AVE_Dataset"
-    planted = layouts.ave(root)
+    layouts.ave(root)
     data = {"name": "ave", "path": str(root),
             "ave": {"sample_rate": 8000, "audio_seconds": 1.0, "nperseg": 64, "noverlap": 32, "frames": 2,
                     "frame_size": 16}}
@@ -197,7 +197,7 @@ def test_ave_prepares_event_segments_and_trains_a_round(tmp_path):
 @pytest.mark.parametrize("text", ["vocab", "vectors"])
 def test_crisismmd_prepares_image_and_text_and_trains_a_round(tmp_path, text):
     root = tmp_path / "CrisisMMD_v2.0"
-    planted = layouts.crisismmd(root)
+    layouts.crisismmd(root)
     crisis = {"image_size": 16, "max_tokens": 8, "min_token_count": 1, "text": text}
     if text == "vectors":
         crisis["text_model"] = str(layouts.glove(tmp_path / "glove.txt", dim=6))

@@ -21,8 +21,8 @@ import numpy as np
 
 from fedcmi.config import AVEConfig
 from fedcmi.data.base import DataError, DatasetSpec
-from fedcmi.data.cache import IMAGENET_NORM, Record, RecordSource, Skipped
-from fedcmi.data.media import (MediaError, audio_features, load_frames, read_wav, sorted_images, spectrogram_shape,
+from fedcmi.data.cache import Record, RecordSource, Skipped, audio_visual_spec
+from fedcmi.data.media import (MediaError, audio_features, load_frames, read_wav, sorted_images,
                                video_audio, video_frames)
 
 
@@ -107,12 +107,7 @@ class AVESource(RecordSource):
         return {"audio": audio, "visual": visual}
 
     def spec(self) -> DatasetSpec:
-        c = self.cfg
-        return DatasetSpec(
-            ("audio", "visual"),
-            {"audio": spectrogram_shape(c.sample_rate, c.audio_seconds, c.nperseg, c.noverlap),
-             "visual": (c.frames, 3, c.frame_size, c.frame_size)},
-            len(self.classes), self.classes, dtypes={"visual": "uint8"}, normalize={"visual": IMAGENET_NORM})
+        return audio_visual_spec(self.cfg, self.classes)
 
     def info(self) -> dict:
         return {"root": str(self.root), "ave": self.cfg.model_dump(mode="json")}

@@ -16,15 +16,27 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from fedcmi.data.base import DataError, DatasetSpec, PreparedWriter
-from fedcmi.data.media import MediaError
+from fedcmi.data.media import MediaError, spectrogram_shape
 from fedcmi.data.text import TextError
 
+if TYPE_CHECKING:
+    from fedcmi.config import AudioVisualConfig
+
 IMAGENET_NORM = {"scale": 1.0 / 255.0, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def audio_visual_spec(cfg: "AudioVisualConfig", classes: tuple[str, ...]) -> DatasetSpec:
+    """An audio-visual dataset's spec: a log spectrogram, and uint8 frames normalised as ImageNet's."""
+    return DatasetSpec(
+        ("audio", "visual"),
+        {"audio": spectrogram_shape(cfg.sample_rate, cfg.audio_seconds, cfg.nperseg, cfg.noverlap),
+         "visual": (cfg.frames, 3, cfg.frame_size, cfg.frame_size)},
+        len(classes), tuple(classes), dtypes={"visual": "uint8"}, normalize={"visual": IMAGENET_NORM})
 
 
 @dataclass(frozen=True)

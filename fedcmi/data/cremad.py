@@ -20,8 +20,8 @@ import numpy as np
 
 from fedcmi.config import CremaDConfig
 from fedcmi.data.base import DataError, DatasetSpec
-from fedcmi.data.cache import IMAGENET_NORM, Record, RecordSource, Skipped
-from fedcmi.data.media import (MediaError, audio_features, load_frames, read_wav, sorted_images, spectrogram_shape,
+from fedcmi.data.cache import Record, RecordSource, Skipped, audio_visual_spec
+from fedcmi.data.media import (MediaError, audio_features, load_frames, read_wav, sorted_images,
                                video_frames)
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
@@ -121,12 +121,7 @@ class CremaDSource(RecordSource):
         return {"audio": audio, "visual": visual}
 
     def spec(self) -> DatasetSpec:
-        c = self.cfg
-        return DatasetSpec(
-            ("audio", "visual"),
-            {"audio": spectrogram_shape(c.sample_rate, c.audio_seconds, c.nperseg, c.noverlap),
-             "visual": (c.frames, 3, c.frame_size, c.frame_size)},
-            len(EMOTIONS), EMOTIONS, dtypes={"visual": "uint8"}, normalize={"visual": IMAGENET_NORM})
+        return audio_visual_spec(self.cfg, EMOTIONS)
 
     def info(self) -> dict:
         return {"root": str(self.root), "cremad": self.cfg.model_dump(mode="json")}
