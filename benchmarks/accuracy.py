@@ -29,8 +29,15 @@ from pathlib import Path
 
 from common import RESULTS, ROOT, ensure_data, save_results
 
-from fedcmi.config import load_config
+import torch
+import yaml
+
+# Imported before the pool forks its workers, so a benchmark that runs for an hour keeps the code it started with.
+from fedcmi.config import apply_overrides, config_from_dict, load_config
+from fedcmi.engine import train
+from fedcmi.federation import Federation
 from fedcmi.io import write_json, write_text
+from fedcmi.partition import load_partition
 
 SETTINGS: dict[str, list[str]] = {
     "iid": [],
@@ -64,12 +71,6 @@ def run_key(setting: str, name: str, lr: float, seed: int) -> str:
 def run_one(job: tuple) -> tuple[str, dict]:
     """One (setting, run, lr, seed): train, then evaluate on val and test. Cached under work/."""
     params, setting, name, lr, seed, extra, work = job
-    import torch
-
-    from fedcmi.engine import train
-    from fedcmi.federation import Federation
-    from fedcmi.partition import load_partition
-
     torch.set_num_threads(1)  # one core per job; --jobs sets how many run at once
     key = run_key(setting, name, lr, seed)
     cache = Path(work) / "runs" / (key.replace("|", "__").replace(" ", "_").replace("/", "-") + ".json")
@@ -78,7 +79,7 @@ def run_one(job: tuple) -> tuple[str, dict]:
     base = [f"seed={seed}", f"data.prepared_dir={work}/prepared_{seed}",
             f"partition.file={work}/partition_{setting}_{seed}.json", f"output.dir={work}/out",
             "tracking.enabled=false", f"optim.lr={lr}"]
-    cfg = load_config(params, base + SETTINGS[setting] + RUNS[name] + list(extra))
+    cfg = config_from_dict(apply_overrides(params, base + SETTINGS[setting] + RUNS[name] + list(extra)))
     dm = ensure_data(cfg)
     t0 = time.perf_counter()
     res = train(cfg, Path(work) / "out" / cache.stem, resume="never", progress=False)
@@ -150,9 +151,13 @@ def plot(results: dict, setting: str, lr_of: dict[str, float], seeds: list[int],
         ax.set_xlabel("round")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=7, loc="lower right")
+    handles: dict = {}
+    for ax in axes:  # one legend for every method, whichever panels it appears in
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle(f"{SETTING_TITLES[setting]}; each method at its validation-selected learning rate", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
@@ -171,7 +176,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     work = out / "work"
-    default_lr = load_config(args.params, args.extra).optim.lr
+    base = load_config(args.params, args.extra)
+    default_lr = base.optim.lr
     if default_lr not in args.lrs:
         ap.error(f"the default optim.lr {default_lr} must be in --lrs")
     unknown = [r for r in args.runs if r not in RUNS]
@@ -184,7 +190,8 @@ def main() -> None:
             ensure_data(load_config(args.params, [f"seed={seed}", f"data.prepared_dir={work}/prepared_{seed}",
                                                   f"partition.file={work}/partition_{setting}_{seed}.json",
                                                   *SETTINGS[setting], *args.extra]))
-    jobs = [(args.params, setting, name, lr, seed, tuple(args.extra), str(work))
+    params = yaml.safe_load(Path(args.params).read_text())  # read once: later edits do not reach running jobs
+    jobs = [(params, setting, name, lr, seed, tuple(args.extra), str(work))
             for setting in args.settings for name in args.runs for lr in args.lrs for seed in args.seeds]
     results: dict = {}
     t0 = time.perf_counter()
@@ -193,8 +200,10 @@ def main() -> None:
             results[key] = r
             print(f"[{i}/{len(jobs)} {time.perf_counter() - t0:7.0f}s] {key:55s} val {r['val']['mm_acc']:.3f} "
                   f"test {r['test']['mm_acc']:.3f} ({r['seconds']:.1f}s)", flush=True)
+    wall = time.perf_counter() - t0
 
-    md = [f"Synthetic data, `params.yaml` defaults ({load_config(args.params).federation.rounds} rounds); "
+    extra = f" with {', '.join(args.extra)}" if args.extra else ""
+    md = [f"Synthetic data, `params.yaml` defaults{extra} ({base.federation.rounds} rounds); "
           f"seeds {args.seeds}; final test accuracy, mean ± std over seeds.\n"]
     selected: dict = {}
     for setting in args.settings:
@@ -212,6 +221,8 @@ def main() -> None:
     save_results(out / "results.json", {"seeds": args.seeds, "lrs": args.lrs, "default_lr": default_lr,
                                         "extra": args.extra, "settings": {s: SETTINGS[s] for s in args.settings},
                                         "runs": {n: RUNS[n] for n in args.runs}, "selected_lr": selected,
+                                        "wall_seconds": round(wall, 1),
+                                        "run_seconds_total": round(sum(r["seconds"] for r in results.values()), 1),
                                         "results": {k: compact(r) for k, r in results.items()}})
     print(text)
 

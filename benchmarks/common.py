@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -41,8 +42,9 @@ def machine() -> dict:
 
 
 def command_line() -> str:
-    return "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
-                                 else sys.argv[0], *sys.argv[1:]])
+    """This process's command, quoted so that it can be pasted into a shell."""
+    script = str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute() else sys.argv[0]
+    return "python " + shlex.join([script, *sys.argv[1:]])
 
 
 def save_results(path: Path, payload: dict) -> Path:

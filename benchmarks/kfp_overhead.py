@@ -9,20 +9,18 @@ the figures and writes them to benchmarks/results/kfp_overhead.json.
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, save_results  # noqa: E402  (puts the project on the path)
 
 import torch  # noqa: E402
 
 from fedcmi.config import load_config  # noqa: E402
 from fedcmi.data import DataModule, prepare  # noqa: E402
 from fedcmi.engine import train  # noqa: E402
-from fedcmi.io import load_state, write_json  # noqa: E402
+from fedcmi.io import load_state  # noqa: E402
 from fedcmi.partition import make_partition, save_partition  # noqa: E402
 from pipelines.federated import run_local  # noqa: E402
 
@@ -51,18 +49,16 @@ def main() -> None:
         state, _ = load_state(final)
         bitwise = all(torch.equal(state[k], engine.state[k]) for k in state)
     res = {
-        "command": "python benchmarks/kfp_overhead.py " + " ".join(sys.argv[1:]),
         "rounds": args.rounds, "clients_per_round": cfg.federation.clients_per_round,
         "engine_seconds": round(t_engine, 2), "pipeline_seconds": round(t_pipe, 2),
         "engine_seconds_per_round": round(t_engine / args.rounds, 2),
         "pipeline_seconds_per_round": round(t_pipe / args.rounds, 2),
         "overhead_seconds_per_round": round((t_pipe - t_engine) / args.rounds, 2),
         "final_models_bitwise_equal": bitwise,
-        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
     }
-    write_json(args.out, res)
     for k, v in res.items():
         print(f"{k}: {v}")
+    save_results(Path(args.out), res)
 
 
 if __name__ == "__main__":
