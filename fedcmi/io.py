@@ -39,6 +39,28 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only set it)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(target: Path) -> int:
+    """The mode an ordinary write would leave: the old file's, or what the umask allows for a new one.
+
+    mkstemp makes its file 0600, which would hide every output from the group (a shared volume, a pod
+    running as another user, DVC's cache).
+    """
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def _cannot_write(target: Path, exc: OSError) -> OSError:
     """The same OSError (errno kept), saying which file could not be written and that nothing was replaced."""
     reason = exc.strerror or str(exc)
@@ -66,6 +88,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _final_mode(target))
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)

@@ -24,7 +24,7 @@ from conftest import TINY, merge
 from faults import ROOT, run_cli
 from fedcmi.config import load_config
 from fedcmi.federation import sample_clients
-from fedcmi.io import load_state
+from fedcmi.io import load_state, write_bytes
 
 ROUNDS = 4
 
@@ -349,6 +349,20 @@ def test_a_weights_only_torch_file_is_accepted(tmp_path):
     torch.save({"w": torch.arange(3.0)}, tmp_path / "ok.pt")
     state, _ = load_state(tmp_path / "ok.pt")
     assert state["w"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_atomic_writes_leave_the_modes_an_ordinary_write_would(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_bytes(tmp_path / "new.json", b"{}")  # a new file: what the umask allows, not mkstemp's 0600
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o640
+        kept = tmp_path / "kept.json"
+        kept.write_bytes(b"{}")
+        kept.chmod(0o604)
+        write_bytes(kept, b"[]")  # a replaced file keeps its mode
+        assert kept.stat().st_mode & 0o777 == 0o604 and kept.read_bytes() == b"[]"
+    finally:
+        os.umask(old)
 
 
 def _corrupt_file(path: Path, how: str) -> None:
