@@ -38,7 +38,18 @@ def _print_json(obj) -> None:
 def cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.data import prepare
 
-    _print_json(prepare(cfg, progress=not args.no_progress))
+    summary = prepare(cfg, progress=not args.no_progress)
+    _print_json(summary)
+    if summary.get("skipped"):
+        from fedcmi.io import read_json
+
+        skipped = read_json(Path(summary["path"]) / "meta.json").get("report", {}).get("skipped_samples", [])
+        print(f"fedcmi: skipped {summary['skipped']} sample(s); all are listed under 'report' in "
+              f"{Path(summary['path']) / 'meta.json'}:", file=sys.stderr)
+        for s in skipped[:10]:
+            print(f"  {s['split']}: {s['key']}: {s['reason']}", file=sys.stderr)
+        if len(skipped) > 10:
+            print(f"  ... and {len(skipped) - 10} more", file=sys.stderr)
     return 0
 
 

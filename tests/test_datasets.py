@@ -10,6 +10,7 @@ import torch
 
 import layouts
 from conftest import merge
+from faults import ROOT, run_cli
 from fedcmi.config import config_from_dict
 from fedcmi.data import DataError, DataModule, prepare
 from fedcmi.data.media import (audio_features, fit_length, log_spectrogram, natural_key, pick_evenly, read_wav,
@@ -154,6 +155,19 @@ def test_cremad_speaker_split_holds_out_whole_actors_and_is_seeded(cremad_root, 
     assert again == recs
     info = prepare(cfg)
     assert info["val"] > 0
+
+
+def test_prepare_on_the_command_line_names_every_skipped_file(cremad_root, tmp_path):
+    root, planted = cremad_root
+    settings = {"data.name": "cremad", "data.path": root, "data.max_bad_fraction": 0.25,
+                "data.prepared_dir": tmp_path / "prepared",
+                **{f"data.cremad.{k}": v for k, v in CREMAD.items()}}
+    r = run_cli(["prepare", "--params", str(ROOT / "params.yaml"), "--no-progress",
+                 *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["skipped"] == 2
+    assert "skipped 2 sample(s)" in r.stderr and str(tmp_path / "prepared" / "meta.json") in r.stderr
+    assert f"train: {planted['broken']}: " in r.stderr and f"{planted['unknown']}: unknown label 'XXX'" in r.stderr
 
 
 def test_cremad_prepares_in_worker_processes_with_the_same_result(cremad_root, tmp_path):
