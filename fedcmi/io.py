@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -39,28 +39,6 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux allows (os.umask can only set it)."""
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        status = Path("/proc/self/status").read_text()
-        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _final_mode(target: Path) -> int:
-    """The mode an ordinary write would leave: the old file's, or what the umask allows for a new one.
-
-    mkstemp makes its file 0600, which would hide every output from the group (a shared volume, a pod
-    running as another user, DVC's cache).
-    """
-    try:
-        return target.stat().st_mode & 0o7777
-    except OSError:
-        return 0o666 & ~_umask()
-
-
 def _cannot_write(target: Path, exc: OSError) -> OSError:
     """The same OSError (errno kept), saying which file could not be written and that nothing was replaced."""
     reason = exc.strerror or str(exc)
@@ -80,15 +58,17 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot create output folder {target.parent}: {exc.strerror}") from None
+    tmp_path = target.parent / f".{target.name}.{secrets.token_hex(8)}{TMP_SUFFIX}"
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent)
+        # 0666 through the umask, as an ordinary write would (mkstemp's 0600 would hide every output from
+        # the group: a shared volume, a pod running as another user, DVC's cache)
+        os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as exc:
         raise _cannot_write(target, exc) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, _final_mode(target))
+        with contextlib.suppress(FileNotFoundError):  # a replaced file keeps its mode
+            os.chmod(tmp_path, target.stat().st_mode & 0o7777)
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
