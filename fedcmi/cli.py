@@ -39,12 +39,10 @@ def cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.data import prepare
 
     summary = prepare(cfg, progress=not args.no_progress)
+    skipped = summary.pop("skipped_samples", [])  # printed below, one line each, not in the JSON
     _print_json(summary)
-    if summary.get("skipped"):
-        from fedcmi.io import read_json
-
-        skipped = read_json(Path(summary["path"]) / "meta.json").get("report", {}).get("skipped_samples", [])
-        print(f"fedcmi: skipped {summary['skipped']} sample(s); all are listed under 'report' in "
+    if skipped:
+        print(f"fedcmi: skipped {len(skipped)} sample(s); all are listed under 'report' in "
               f"{Path(summary['path']) / 'meta.json'}:", file=sys.stderr)
         for s in skipped[:10]:
             print(f"  {s['split']}: {s['key']}: {s['reason']}", file=sys.stderr)

@@ -115,7 +115,7 @@ def _workers(requested: int) -> int:
 
 def build_cache(source: RecordSource, out_dir: Path, workers: int = 0, max_bad_fraction: float = 0.01,
                 source_info: dict | None = None, progress: bool = True) -> dict:
-    """Decode every record into ``out_dir``; returns the summary (sizes, skipped, bytes, seconds)."""
+    """Decode every record into ``out_dir``; returns the summary (sizes, skipped and why, bytes, seconds)."""
     t0 = time.perf_counter()
     records, skipped = source.records()
     spec = source.spec()
@@ -168,4 +168,4 @@ def build_cache(source: RecordSource, out_dir: Path, workers: int = 0, max_bad_f
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     return {"path": str(path), **report["kept"], "skipped": len(skipped), "num_classes": spec.num_classes,
             "shapes": {k: list(v) for k, v in spec.shapes.items()}, "bytes": size,
-            "seconds": round(time.perf_counter() - t0, 3)}
+            "seconds": round(time.perf_counter() - t0, 3), "skipped_samples": report["skipped_samples"]}
