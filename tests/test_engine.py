@@ -57,6 +57,17 @@ def load_state_of_fresh_model(cfg):
     return build_model(cfg, DataModule(cfg.data.prepared_dir).spec).state_dict()
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_trains_the_same_model_in_lower_precision(tiny, precision):
+    full = tiny(federation={"rounds": 1})
+    low = tiny(federation={"rounds": 1}, optim={"precision": precision})
+    a = train(full, full.output.dir / "32", progress=False)
+    b = train(low, low.output.dir / precision, progress=False)
+    assert all(torch.isfinite(v).all() for v in b.state.values() if v.is_floating_point())
+    moved = state_distance(load_state_of_fresh_model(full), a.state)
+    assert 0 < state_distance(a.state, b.state) < moved / 2, "autocast not applied, or a different training"
+
+
 def test_same_seed_same_metrics_and_model(tiny):
     cfg = tiny(algorithm={"name": "fedcmi"})
     a = train(cfg, cfg.output.dir / "a", progress=False)
