@@ -2,7 +2,9 @@
 
 Every subcommand takes ``--params params.yaml`` and any number of
 ``--set key.path=value`` overrides. A bad setting exits with code 2 and one
-clear message before anything is written; other failures exit with code 1.
+clear message before anything is written; a training run that diverges
+(non-finite loss, accuracy fallen to chance) exits with code 3; other
+failures exit with code 1.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 from fedcmi.config import Config, ConfigError, load_config
+from fedcmi.divergence import Diverged
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
+EXIT_DIVERGED = 3
 
 
 def _common() -> argparse.ArgumentParser:
@@ -273,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedcmi: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except Diverged as exc:
+        print(f"fedcmi: error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
     except _known_errors() as exc:
         print(f"fedcmi: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

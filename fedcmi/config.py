@@ -29,8 +29,14 @@ class _Section(BaseModel):
 
 
 class SyntheticConfig(_Section):
-    """The embedded default dataset: an audio-like and a visual-like modality."""
+    """The embedded default dataset: an audio-like (strong) and a visual-like (weak) modality.
 
+    ``generator: latent`` (the default) draws both modalities from one per-sample
+    latent; ``templates`` is the first version's generator, kept so that its
+    figures can be reproduced (see fedcmi.data.synthetic).
+    """
+
+    generator: Literal["latent", "templates"] = "latent"
     num_train: int = Field(2400, ge=10)
     num_test: int = Field(600, ge=10)
     num_val: int = Field(600, ge=0, description="validation samples, for choosing settings; 0 for none")
@@ -39,9 +45,30 @@ class SyntheticConfig(_Section):
     spectrogram: tuple[int, int] = (16, 16)
     frames: int = Field(2, ge=1, le=16)
     frame_size: int = Field(16, ge=8, le=64)
-    strong_snr: float = Field(4.0, gt=0)
-    weak_snr: float = Field(1.5, gt=0)
-    strong_confusion: float = Field(0.2, ge=0, lt=0.5)
+    strong_snr: float = Field(4.0, gt=0, allow_inf_nan=False)
+    weak_snr: float = Field(1.75, gt=0, allow_inf_nan=False)
+    strong_blind: float = Field(
+        0.3, ge=0, le=1, description="latent: fraction of samples where the strong modality shows only the class "
+        "pair, not the class (its blind spot: uncertain between the two, never confidently wrong)")
+    intensity: tuple[float, float] = Field(
+        (0.5, 1.5), description="latent: range of the per-sample expression intensity that scales the class "
+        "evidence in both modalities at once")
+    weak_noise: tuple[float, float] = Field(
+        (0.5, 4.0), description="latent: range of the per-clip white-noise level of the weak modality (its "
+        "recording quality); a learned encoder filters it, a random one does not")
+    weak_clutter: float = Field(
+        1.0, ge=0, le=100, allow_inf_nan=False, description="latent: strength of 8 fixed patterns that carry "
+        "no class information in the weak modality (a learned encoder tunes them out, a random one cannot)")
+    strong_confusion: float = Field(
+        0.2, ge=0, lt=0.5, description="templates: fraction of samples where the strong modality shows the "
+        "partner class")
+
+    @field_validator("intensity", "weak_noise")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 <= v[0] <= v[1] < 100):
+            raise ValueError("must be [low, high] with 0 <= low <= high < 100")
+        return v
 
     @field_validator("spectrogram")
     @classmethod
@@ -146,12 +173,12 @@ class PartitionConfig(_Section):
     """How the training set is split across clients (seeded by ``seed``)."""
 
     num_clients: int = Field(10, ge=1, le=100_000)
-    scheme: Literal["iid", "dirichlet"] = "iid"
+    scheme: Literal["iid", "dirichlet"] = "dirichlet"
     alpha: float = Field(1.0, gt=0)
     max_samples_per_client: Optional[float] = Field(
-        None, gt=1.0, description="cap as a multiple of N/num_clients (1.1 in the reference code); null for none"
+        1.1, gt=1.0, description="cap as a multiple of N/num_clients (1.1 in the reference code); null for none"
     )
-    multimodal_fraction: float = Field(1.0, ge=0, le=1)
+    multimodal_fraction: float = Field(0.5, ge=0, le=1)
     min_samples: int = Field(8, ge=1)
     max_attempts: int = Field(100, ge=1)
     file: Path = Path("data/partition.json")
@@ -173,15 +200,15 @@ class FederationConfig(_Section):
 
     rounds: int = Field(20, ge=1, le=100_000)
     clients_per_round: int = Field(5, ge=1)
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
+    local_epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
     min_clients: int = Field(1, ge=1, description="valid updates a round needs to complete")
 
 
 class OptimConfig(_Section):
     """Local SGD; the learning rate decays by round, never re-created per client."""
 
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(0.02, gt=0, allow_inf_nan=False)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     lr_decay: float = Field(1.0, gt=0, le=1, description="multiplied into lr every lr_decay_every rounds")
@@ -196,13 +223,24 @@ class FedCMIConfig(_Section):
     w_uni: float = Field(2.0, ge=0)
     lambda_inf: float = Field(1.0, ge=0)
     infiltration: bool = True
-    warmup_rounds: int = Field(1, ge=0)
-    dominance: Literal["round", "batch"] = "round"
+    warmup_rounds: int = Field(1, ge=0, description="rounds without distillation, when warmup_epochs is null")
+    warmup_epochs: Optional[int] = Field(
+        10, ge=0, le=1_000_000, description="no distillation until the federation has run this many local epochs "
+        "(rounds x federation.local_epochs), as the reference code counts its warm-up; null: warmup_rounds")
+    dominance: Literal["round", "batch"] = Field(
+        "batch", description="batch: the distillation direction per batch on the local model, the class "
+        "temperatures once per round on the received model (the reference code); round: both once per round")
     class_temperature: bool = True
     beta: float = Field(2.0, ge=0)
     temperature: float = Field(1.0, gt=0)
     min_temperature: float = Field(0.05, gt=0, le=1)
     t_squared: bool = False
+
+    def first_distillation_round(self, local_epochs: int) -> int:
+        """The first (0-based) round that distils, after the warm-up."""
+        if self.warmup_epochs is None:
+            return self.warmup_rounds
+        return -(-self.warmup_epochs // local_epochs)
 
 
 class OGMConfig(_Section):
@@ -216,7 +254,7 @@ class AlgorithmConfig(_Section):
     """Which algorithm trains, and its settings."""
 
     name: Literal["fedavg", "fedprox", "unimodal", "ogm_ge", "fedcmi"] = "fedcmi"
-    mu: float = Field(0.01, ge=0, description="proximal weight for fedprox and fedcmi; 0 turns it off")
+    mu: float = Field(0.0, ge=0, description="proximal weight for fedprox and fedcmi; 0 turns it off")
     modality: Optional[str] = Field(None, description="the modality trained by 'unimodal'")
     aggregation: Literal["auto", "plain", "modality_aware"] = "auto"
     fedcmi: FedCMIConfig = FedCMIConfig()
@@ -227,6 +265,11 @@ class EvaluationConfig(_Section):
     every: int = Field(1, ge=1)
     batch_size: int = Field(256, ge=1)
     linear_probe: bool = Field(True, description="fit a ridge probe on each frozen encoder at the final round")
+    divergence_patience: int = Field(
+        3, ge=1, le=1_000_000, description="evaluations in a row at chance level (after being above it) that "
+        "stop a run as diverged")
+    divergence_margin: float = Field(
+        0.02, ge=0, le=1, allow_inf_nan=False, description="within this of chance accuracy counts as at chance")
 
 
 class TrackingConfig(_Section):

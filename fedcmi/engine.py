@@ -19,6 +19,7 @@ from typing import Callable, Literal
 from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.config import Config
 from fedcmi.data import DataModule
+from fedcmi.divergence import Diverged, DivergenceGuard, chance_accuracy
 from fedcmi.federation import Federation
 from fedcmi.io import (ModelFileError, check_writable, load_state, read_json, remove_stale_temporaries,
                        save_state, write_json)
@@ -167,6 +168,10 @@ def train(
     elif resume == "must":
         raise ResumeError(f"no checkpoint to resume in {ckpt.folder}")
 
+    guard = DivergenceGuard(chance_accuracy(data.test.labels, data.spec.num_classes), cfg.optim.lr,
+                            cfg.evaluation.divergence_patience, cfg.evaluation.divergence_margin)
+    for rec in history:  # a resumed run remembers how far above chance it has been
+        guard.check_round(rec)
     rounds = cfg.federation.rounds
     bar = None
     if progress:
@@ -187,6 +192,14 @@ def train(
             if last:
                 final = ev  # the run's final evaluation: the same model, so not computed twice
         rec["seconds"] = round(time.perf_counter() - tr, 4)
+        reason = guard.check_round(rec)
+        if reason is not None:  # the diverged round is reported, never checkpointed: resuming starts before it
+            rec["diverged"] = 1
+            if on_round is not None:
+                on_round(rec)
+            if bar is not None:
+                bar.close()
+            raise Diverged(reason)
         history.append(rec)
         ckpt.save(state, rnd + 1, fp, history)
         if on_round is not None:
@@ -200,6 +213,11 @@ def train(
 
     if final is None:  # resumed after the last round: nothing ran, so evaluate what the checkpoint holds
         final = fed.evaluate(state, probe=cfg.evaluation.linear_probe)
+    reason, warning = guard.check_final(final.metrics["mm_acc"])
+    if reason is not None:
+        raise Diverged(reason)
+    if warning is not None:
+        log.warning("%s", warning)
     return TrainResult(state, history, final.metrics, final.confusion, start, time.perf_counter() - t0)
 
 

@@ -21,6 +21,7 @@ from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.algorithms.base import derive_seed
 from fedcmi.config import Config
 from fedcmi.data import DataModule
+from fedcmi.divergence import Diverged
 from fedcmi.evaluation import EvalResult, evaluate_model
 from fedcmi.models import build_model
 from fedcmi.partition import Partition
@@ -38,6 +39,10 @@ def sample_clients(cfg: Config, rnd: int) -> list[int]:
 
 class RoundFailed(RuntimeError):
     """Too few valid client updates: the global model stays as it was."""
+
+
+class RoundDiverged(RoundFailed, Diverged):
+    """A failed round whose every client update held NaN or Inf: local training diverged."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -162,6 +167,11 @@ class Federation:
             return RoundResult({k: v.detach().cpu().clone() for k, v in global_state.items()}, [], [], {},
                                {}, idle)
         if len(accepted) < need:
+            if rejected and all(r.endswith("holds NaN or Inf") for r in rejected.values()):
+                raise RoundDiverged(
+                    f"diverged: round {rnd + 1}: every client's update holds NaN or Inf; lower optim.lr (now "
+                    f"{self.cfg.optim.lr:g}; try {self.cfg.optim.lr / 4:g}). The last good round stays checkpointed"
+                )
             raise RoundFailed(
                 f"round {rnd + 1}: {len(accepted)} valid update(s), federation.min_clients is {need}; "
                 f"rejected: {rejected or 'none'}"

@@ -11,9 +11,12 @@ from fedcmi.config import Config, config_from_dict
 TINY = {
     "seed": 3,
     "data": {"synthetic": {"num_train": 160, "num_test": 60, "num_val": 30, "spectrogram": [8, 8], "frames": 1, "frame_size": 8}},
-    "partition": {"num_clients": 4, "min_samples": 4},
+    # The tests' own small protocol: IID, every client multimodal, one local epoch, distillation from round 2.
+    "partition": {"num_clients": 4, "min_samples": 4, "scheme": "iid", "max_samples_per_client": None,
+                  "multimodal_fraction": 1.0},
     "model": {"embed_dim": 8, "width": 4},
-    "federation": {"rounds": 2, "clients_per_round": 2, "batch_size": 16},
+    "federation": {"rounds": 2, "clients_per_round": 2, "batch_size": 16, "local_epochs": 1},
+    "algorithm": {"fedcmi": {"warmup_epochs": None}},
     "evaluation": {"linear_probe": False},
     "tracking": {"enabled": False},
 }

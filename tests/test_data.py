@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
 from fedcmi.config import SyntheticConfig, config_from_dict
 from fedcmi.data import DataError, DataModule, prepare
-from fedcmi.data.synthetic import SyntheticSource, bayes_accuracy
+from fedcmi.data.synthetic import CLUTTER, SyntheticSource, bayes_accuracy, draw_latent, num_groups
+from fedcmi.evaluation import ridge_probe_accuracy
 
 
 def test_synthetic_is_seeded_and_shaped():
@@ -23,8 +26,60 @@ def test_synthetic_is_seeded_and_shaped():
 
 
 def test_synthetic_design_makes_the_multimodal_optimum_beat_either_modality():
-    bayes = bayes_accuracy(SyntheticConfig())
+    bayes = bayes_accuracy(SyntheticConfig(), n=40_000)
     assert bayes["multimodal"] > bayes["strong"] + 0.05 > bayes["weak"] + 0.1
+    old = bayes_accuracy(SyntheticConfig(generator="templates", strong_snr=4.0, weak_snr=1.5), n=40_000)
+    assert old["multimodal"] > old["strong"] + 0.05 > old["weak"] + 0.1
+
+
+def test_latent_blind_spots_are_uncertainty_not_wrong_labels():
+    cfg = SyntheticConfig(strong_blind=0.3)
+    labels = np.arange(60_000) % cfg.num_classes
+    lat = draw_latent(np.random.default_rng(0), labels, cfg)
+    rows = np.arange(len(labels))
+    blind = lat["blind"]
+    assert abs(blind.mean() - 0.3) < 0.01
+    partner_of = labels ^ 1
+    # blind: the class and its partner get the same (zero-mean) weight; the pair still shows
+    own, partner = lat["strong_class"][rows, labels], lat["strong_class"][rows, partner_of]
+    assert abs(own[blind].mean()) < 0.03 and abs(partner[blind].mean()) < 0.03
+    assert own[~blind].mean() > cfg.strong_snr * 0.9 and abs(partner[~blind].mean()) < 0.03
+    assert lat["strong_group"][rows, labels // 2].mean() > cfg.strong_snr * 0.9
+    # the intensity is one latent for both modalities: it scales the weak evidence too
+    g = num_groups(cfg.num_classes)
+    weak_own = lat["weak"][rows, labels // 2] * lat["polarity"]
+    strong_intense = lat["intensity"] > 1.0
+    assert weak_own[strong_intense].mean() > weak_own[~strong_intense].mean() + 0.5 * cfg.weak_snr * 0.4
+    assert lat["weak"].shape[1] == g + 2 + CLUTTER
+
+
+def test_latent_weak_modality_needs_a_nonlinear_encoder():
+    cfg = SyntheticConfig(num_train=1200, num_test=300, num_val=0)
+    splits = SyntheticSource(cfg, ("audio", "visual"), 0).generate()
+    x = splits["train"].features["visual"].reshape(1200, -1).astype(np.float64)
+    y = splits["train"].labels
+    # every class's mean clip is (near) zero: the random polarity cancels it
+    class_means = np.stack([x[y == c].mean(0) for c in range(cfg.num_classes)])
+    assert np.abs(class_means).mean() < 0.15 * np.abs(x).mean()
+    tx = splits["test"].features["visual"].reshape(300, -1).astype(np.float64)
+    raw = ridge_probe_accuracy(x, y, tx, splits["test"].labels, cfg.num_classes, lam=100.0)
+    assert raw < 0.3  # a linear read-out of the pixels is near chance (1/6)
+    strong = splits["train"].features["audio"].reshape(1200, -1).astype(np.float64)
+    ts = splits["test"].features["audio"].reshape(300, -1).astype(np.float64)
+    assert ridge_probe_accuracy(strong, y, ts, splits["test"].labels, cfg.num_classes, lam=100.0) > 0.5
+
+
+def test_templates_generator_reproduces_the_first_version_bit_for_bit():
+    cfg = SyntheticConfig(generator="templates", strong_snr=4.0, weak_snr=1.5, num_train=60, num_test=30, num_val=12,
+                          spectrogram=(8, 8), frames=1, frame_size=8)
+    splits = SyntheticSource(cfg, ("audio", "visual"), 5).generate()
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        for m in sorted(splits[name].features):
+            h.update(np.ascontiguousarray(splits[name].features[m]).tobytes())
+        h.update(splits[name].labels.tobytes())
+    # computed with the first version's generator (commit d5b5f5d)
+    assert h.hexdigest() == "372a502eaf08253d958291e6906cd1e61ce56b5a79435a282097398085714540"
 
 
 def test_strong_modality_is_configurable():

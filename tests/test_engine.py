@@ -19,10 +19,11 @@ RUNS = {
     "unimodal-visual": {"algorithm": {"name": "unimodal", "modality": "visual"}},
     "ogm_ge": {"algorithm": {"name": "ogm_ge"}},
     "fedcmi": {"algorithm": {"name": "fedcmi"}},
-    "fedcmi-batch-dominance": {"algorithm": {"name": "fedcmi", "fedcmi": {"dominance": "batch"}}},
+    "fedcmi-round-dominance": {"algorithm": {"name": "fedcmi", "fedcmi": {"dominance": "round"}}},
+    "fedcmi-warmup-epochs": {"algorithm": {"name": "fedcmi", "fedcmi": {"warmup_epochs": 1}}},
     "fedcmi-no-infiltration": {"algorithm": {"name": "fedcmi", "fedcmi": {"infiltration": False}}},
     "fedcmi-no-class-temperature": {"algorithm": {"name": "fedcmi", "fedcmi": {"class_temperature": False}}},
-    "fedcmi-no-prox": {"algorithm": {"name": "fedcmi", "mu": 0.0}},
+    "fedcmi-prox": {"algorithm": {"name": "fedcmi", "mu": 0.01}},
     "fedcmi-one-projector": {"algorithm": {"name": "fedcmi"}, "model": {"projectors": "one"}},
     "fedcmi-hetero-film": {"algorithm": {"name": "fedcmi"}, "model": {"fusion": "film"},
                            "partition": {"multimodal_fraction": 0.5}},
@@ -159,3 +160,21 @@ def test_a_failing_client_is_rejected_and_too_few_valid_updates_fail_the_round(t
     fed.cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"min_clients": 2})})
     with pytest.raises(RoundFailed, match="1 valid update"):
         fed.run_round(state, 0)
+
+
+@pytest.mark.parametrize("mode, per_client", [("batch", 3), ("round", 1)])
+def test_class_temperatures_are_taken_once_per_round_in_either_dominance_mode(tiny, monkeypatch, mode, per_client):
+    """The reference code decides the direction per batch but takes the temperatures once per round, from the
+    received model; computing them per batch would call the formula once per batch."""
+    import fedcmi.algorithms.fedcmi as impl
+
+    calls = []
+    real = impl.class_temperatures
+    monkeypatch.setattr(impl, "class_temperatures", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = tiny(algorithm={"name": "fedcmi", "fedcmi": {"dominance": mode}}, federation={"local_epochs": 2})
+    res = train(cfg, progress=False)
+    distilling = [h for h in res.history if "train_inf" in h]
+    assert distilling, "no round distilled"
+    clients = sum(len(h["accepted"]) for h in distilling)
+    assert len(calls) == per_client * clients  # batches per client: 2 epochs x 2-3 batches, far more than 3
+    assert "temperature_class_0" in distilling[0] and "dominant_frac_audio" in distilling[0]

@@ -11,6 +11,7 @@ from fedcmi.algorithms.losses import (
     Dominance,
     class_temperatures,
     decide_dominance,
+    directed_dominance,
     infiltration_loss,
     ogm_coefficients,
     proximal_term,
@@ -90,3 +91,22 @@ def test_ogm_coefficients_slow_the_leader_only():
     assert c1 == 1.0 and c0 == pytest.approx(1 - math.tanh(0.5 * 2.0))
     c0, c1 = ogm_coefficients(2.0, 6.0, alpha=0.5)
     assert c0 == 1.0 and c1 == pytest.approx(1 - math.tanh(0.5 * 3.0))
+
+
+def test_directed_dominance_takes_the_ratios_the_way_it_is_told():
+    counts = torch.tensor([2.0, 2.0, 0.0])
+    sums = (torch.tensor([1.6, 1.2, 0.0]), torch.tensor([0.8, 1.2, 0.0]))
+    forward = directed_dominance(sums, counts, 0)
+    backward = directed_dominance(sums, counts, 1)
+    assert forward.rho.tolist() == pytest.approx([2.0, 1.0, 1.0])
+    assert backward.dominant == 1 and backward.rho.tolist() == pytest.approx([0.5, 1.0, 1.0])
+    assert decide_dominance(sums, counts).rho.tolist() == forward.rho.tolist()
+
+
+def test_warm_up_counts_local_epochs_as_the_reference_does():
+    from fedcmi.config import FedCMIConfig
+
+    assert FedCMIConfig(warmup_epochs=10).first_distillation_round(local_epochs=10) == 1
+    assert FedCMIConfig(warmup_epochs=10).first_distillation_round(local_epochs=3) == 4
+    assert FedCMIConfig(warmup_epochs=0).first_distillation_round(local_epochs=3) == 0
+    assert FedCMIConfig(warmup_epochs=None, warmup_rounds=2).first_distillation_round(local_epochs=3) == 2

@@ -85,6 +85,6 @@ def test_make_partition_is_seeded_and_round_trips(tmp_path):
 
 
 def test_min_size_is_enforced_on_the_whole_partition():
-    cfg = config_from_dict({"partition": {"num_clients": 10, "min_samples": 61}})
+    cfg = config_from_dict({"partition": {"num_clients": 10, "min_samples": 61, "scheme": "iid"}})
     with pytest.raises(PartitionError, match="fewer than 61"):
         make_partition(cfg, LABELS, ("audio", "visual"), 6)

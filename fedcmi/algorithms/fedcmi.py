@@ -8,8 +8,11 @@ On a multimodal client the loss is
 
 where L_inf distils the *global* model's dominant self-branch into the *local*
 weak modality's infiltration branch, with class-wise temperatures. Which
-modality dominates is measured (``dominance: round`` on the received model
-over the client's data, or ``batch`` on the current local model per batch).
+modality dominates is measured: ``dominance: batch`` (the reference code)
+decides per batch on the current local model and takes the class
+temperatures once per round from the received model; ``round`` decides both
+once per round on the received model over the client's data. No
+distillation during the warm-up (``warmup_epochs`` local epochs).
 A client holding only m trains CE(F(z_mm, z_mn), y) (+ the proximal term).
 The server aggregates modality-aware. Every ablation in the method file is a
 switch in :class:`fedcmi.config.FedCMIConfig` or ``model.projectors``.
@@ -29,6 +32,7 @@ from fedcmi.algorithms.losses import (
     Dominance,
     class_temperatures,
     decide_dominance,
+    directed_dominance,
     infiltration_loss,
     true_class_probs,
 )
@@ -45,8 +49,10 @@ class FedCMI(Strategy):
         return torch.full_like(dom.rho, c.temperature)
 
     @torch.no_grad()
-    def measure_dominance(self, model: FedCMINet, ctx: ClientContext, num_classes: int) -> Dominance:
-        """Run the received model over the client's data; compare true-class confidence per class."""
+    def class_confidence(self, model: FedCMINet, ctx: ClientContext, num_classes: int
+                         ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Per modality, the per-class sums of the true-class probability of the received model over the
+        client's data; and the class counts."""
         was_training = model.training
         model.eval()
         sums = [torch.zeros(num_classes, dtype=torch.float64) for _ in model.modalities]
@@ -58,7 +64,11 @@ class FedCMI(Strategy):
                 sums[i] += s.cpu()
             counts += cnt.cpu()
         model.train(was_training)
-        return decide_dominance((sums[0], sums[1]), counts)
+        return (sums[0], sums[1]), counts
+
+    def measure_dominance(self, model: FedCMINet, ctx: ClientContext, num_classes: int) -> Dominance:
+        """Run the received model over the client's data; compare true-class confidence per class."""
+        return decide_dominance(*self.class_confidence(model, ctx, num_classes))
 
     def train_client(self, model: nn.Module, ctx: ClientContext) -> ClientUpdate:
         assert isinstance(model, FedCMINet), "FedCMI trains a FedCMINet"
@@ -66,20 +76,26 @@ class FedCMI(Strategy):
         mods = model.modalities
         num_classes = model.classifiers[mods[0]].out_features
         multimodal = len(ctx.modalities) == 2
-        use_inf = multimodal and c.infiltration and c.lambda_inf > 0 and ctx.round >= c.warmup_rounds
+        first = c.first_distillation_round(ctx.cfg.federation.local_epochs)
+        use_inf = multimodal and c.infiltration and c.lambda_inf > 0 and ctx.round >= first
         metrics: dict = {}
         teacher: FedCMINet | None = None
         round_dom: Dominance | None = None
         round_temps: torch.Tensor | None = None
+        temps_by_direction: list[torch.Tensor] = []
         if use_inf:
             teacher = copy.deepcopy(model).eval()
             teacher.requires_grad_(False)
+            confidence = self.class_confidence(teacher, ctx, num_classes)
+            decided = decide_dominance(*confidence)
+            decided_temps = self._temperatures(decided)
+            metrics["rho_bar"] = decided.rho_bar
+            metrics["temperatures"] = [round(float(t), 6) for t in decided_temps]
             if c.dominance == "round":
-                round_dom = self.measure_dominance(teacher, ctx, num_classes)
-                round_temps = self._temperatures(round_dom)
-                metrics["dominant"] = mods[round_dom.dominant]
-                metrics["rho_bar"] = round_dom.rho_bar
-                metrics["temperatures"] = [round(float(t), 6) for t in round_temps]
+                round_dom, round_temps = decided, decided_temps
+                metrics["dominant"] = mods[decided.dominant]
+            else:  # the direction follows each batch; the temperatures stay the round's, for either direction
+                temps_by_direction = [self._temperatures(directed_dominance(*confidence, d)) for d in (0, 1)]
         dom_counts = {m: 0 for m in mods}
 
         def loss_fn(m: nn.Module, x: dict[str, torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -94,11 +110,11 @@ class FedCMI(Strategy):
             if use_inf:
                 assert teacher is not None
                 dom, temps = round_dom, round_temps
-                if dom is None:  # dominance per batch, on the current local model
+                if dom is None:  # the direction per batch, on the current local model
                     with torch.no_grad():
                         sums = [true_class_probs(out.uni_logits[k].detach(), y, num_classes) for k in mods]
                     dom = decide_dominance((sums[0][0], sums[1][0]), sums[0][1])
-                    temps = self._temperatures(dom)
+                    temps = temps_by_direction[dom.dominant]
                 assert temps is not None
                 d_mod, w_mod = mods[dom.dominant], mods[1 - dom.dominant]
                 dom_counts[d_mod] += 1

@@ -34,24 +34,25 @@ def true_class_probs(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
     return sums, counts
 
 
+def directed_dominance(p_sums: tuple[torch.Tensor, torch.Tensor], counts: torch.Tensor, dominant: int) -> Dominance:
+    """The ratios rho_c = P_D(c) / P_W(c) with modality ``dominant`` taken as D, whichever leads."""
+    present = counts > 0
+    if not present.any():
+        raise ValueError("dominance needs at least one sample")
+    safe = counts.clamp(min=1)
+    p = [(p_sums[i] / safe).clamp(min=_EPS) for i in (0, 1)]
+    rho = torch.where(present, p[dominant] / p[1 - dominant], torch.ones_like(p[0]))
+    return Dominance(dominant, rho, float(rho[present].mean()), present)
+
+
 def decide_dominance(p_sums: tuple[torch.Tensor, torch.Tensor], counts: torch.Tensor) -> Dominance:
     """rho_c = P_0(c) / P_1(c), rho_bar its mean over present classes; the larger side dominates.
 
     ``p_sums`` holds, per modality, the per-class sums of the true-class
     probability; ``counts`` the per-class sample counts.
     """
-    present = counts > 0
-    if not present.any():
-        raise ValueError("dominance needs at least one sample")
-    safe = counts.clamp(min=1)
-    p0 = (p_sums[0] / safe).clamp(min=_EPS)
-    p1 = (p_sums[1] / safe).clamp(min=_EPS)
-    rho01 = torch.where(present, p0 / p1, torch.ones_like(p0))
-    rho_bar01 = float(rho01[present].mean())
-    if rho_bar01 > 1.0:
-        return Dominance(0, rho01, rho_bar01, present)
-    rho10 = torch.where(present, p1 / p0, torch.ones_like(p0))
-    return Dominance(1, rho10, float(rho10[present].mean()), present)
+    first = directed_dominance(p_sums, counts, 0)
+    return first if first.rho_bar > 1.0 else directed_dominance(p_sums, counts, 1)
 
 
 def class_temperatures(dom: Dominance, beta: float, min_temperature: float) -> torch.Tensor:

@@ -1,25 +1,38 @@
 """The embedded default dataset: seeded, two modalities, a built-in imbalance.
 
-Each class ``c`` has a smooth random template per modality. A sample of class
-``y`` is
+Two generators, chosen by ``data.synthetic.generator``.
 
-    x = snr * template[y'] + sum_k a_k * template[k] + white noise,  a_k ~ N(0, 1)
+``latent`` (the default). Each sample draws one latent: its class ``y``, an
+expression *intensity* ``a`` (uniform in ``intensity``) shared by both
+modalities, a *blind* flag (probability ``strong_blind``) and a polarity. The
+classes come in pairs (0,1), (2,3), ...; each modality has smooth random
+templates, and a sample is a weighted sum of them plus N(0, 1) weights on
+every class template, white noise and a small jitter:
 
-shifted by a small random jitter (in time for the spectrogram, in space per
-frame for the clip). The ``a_k`` put every class's pattern into every sample at
-random strength, so how well a modality can tell the classes apart is set by
-``snr`` alone, not by the input size.
+- the *strong* (audio-like) modality shows its pair's template at
+  ``a * strong_snr`` and, unless blind, its class's template at the same
+  strength. On a blind sample it carries no evidence between the two classes
+  of the pair: its posterior is split between them (uncertainty), never
+  confidently wrong. Alone it tops out near ``1 - strong_blind / 2``.
+- the *weak* (visual-like) modality shows its class's template at
+  ``a * weak_snr`` times the sample's polarity (+1 or -1, per clip). Every
+  class's mean input is zero, so no linear read-out of the pixels or of a
+  random encoder's features gets far: the encoder has to learn a
+  polarity-invariant detector. It separates every class, the pair included.
 
-- The *strong* modality has a large ``snr`` (easy and fast to learn) but, for a
-  fraction ``strong_confusion`` of samples, shows the template of the label's
-  partner class (0<->1, 2<->3, ...): alone it cannot beat ``1 - confusion``.
-- The *weak* modality has a small ``snr`` and no confusion: alone it is slow to
-  learn and noisy, but it is exactly what separates a class from its partner.
+Together they beat either alone (the weak modality resolves the strong one's
+blind spots), and in joint training the strong modality explains the pairs
+early, so the gradient that reaches the weak encoder asks only for the
+distinction within a pair: the weak encoder is starved of what it could learn
+about the rest. That is the imbalance FedCMI is meant to repair.
 
-So the multimodal optimum beats either modality alone, and in joint training
-the strong modality explains most samples early, starving the weak encoder of
-gradient: the imbalance FedCMI is meant to fix. ``bayes_accuracy`` estimates
-what each view could reach with the true templates known.
+``templates`` (the first version, kept to reproduce earlier figures with
+``strong_snr=4 weak_snr=1.5 strong_confusion=0.2``): one template per class
+and modality; the strong modality shows the partner class on a fraction
+``strong_confusion`` of samples (confidently wrong there).
+
+:func:`bayes_accuracy` gives each view's ceiling on the template weights
+(white noise and jitter ignored, so upper bounds).
 """
 
 from __future__ import annotations
@@ -64,17 +77,59 @@ def _coefficients(rng: np.random.Generator, shown: np.ndarray, k: int, snr: floa
 
 
 def _render(
-    rng: np.random.Generator, templates: np.ndarray, coeff: np.ndarray, jitter_axis: int, max_shift: int
+    rng: np.random.Generator, templates: np.ndarray, coeff: np.ndarray, jitter_axis: int, max_shift: int,
+    noise: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Samples from templates (K, C, H, W) weighted by ``coeff`` (N, K), plus white noise and jitter."""
+    """Samples from templates (K, C, H, W) weighted by ``coeff`` (N, K), plus white noise (of std ``noise``
+    per sample, 1 when None) and jitter."""
     n = len(coeff)
     x = np.einsum("nk,kchw->nchw", coeff, templates)
-    x += rng.standard_normal(x.shape).astype(np.float32)
+    white = rng.standard_normal(x.shape).astype(np.float32)
+    if noise is not None:
+        white *= noise.astype(np.float32)[:, None, None, None]
+    x += white
     shifts = rng.integers(-max_shift, max_shift + 1, size=n)
     for s in np.unique(shifts):
         sel = shifts == s
         x[sel] = np.roll(x[sel], int(s), axis=jitter_axis)
     return x
+
+
+CLUTTER = 8  # patterns in the weak modality that carry no class information
+
+
+def num_groups(num_classes: int) -> int:
+    """Classes are paired (0,1), (2,3), ...; an odd last class is a group of its own."""
+    return (num_classes + 1) // 2
+
+
+def draw_latent(rng: np.random.Generator, labels: np.ndarray, cfg: SyntheticConfig) -> dict[str, np.ndarray]:
+    """Per-sample template weights of the ``latent`` generator (see the module docstring).
+
+    ``strong_class`` (N, K), ``strong_group`` (N, G) and ``weak`` (N, G + 2 + CLUTTER) are the
+    weights rendered into each modality; ``intensity``, ``blind`` and
+    ``polarity`` are the latent itself.
+    """
+    n, k, g = len(labels), cfg.num_classes, num_groups(cfg.num_classes)
+    rows = np.arange(n)
+    lo, hi = cfg.intensity
+    a = rng.uniform(lo, hi, n)
+    blind = rng.random(n) < cfg.strong_blind
+    polarity = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+    sc = rng.standard_normal((n, k))
+    sc[rows, labels] += np.where(blind, 0.0, a * cfg.strong_snr)
+    sg = rng.standard_normal((n, g))
+    sg[rows, labels // 2] += a * cfg.strong_snr
+    # The weak modality: which pair (G weights) and which member of it (2 weights), with one polarity.
+    w = rng.standard_normal((n, g + 2))
+    w[rows, labels // 2] += a * cfg.weak_snr
+    w[rows, g + labels % 2] += a * cfg.weak_snr
+    w *= polarity[:, None]
+    noise = rng.uniform(*cfg.weak_noise, n)
+    w = np.concatenate([w, cfg.weak_clutter * rng.standard_normal((n, CLUTTER))], axis=1)
+    return {"strong_class": sc.astype(np.float32), "strong_group": sg.astype(np.float32),
+            "weak": w.astype(np.float32), "intensity": a, "blind": blind, "polarity": polarity,
+            "weak_noise": noise}
 
 
 class SyntheticSource:
@@ -100,6 +155,56 @@ class SyntheticSource:
         return DatasetSpec(self.modalities, shapes, c.num_classes, names)
 
     def generate(self) -> dict[str, Split]:
+        if self.cfg.generator == "latent":
+            return self._generate_latent()
+        return self._generate_templates()
+
+    def _split_sizes(self) -> dict[str, tuple[int, int]]:
+        c = self.cfg
+        # Each split draws from a stream of its own, so adding or resizing one leaves the others as they were.
+        return {"train": (c.num_train, 1), "test": (c.num_test, 2), "val": (c.num_val, 3)}
+
+    def _generate_latent(self) -> dict[str, Split]:
+        c = self.cfg
+        spec = self.spec()
+        kinds = self._kinds()
+        rng = np.random.default_rng([self.seed, 7919, 101])
+        k, g = c.num_classes, num_groups(c.num_classes)
+        templates: dict[str, dict[str, np.ndarray]] = {}
+        for m, kind in kinds.items():
+            tshape = spec.shapes[m] if kind == "spectrogram" else spec.shapes[m][1:]
+            if m == self.strong:
+                templates[m] = {"class": _smooth_templates(rng, k, tshape), "group": _smooth_templates(rng, g, tshape)}
+            else:  # G pair templates, the first-member and second-member templates, then the clutter
+                templates[m] = {"class": _smooth_templates(rng, g + 2 + CLUTTER, tshape)}
+        splits = {}
+        for split_name, (n, stream) in self._split_sizes().items():
+            if n == 0:
+                continue
+            srng = np.random.default_rng([self.seed, 7919, 101, stream])
+            labels = np.arange(n) % k
+            srng.shuffle(labels)
+            lat = draw_latent(srng, labels, c)
+            feats = {}
+            for m, kind in kinds.items():
+                if m == self.strong:
+                    coeff = np.concatenate([lat["strong_class"], lat["strong_group"]], axis=1)
+                    tpl = np.concatenate([templates[m]["class"], templates[m]["group"]])
+                else:
+                    coeff, tpl = lat["weak"], templates[m]["class"]
+                noise = None if m == self.strong else lat["weak_noise"]
+                if kind == "spectrogram":
+                    x = _render(srng, tpl, coeff, jitter_axis=3, max_shift=max(1, spec.shapes[m][2] // 8),
+                                noise=noise)
+                else:
+                    frames = [_render(srng, tpl, coeff, jitter_axis=3, max_shift=1, noise=noise)
+                              for _ in range(c.frames)]
+                    x = np.stack(frames, axis=1)
+                feats[m] = x.astype(np.float32)
+            splits[split_name] = Split(feats, labels.astype(np.int64))
+        return splits
+
+    def _generate_templates(self) -> dict[str, Split]:
         c = self.cfg
         spec = self.spec()
         rng = np.random.default_rng([self.seed, 7919])
@@ -108,9 +213,7 @@ class SyntheticSource:
             tshape = spec.shapes[m] if kind == "spectrogram" else spec.shapes[m][1:]
             templates[m] = _smooth_templates(rng, c.num_classes, tshape)
         splits = {}
-        # Each split draws from a stream of its own, so adding or resizing one leaves the others as they were.
-        sizes = {"train": (c.num_train, 1), "test": (c.num_test, 2), "val": (c.num_val, 3)}
-        for split_name, (n, stream) in sizes.items():
+        for split_name, (n, stream) in self._split_sizes().items():
             if n == 0:
                 continue
             srng = np.random.default_rng([self.seed, 7919, stream])
@@ -135,12 +238,52 @@ class SyntheticSource:
         return splits
 
 
-def bayes_accuracy(cfg: SyntheticConfig, n: int = 200_000, seed: int = 0) -> dict[str, float]:
-    """Monte-Carlo accuracy of the ideal template-matching classifier per view.
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    mx = x.max(axis=axis, keepdims=True)
+    return np.squeeze(mx, axis) + np.log(np.exp(x - mx).sum(axis=axis))
 
-    Works on the class coefficients directly (jitter and white noise ignored),
+
+def bayes_accuracy(cfg: SyntheticConfig, n: int = 100_000, seed: int = 0) -> dict[str, float]:
+    """Monte-Carlo accuracy of the ideal classifier per view, knowing the generator.
+
+    Works on the template weights directly (jitter and white noise ignored),
     so these are upper bounds on what a learned model can reach.
     """
+    if cfg.generator == "templates":
+        return _bayes_templates(cfg, n, seed)
+    rng = np.random.default_rng(seed)
+    k = cfg.num_classes
+    y = rng.integers(0, k, n)
+    lat = draw_latent(rng, y, cfg)
+    sc, sg, w = (lat[key].astype(np.float64) for key in ("strong_class", "strong_group", "weak"))
+    w = w[:, :-CLUTTER]  # the clutter's weights are independent of the class: they drop out of the posterior
+    lo, hi = cfg.intensity
+    grid = np.linspace(lo, hi, 15)  # the uniform intensity prior, integrated on a grid
+    q = cfg.strong_blind
+    eye = np.eye(k)
+    groups = np.eye(num_groups(k))[np.arange(k) // 2]
+    weak_code = np.concatenate([groups, np.eye(2)[np.arange(k) % 2]], axis=1)  # (K, G + 2)
+    # log p(x | y, a) for every sample, class and intensity: (N, K, A)
+    ls = np.empty((n, k, len(grid)))
+    lw = np.empty((n, k, len(grid)))
+    for j, a in enumerate(grid):
+        mg = a * cfg.strong_snr * groups  # (K, G)
+        lg = -0.5 * ((sg[:, None, :] - mg[None]) ** 2).sum(-1)
+        seen = -0.5 * ((sc[:, None, :] - a * cfg.strong_snr * eye[None]) ** 2).sum(-1)
+        unseen = -0.5 * (sc**2).sum(-1)[:, None].repeat(k, 1)
+        with np.errstate(divide="ignore"):
+            ls[:, :, j] = lg + np.logaddexp(np.log(1 - q) + seen, np.log(q) + unseen)
+        plus = -0.5 * ((w[:, None, :] - a * cfg.weak_snr * weak_code[None]) ** 2).sum(-1)
+        minus = -0.5 * ((w[:, None, :] + a * cfg.weak_snr * weak_code[None]) ** 2).sum(-1)
+        lw[:, :, j] = np.logaddexp(plus, minus)
+    return {
+        "strong": float((_logsumexp(ls, 2).argmax(1) == y).mean()),
+        "weak": float((_logsumexp(lw, 2).argmax(1) == y).mean()),
+        "multimodal": float((_logsumexp(ls + lw, 2).argmax(1) == y).mean()),  # the intensity is shared
+    }
+
+
+def _bayes_templates(cfg: SyntheticConfig, n: int, seed: int) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     k = cfg.num_classes
     y = rng.integers(0, k, n)

@@ -1,0 +1,65 @@
+"""The divergence guard: runs that blow up or fall to chance stop with a clear message."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedcmi.divergence import Diverged, DivergenceGuard, chance_accuracy
+from fedcmi.engine import train
+
+from test_cli import _params, fedcmi
+
+
+def test_chance_is_the_most_frequent_class():
+    assert chance_accuracy(np.array([0, 0, 0, 1]), 3) == 0.75
+    assert chance_accuracy(np.arange(12) % 6, 6) == pytest.approx(1 / 6)
+
+
+def test_a_fall_to_chance_is_caught_after_patience_evaluations():
+    g = DivergenceGuard(chance=0.2, lr=0.4, patience=3)
+    for rnd, acc in enumerate([0.3, 0.6, 0.7], 1):
+        assert g.check_round({"round": rnd, "mm_acc": acc, "train_loss": 1.0}) is None
+    assert g.check_round({"round": 4, "mm_acc": 0.21, "train_loss": 1.0}) is None
+    assert g.check_round({"round": 5, "mm_acc": 0.2, "train_loss": 1.0}) is None
+    reason = g.check_round({"round": 6, "mm_acc": 0.19, "train_loss": 1.0})
+    assert reason is not None and "fell from 0.700" in reason and "round 6" in reason
+    assert "optim.lr (now 0.4; try 0.1)" in reason
+
+
+def test_a_recovery_resets_the_count_and_slow_starters_are_not_diverged():
+    g = DivergenceGuard(chance=0.2, lr=0.1, patience=2)
+    for rnd, acc in enumerate([0.2, 0.2, 0.2, 0.2, 0.5, 0.2, 0.6, 0.2], 1):
+        assert g.check_round({"round": rnd, "mm_acc": acc}) is None
+    reason, warning = DivergenceGuard(chance=0.2, lr=0.1).check_final(0.2)
+    assert reason is None and "has not learned" in warning
+
+
+def test_non_finite_or_runaway_loss_and_a_final_fall():
+    assert "became nan" in DivergenceGuard(0.2, 0.1).check_round({"round": 2, "train_loss": math.nan})
+    g = DivergenceGuard(0.2, 0.1)
+    assert g.check_round({"round": 1, "train_loss": 1.8}) is None
+    assert g.check_round({"round": 2, "train_loss": 50.0}) is None
+    assert "ran away" in g.check_round({"round": 3, "train_loss": 1e4})
+    g = DivergenceGuard(0.2, 0.1)
+    g.check_round({"round": 1, "mm_acc": 0.8})
+    reason, _ = g.check_final(0.2)
+    assert "fell from 0.800" in reason
+
+
+def test_a_diverging_run_stops_with_the_advice_and_keeps_the_last_good_round(tiny):
+    cfg = tiny(optim={"lr": 1e4}, federation={"rounds": 3})
+    with pytest.raises(Diverged, match=r"lower optim.lr \(now 10000; try 2500\)"):
+        train(cfg, progress=False)
+
+
+def test_the_cli_exits_3_with_one_message_when_training_diverges(tmp_path):
+    _params(tmp_path)
+    for cmd in ("prepare", "partition"):
+        assert fedcmi(cmd, cwd=tmp_path).returncode == 0
+    r = fedcmi("train", "--no-progress", "--set", "optim.lr=10000", "--set", "federation.rounds=3", cwd=tmp_path)
+    assert r.returncode == 3, r.stderr
+    assert "diverged" in r.stderr and "lower optim.lr" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "outputs" / "train" / "model.safetensors").exists()
