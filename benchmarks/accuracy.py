@@ -1,21 +1,41 @@
-"""Accuracy of every algorithm and ablation on the synthetic data, under three partitions.
+"""A fair comparison of every algorithm and ablation on the synthetic data.
 
     python benchmarks/accuracy.py --jobs 2
 
-For each partition setting (IID; Dirichlet alpha=1 label skew; modality
-heterogeneity with half the clients multimodal), each run (FedAvg, FedProx,
-single-modality FedAvg, OGM-GE, FedCMI and its ablations), each learning rate
-of ``--lrs`` and each seed, trains through the engine with ``params.yaml``
-plus the run's overrides, then evaluates the final global model on the
-validation split and the test split.
+The protocol, the same for every method:
 
-Two tables per setting: at the shared default learning rate (``optim.lr`` of
-params.yaml, the same for every method), and at each method's own best
-learning rate from the grid, chosen by mean *validation* multimodal accuracy
-over the seeds (the test split never chooses anything). Writes
-``results.json`` (every run: final test and validation metrics, per-round
-history), ``tables.md`` and ``curves_<setting>.png`` under ``--out``. Finished
-runs are cached under ``--out``/work, so an interrupted benchmark resumes.
+1. **Learning rate chosen on validation.** Each (setting, method) trains at
+   every learning rate of ``--lrs`` with the selection seeds
+   (``--select-seeds``); the lr with the best mean *validation* multimodal
+   accuracy wins (ties: the smaller lr). When the winner sits at an edge of
+   the grid, the grid grows past that edge (halving or doubling) and the
+   new lr is tried, until the winner is inside it (at most
+   ``--max-extensions`` times). The test split chooses nothing.
+2. **Five seeds at that lr.** The remaining seeds of ``--seeds`` train at the
+   selected lr; every table reports all seeds.
+3. **Same budget.** Every run trains ``params.yaml``'s rounds, local epochs,
+   batch size and clients per round; only the method and its lr differ.
+4. **Paired differences.** Against FedAvg on the same seed (so the same data,
+   partition and client sampling): the mean and std of the per-seed
+   difference, and on how many seeds the method is ahead.
+
+Settings: ``default`` (params.yaml: Dirichlet label skew, half the clients
+multimodal, a quarter audio only, a quarter visual only) and ``iid`` (every
+client multimodal, IID: where the imbalance shows in its purest form).
+
+Columns: ``mm_acc`` the multimodal prediction (the headline); ``path_acc_*``
+a client holding only that modality predicting through the fusion head
+(FedCMI: F(z_mm, z_mn), where infiltration acts; the plain network: the
+other slot zero-filled); ``uni_acc_*`` each modality's own head;
+``probe_acc_*`` a ridge probe on each frozen encoder, which compares encoders
+across networks. The imbalance table sets the weak (visual) encoder's probe
+trained jointly with FedAvg against trained alone, next to a random
+encoder's probe and the generator's Bayes ceilings.
+
+Writes ``results.json`` (every run: final test and validation metrics and
+per-round history), ``tables.md`` and ``curves_<setting>.png`` under
+``--out``. Finished runs are cached under ``--out``/work, so an interrupted
+benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -34,55 +54,79 @@ import yaml
 
 # Imported before the pool forks its workers, so a benchmark that runs for an hour keeps the code it started with.
 from fedcmi.config import apply_overrides, config_from_dict, load_config
+from fedcmi.data.synthetic import bayes_accuracy
 from fedcmi.engine import train
 from fedcmi.federation import Federation
 from fedcmi.io import write_json, write_text
 from fedcmi.partition import load_partition
 
 SETTINGS: dict[str, list[str]] = {
-    "iid": [],
-    "dirichlet": ["partition.scheme=dirichlet", "partition.alpha=1.0"],
-    "hetero": ["partition.multimodal_fraction=0.5"],
+    "default": [],
+    "iid": ["partition.scheme=iid", "partition.max_samples_per_client=null", "partition.multimodal_fraction=1.0"],
 }
 SETTING_TITLES = {
-    "iid": "IID, all clients multimodal (the default setting)",
-    "dirichlet": "Dirichlet(alpha=1) label skew, all clients multimodal",
-    "hetero": "modality heterogeneity: half the clients multimodal, a quarter audio only, a quarter visual only",
+    "default": "the default setting (params.yaml): Dirichlet(1) label skew with the 1.1 cap, half the clients "
+               "multimodal, a quarter audio only, a quarter visual only",
+    "iid": "IID, every client multimodal",
 }
 RUNS: dict[str, list[str]] = {
     "FedAvg": ["algorithm.name=fedavg"],
-    "FedProx": ["algorithm.name=fedprox"],
+    "FedAvg modality-aware": ["algorithm.name=fedavg", "algorithm.aggregation=modality_aware"],
+    "FedProx (mu 0.01)": ["algorithm.name=fedprox", "algorithm.mu=0.01"],
     "FedAvg audio only": ["algorithm.name=unimodal", "algorithm.modality=audio"],
     "FedAvg visual only": ["algorithm.name=unimodal", "algorithm.modality=visual"],
     "OGM-GE": ["algorithm.name=ogm_ge"],
     "FedCMI": ["algorithm.name=fedcmi"],
     "FedCMI w/o infiltration": ["algorithm.name=fedcmi", "algorithm.fedcmi.infiltration=false"],
     "FedCMI w/o class temperature": ["algorithm.name=fedcmi", "algorithm.fedcmi.class_temperature=false"],
-    "FedCMI w/o proximal term": ["algorithm.name=fedcmi", "algorithm.mu=0"],
     "FedCMI one projector": ["algorithm.name=fedcmi", "model.projectors=one"],
+    "FedCMI dominance per round": ["algorithm.name=fedcmi", "algorithm.fedcmi.dominance=round"],
+    # FedAvg plus the weighted uni-modal losses on the FedCMI network, nothing else: plain aggregation,
+    # no distillation. What FedCMI gains over this comes from infiltration and modality-aware aggregation.
+    "Uni-modal heads only": ["algorithm.name=fedcmi", "algorithm.fedcmi.infiltration=false",
+                             "algorithm.aggregation=plain"],
 }
-COLUMNS = ["mm_acc", "uni_acc_audio", "uni_acc_visual", "probe_acc_audio", "probe_acc_visual", "worst_class_acc"]
+SETTING_RUNS: dict[str, list[str]] = {
+    "default": list(RUNS),
+    # With every client multimodal, modality-aware aggregation is plain aggregation: those runs would repeat.
+    "iid": ["FedAvg", "FedAvg audio only", "FedAvg visual only", "FedCMI", "FedCMI w/o infiltration"],
+}
+COLUMNS = ["mm_acc", "path_acc_audio", "path_acc_visual", "uni_acc_audio", "uni_acc_visual", "probe_acc_audio",
+           "probe_acc_visual", "worst_class_acc"]
+BASELINE = "FedAvg"
 
 
 def run_key(setting: str, name: str, lr: float, seed: int) -> str:
     return f"{setting}|{name}|lr={lr:g}|seed={seed}"
 
 
+def data_overrides(work: str, setting: str, seed: int) -> list[str]:
+    return [f"seed={seed}", f"data.prepared_dir={work}/prepared_{seed}",
+            f"partition.file={work}/partition_{setting}_{seed}.json"]
+
+
 def run_one(job: tuple) -> tuple[str, dict]:
     """One (setting, run, lr, seed): train, then evaluate on val and test. Cached under work/."""
     params, setting, name, lr, seed, extra, work = job
-    torch.set_num_threads(1)  # one core per job; --jobs sets how many run at once
+    torch.set_num_threads(1)  # one core per job (results depend on the thread count); --jobs sets how many at once
     key = run_key(setting, name, lr, seed)
     cache = Path(work) / "runs" / (key.replace("|", "__").replace(" ", "_").replace("/", "-") + ".json")
     if cache.is_file():
         return key, json.loads(cache.read_text())
-    base = [f"seed={seed}", f"data.prepared_dir={work}/prepared_{seed}",
-            f"partition.file={work}/partition_{setting}_{seed}.json", f"output.dir={work}/out",
-            "tracking.enabled=false", f"optim.lr={lr}"]
+    base = data_overrides(work, setting, seed) + [f"output.dir={work}/out", "tracking.enabled=false",
+                                                  f"optim.lr={lr}"]
     cfg = config_from_dict(apply_overrides(params, base + SETTINGS[setting] + RUNS[name] + list(extra)))
     dm = ensure_data(cfg)
     t0 = time.perf_counter()
-    res = train(cfg, Path(work) / "out" / cache.stem, resume="never", progress=False)
+    from fedcmi.divergence import Diverged
+
+    try:
+        res = train(cfg, Path(work) / "out" / cache.stem, resume="never", progress=False)
+    except Diverged as exc:  # a diverged run is a result too: chance accuracy at this lr
+        out = {"diverged": str(exc), "seconds": time.perf_counter() - t0, "history": [],
+               "test": {"mm_acc": 1 / dm.spec.num_classes}, "val": {"mm_acc": 1 / dm.spec.num_classes}}
+        write_json(cache, out)
+        return key, out
     seconds = time.perf_counter() - t0
     fed = Federation(cfg, dm, load_partition(cfg.partition.file))
     val = fed.evaluate(res.state, split="val").metrics
@@ -91,15 +135,30 @@ def run_one(job: tuple) -> tuple[str, dict]:
     return key, out
 
 
-CURVE_KEYS = ("round", "mm_acc", "uni_acc_audio", "uni_acc_visual", "worst_class_acc", "imbalance_ratio",
-              "dominant_frac_audio", "train_loss")
+def random_probe(job: tuple) -> tuple[int, dict]:
+    """Probe accuracy of each encoder at initialisation (the FedAvg network, this seed)."""
+    params, seed, extra, work = job
+    torch.set_num_threads(1)
+    cfg = config_from_dict(apply_overrides(params, data_overrides(work, "iid", seed) + SETTINGS["iid"]
+                                           + ["algorithm.name=fedavg", "tracking.enabled=false", *extra]))
+    dm = ensure_data(cfg)
+    fed = Federation(cfg, dm, load_partition(cfg.partition.file))
+    ev = fed.evaluate(fed.initial_state(), probe=True).metrics
+    return seed, {k: v for k, v in ev.items() if k.startswith("probe_acc_")}
+
+
+CURVE_KEYS = ("round", "mm_acc", "uni_acc_audio", "uni_acc_visual", "path_acc_audio", "path_acc_visual",
+              "worst_class_acc", "imbalance_ratio", "dominant_frac_audio", "train_loss")
 
 
 def compact(r: dict) -> dict:
     """A run without per-class figures, and its history cut to the curves' keys (the cache keeps it all)."""
     keep = lambda d: {k: v for k, v in d.items() if not k.startswith("class_acc_")}  # noqa: E731
-    return {"test": keep(r["test"]), "val": keep(r["val"]), "seconds": round(r["seconds"], 2),
-            "history": [{k: h[k] for k in CURVE_KEYS if k in h} for h in r["history"]]}
+    out = {"test": keep(r["test"]), "val": keep(r["val"]), "seconds": round(r["seconds"], 2),
+           "history": [{k: h[k] for k in CURVE_KEYS if k in h} for h in r["history"]]}
+    if "diverged" in r:
+        out["diverged"] = r["diverged"]
+    return out
 
 
 def mean_std(vals: list[float]) -> str:
@@ -108,25 +167,74 @@ def mean_std(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}"
 
 
-def select_lr(results: dict, setting: str, name: str, lrs: list[float], seeds: list[int]) -> float:
-    """The learning rate with the best mean validation multimodal accuracy (ties: the smaller lr)."""
-    scores = {lr: statistics.mean(results[run_key(setting, name, lr, s)]["val"]["mm_acc"] for s in seeds)
-              for lr in lrs}
-    return max(sorted(lrs), key=lambda lr: scores[lr])
+def val_scores(results: dict, setting: str, name: str, lrs: list[float], seeds: list[int]) -> dict[float, float]:
+    return {lr: statistics.mean(results[run_key(setting, name, lr, s)]["val"]["mm_acc"] for s in seeds)
+            for lr in lrs}
 
 
-def table(results: dict, setting: str, lr_of: dict[str, float], seeds: list[int], show_lr: bool) -> str:
-    cols = (["lr"] if show_lr else []) + COLUMNS
+def select_lr(scores: dict[float, float]) -> float:
+    """The learning rate with the best mean validation accuracy (ties: the smaller lr)."""
+    return max(sorted(scores), key=lambda lr: scores[lr])
+
+
+def next_lr(grid: list[float], best: float) -> float | None:
+    """The lr past the edge the best one sits on, or None when it is inside the grid."""
+    grid = sorted(grid)
+    if best == grid[0]:
+        return round(best / 2, 10)
+    if best == grid[-1]:
+        return round(best * 2, 10)
+    return None
+
+
+def table(results: dict, setting: str, names: list[str], lr_of: dict[str, float], grids: dict[str, list[float]],
+          seeds: list[int]) -> str:
+    cols = ["lr (grid)"] + COLUMNS + [f"Δ mm_acc vs {BASELINE} (paired)", "ahead"]
     head = "| run | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
     rows = []
-    for name, lr in lr_of.items():
-        finals = [results[run_key(setting, name, lr, s)]["test"] for s in seeds]
-        cells = ([f"{lr:g}"] if show_lr else []) + [mean_std([f[c] for f in finals if c in f]) for c in COLUMNS]
+    base = [results[run_key(setting, BASELINE, lr_of[BASELINE], s)]["test"]["mm_acc"] for s in seeds]
+    for name in names:
+        finals = [results[run_key(setting, name, lr_of[name], s)]["test"] for s in seeds]
+        grid = ", ".join(f"{g:g}" for g in sorted(grids[name]))
+        cells = [f"**{lr_of[name]:g}** ({grid})"] + [mean_std([f[c] for f in finals if c in f]) for c in COLUMNS]
+        if name == BASELINE:
+            cells += ["–", "–"]
+        else:
+            diffs = [f["mm_acc"] - b for f, b in zip(finals, base)]
+            cells += [f"{statistics.mean(diffs):+.3f} ± {statistics.stdev(diffs):.3f}",
+                      f"{sum(d > 0 for d in diffs)}/{len(diffs)}"]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
 
 
-def plot(results: dict, setting: str, lr_of: dict[str, float], seeds: list[int], path: Path) -> None:
+def imbalance_table(results: dict, lr_of: dict[str, float], seeds: list[int], rand: dict[int, dict],
+                    bayes: dict[str, float]) -> str:
+    """The weak encoder starved by joint training: its probe inside FedAvg against trained alone (IID)."""
+    joint = [results[run_key("iid", "FedAvg", lr_of["FedAvg"], s)]["test"]["probe_acc_visual"] for s in seeds]
+    alone = [results[run_key("iid", "FedAvg visual only", lr_of["FedAvg visual only"], s)]["test"]["probe_acc_visual"]
+             for s in seeds]
+    strong_joint = [results[run_key("iid", "FedAvg", lr_of["FedAvg"], s)]["test"]["probe_acc_audio"] for s in seeds]
+    strong_alone = [results[run_key("iid", "FedAvg audio only", lr_of["FedAvg audio only"], s)]["test"]
+                    ["probe_acc_audio"] for s in seeds]
+    gaps = [a - j for a, j in zip(alone, joint)]
+    lines = [
+        "| encoder | random init | trained jointly (FedAvg) | trained alone | alone − joint (paired) |",
+        "|---|---|---|---|---|",
+        f"| visual (weak) | {mean_std([rand[s]['probe_acc_visual'] for s in seeds])} | {mean_std(joint)} | "
+        f"{mean_std(alone)} | {statistics.mean(gaps):+.3f} ± {statistics.stdev(gaps):.3f} "
+        f"(min {min(gaps):+.3f}) |",
+        f"| audio (strong) | {mean_std([rand[s]['probe_acc_audio'] for s in seeds])} | {mean_std(strong_joint)} | "
+        f"{mean_std(strong_alone)} | "
+        f"{statistics.mean([a - j for a, j in zip(strong_alone, strong_joint)]):+.3f} |",
+        "",
+        f"Bayes ceilings of the generator (ideal classifier on the template weights, white noise and jitter "
+        f"ignored): strong (audio) alone {bayes['strong']:.3f}, weak (visual) alone {bayes['weak']:.3f}, "
+        f"both {bayes['multimodal']:.3f}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, setting: str, names: list[str], lr_of: dict[str, float], seeds: list[int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,10 +243,13 @@ def plot(results: dict, setting: str, lr_of: dict[str, float], seeds: list[int],
     from fedcmi.io import write_with
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    keys = ("mm_acc", "uni_acc_audio", "uni_acc_visual")
-    titles = ("multimodal accuracy", "audio (strong) head", "visual (weak) head")
-    for name, lr in lr_of.items():
+    keys = ("mm_acc", "path_acc_audio", "path_acc_visual")
+    titles = ("multimodal accuracy", "audio-only path", "visual-only path")
+    for name in names:
+        lr = lr_of[name]
         hist = [results[run_key(setting, name, lr, s)]["history"] for s in seeds]
+        if not all(hist):
+            continue
         rounds = [h["round"] for h in hist[0] if "mm_acc" in h]
         style = "-" if name.startswith(("FedCMI", "FedAvg", "FedProx")) and "only" not in name else "--"
         for ax, key in zip(axes, keys):
@@ -151,13 +262,14 @@ def plot(results: dict, setting: str, lr_of: dict[str, float], seeds: list[int],
         ax.set_xlabel("round")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
     handles: dict = {}
     for ax in axes:  # one legend for every method, whichever panels it appears in
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(f"{SETTING_TITLES[setting]}; each method at its validation-selected learning rate", fontsize=10)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
 
@@ -165,11 +277,14 @@ def plot(results: dict, setting: str, lr_of: dict[str, float], seeds: list[int],
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--select-seeds", type=int, nargs="+", default=[0, 1],
+                    help="the seeds whose mean validation accuracy chooses each method's lr")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--runs", nargs="+", default=list(RUNS), help="which runs (names as in the tables)")
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.02, 0.05],
-                    help="the learning-rate grid every method gets (the default lr must be in it)")
+                    help="the starting learning-rate grid of every method; it grows past an edge that wins")
+    ap.add_argument("--max-extensions", type=int, default=3)
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, one CPU thread each")
     ap.add_argument("--out", default=str(RESULTS / "accuracy"))
@@ -177,53 +292,91 @@ def main() -> None:
     out = Path(args.out)
     work = out / "work"
     base = load_config(args.params, args.extra)
-    default_lr = base.optim.lr
-    if default_lr not in args.lrs:
-        ap.error(f"the default optim.lr {default_lr} must be in --lrs")
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:
         ap.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
+    if not set(args.select_seeds) <= set(args.seeds):
+        ap.error("--select-seeds must be among --seeds")
+    if BASELINE not in args.runs:
+        ap.error(f"the runs must include {BASELINE}, the paired baseline")
+    plan = {s: [n for n in SETTING_RUNS[s] if n in args.runs] for s in args.settings}
 
     # Prepare each seed's data and partitions before the pool starts, so no two jobs prepare the same folder.
     for seed in args.seeds:
         for setting in args.settings:
-            ensure_data(load_config(args.params, [f"seed={seed}", f"data.prepared_dir={work}/prepared_{seed}",
-                                                  f"partition.file={work}/partition_{setting}_{seed}.json",
-                                                  *SETTINGS[setting], *args.extra]))
+            ensure_data(load_config(args.params, [*data_overrides(str(work), setting, seed), *SETTINGS[setting],
+                                                  *args.extra]))
     params = yaml.safe_load(Path(args.params).read_text())  # read once: later edits do not reach running jobs
-    jobs = [(params, setting, name, lr, seed, tuple(args.extra), str(work))
-            for setting in args.settings for name in args.runs for lr in args.lrs for seed in args.seeds]
     results: dict = {}
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for i, (key, r) in enumerate(pool.map(run_one, jobs), 1):
+    done = 0
+
+    def run_wave(pool: ProcessPoolExecutor, keys: list[tuple[str, str, float, int]]) -> None:
+        nonlocal done
+        jobs = [(params, s, n, lr, seed, tuple(args.extra), str(work)) for s, n, lr, seed in keys
+                if run_key(s, n, lr, seed) not in results]
+        for key, r in pool.map(run_one, jobs):
             results[key] = r
-            print(f"[{i}/{len(jobs)} {time.perf_counter() - t0:7.0f}s] {key:55s} val {r['val']['mm_acc']:.3f} "
-                  f"test {r['test']['mm_acc']:.3f} ({r['seconds']:.1f}s)", flush=True)
+            done += 1
+            state = "DIVERGED" if "diverged" in r else f"val {r['val']['mm_acc']:.3f} test {r['test']['mm_acc']:.3f}"
+            print(f"[{done} {time.perf_counter() - t0:6.0f}s] {key:58s} {state} ({r['seconds']:.1f}s)", flush=True)
+
+    grids = {s: {n: sorted(args.lrs) for n in names} for s, names in plan.items()}
+    selected: dict[str, dict[str, float]] = {s: {} for s in plan}
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        # 1. lr selection on the validation split, growing the grid past a winning edge.
+        pending = {(s, n) for s, names in plan.items() for n in names}
+        for _ in range(args.max_extensions + 1):
+            run_wave(pool, [(s, n, lr, seed) for s, n in sorted(pending) for lr in grids[s][n]
+                            for seed in args.select_seeds])
+            grown = set()
+            for s, n in sorted(pending):
+                best = select_lr(val_scores(results, s, n, grids[s][n], args.select_seeds))
+                selected[s][n] = best
+                nxt = next_lr(grids[s][n], best)
+                if nxt is not None:
+                    grids[s][n] = sorted(grids[s][n] + [nxt])
+                    grown.add((s, n))
+            pending = grown
+            if not pending:
+                break
+        for s, n in sorted(pending):  # out of extensions: keep the best so far, and say so in the table
+            selected[s][n] = select_lr(val_scores(results, s, n, grids[s][n], args.select_seeds))
+        # 2. the remaining seeds at each selected lr; 3. the random-init probes for the imbalance table.
+        run_wave(pool, [(s, n, selected[s][n], seed) for s, names in plan.items() for n in names
+                        for seed in args.seeds])
+        rand = dict(pool.map(random_probe, [(params, seed, tuple(args.extra), str(work)) for seed in args.seeds]))
     wall = time.perf_counter() - t0
 
     extra = f" with {', '.join(args.extra)}" if args.extra else ""
-    md = [f"Synthetic data, `params.yaml` defaults{extra} ({base.federation.rounds} rounds); "
-          f"seeds {args.seeds}; final test accuracy, mean ± std over seeds.\n"]
-    selected: dict = {}
-    for setting in args.settings:
-        fixed = {name: default_lr for name in args.runs}
-        tuned = {name: select_lr(results, setting, name, args.lrs, args.seeds) for name in args.runs}
-        selected[setting] = tuned
-        md.append(f"### {SETTING_TITLES[setting]}\n\nEvery method at the default lr {default_lr:g}:\n")
-        md.append(table(results, setting, fixed, args.seeds, show_lr=False))
-        md.append(f"\nEach method at its own lr from {args.lrs}, chosen on the validation split:\n")
-        md.append(table(results, setting, tuned, args.seeds, show_lr=True))
-        md.append("")
-        plot(results, setting, tuned, args.seeds, out / f"curves_{setting}.png")
+    fed = base.federation
+    md = [f"Synthetic data (`generator: {base.data.synthetic.generator}`), `params.yaml` defaults{extra}: "
+          f"{fed.rounds} rounds, {fed.local_epochs} local epochs, batch {fed.batch_size}, {fed.clients_per_round} "
+          f"of {base.partition.num_clients} clients per round. Each method's lr chosen on validation with seeds "
+          f"{args.select_seeds}; final test accuracy, mean ± std over seeds {args.seeds}. Paired: the per-seed "
+          f"difference to {BASELINE} (same data, partition and client sampling).\n"]
+    if "iid" in plan and {"FedAvg", "FedAvg visual only", "FedAvg audio only"} <= set(plan["iid"]):
+        md.append("### The imbalance: encoder probes, IID, every client multimodal\n")
+        md.append(imbalance_table(results, selected["iid"], args.seeds, rand, bayes_accuracy(base.data.synthetic)))
+    for setting, names in plan.items():
+        md.append(f"### {SETTING_TITLES[setting]}\n")
+        md.append(table(results, setting, names, selected[setting], grids[setting], args.seeds))
+        diverged = sorted(k for k, r in results.items() if k.startswith(setting + "|") and "diverged" in r)
+        if diverged:
+            md.append("Diverged (stopped by the guard, counted at chance): " + ", ".join(diverged) + "\n")
+        plot(results, setting, names, selected[setting], args.seeds, out / f"curves_{setting}.png")
     text = "\n".join(md)
     write_text(out / "tables.md", text)
-    save_results(out / "results.json", {"seeds": args.seeds, "lrs": args.lrs, "default_lr": default_lr,
-                                        "extra": args.extra, "settings": {s: SETTINGS[s] for s in args.settings},
-                                        "runs": {n: RUNS[n] for n in args.runs}, "selected_lr": selected,
-                                        "wall_seconds": round(wall, 1),
-                                        "run_seconds_total": round(sum(r["seconds"] for r in results.values()), 1),
-                                        "results": {k: compact(r) for k, r in results.items()}})
+    save_results(out / "results.json", {
+        "seeds": args.seeds, "select_seeds": args.select_seeds, "start_lrs": args.lrs, "extra": args.extra,
+        "settings": {s: SETTINGS[s] for s in plan}, "runs": {n: RUNS[n] for n in args.runs},
+        "grids": grids, "selected_lr": selected,
+        "val_scores": {s: {n: {f"{lr:g}": round(v, 4) for lr, v in
+                               val_scores(results, s, n, grids[s][n], args.select_seeds).items()}
+                           for n in names} for s, names in plan.items()},
+        "random_probe": rand, "wall_seconds": round(wall, 1),
+        "run_seconds_total": round(sum(r["seconds"] for r in results.values()), 1),
+        "results": {k: compact(r) for k, r in results.items()}})
     print(text)
 
 
