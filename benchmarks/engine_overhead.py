@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS, ROOT, ensure_data, save_results
+from common import RESULTS, ROOT, SPEED_SETTING, ensure_data, save_results
 
 from fedcmi.algorithms.base import derive_seed
 from fedcmi.config import load_config
@@ -87,7 +87,8 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedcmi-overhead-"))
     cfg = load_config(args.params, [
-        "algorithm.name=fedavg", f"federation.rounds={args.rounds}", f"evaluation.every={args.rounds}",
+        *SPEED_SETTING, "algorithm.name=fedavg", f"federation.rounds={args.rounds}",
+        f"evaluation.every={args.rounds}",
         "evaluation.linear_probe=false", "tracking.enabled=false", f"data.prepared_dir={work}/prepared",
         f"partition.file={work}/partition.json", f"output.dir={work}/out"])
     dm = ensure_data(cfg)

@@ -76,12 +76,12 @@ def monitor(cmd: list[str], env: dict) -> tuple[dict, float, float]:
 # -- the two sides, each run in its own process -----------------------------------------------------
 def config(work: Path, rounds: int):
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import ensure_data
+    from common import SPEED_SETTING, ensure_data
 
     from fedcmi.config import load_config
 
     cfg = load_config(ROOT / "params.yaml", [
-        "algorithm.name=fedavg", f"federation.rounds={rounds}", f"evaluation.every={rounds}",
+        *SPEED_SETTING, "algorithm.name=fedavg", f"federation.rounds={rounds}", f"evaluation.every={rounds}",
         "evaluation.linear_probe=false", "tracking.enabled=false", f"data.prepared_dir={work}/prepared",
         f"partition.file={work}/partition.json", f"output.dir={work}/out"])
     cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(

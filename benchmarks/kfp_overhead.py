@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, save_results  # noqa: E402  (puts the project on the path)
+from common import ROOT, SPEED_SETTING, save_results  # noqa: E402  (puts the project on the path)
 
 import torch  # noqa: E402
 
@@ -34,7 +34,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
-        cfg = load_config(args.params, [f"federation.rounds={args.rounds}", "tracking.enabled=false",
+        cfg = load_config(args.params, [*SPEED_SETTING, f"federation.rounds={args.rounds}",
+                                        "tracking.enabled=false",
                                         "evaluation.linear_probe=false", *args.extra])
         prepare(cfg)
         dm = DataModule(cfg.data.prepared_dir)

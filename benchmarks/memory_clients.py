@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, ensure_data, save_results
+from common import RESULTS, ROOT, SPEED_SETTING, ensure_data, save_results
 
 
 def child(clients: int, rounds: int, algorithm: str, work: Path) -> dict:
@@ -29,7 +29,8 @@ def child(clients: int, rounds: int, algorithm: str, work: Path) -> dict:
     from fedcmi.engine import train
 
     cfg = load_config(ROOT / "params.yaml", [
-        f"algorithm.name={algorithm}", f"partition.num_clients={clients}", f"federation.clients_per_round={clients}",
+        *SPEED_SETTING, f"algorithm.name={algorithm}", f"partition.num_clients={clients}",
+        f"federation.clients_per_round={clients}",
         "partition.min_samples=1", f"federation.rounds={rounds}", f"evaluation.every={rounds}",
         "evaluation.linear_probe=false", "tracking.enabled=false", f"data.prepared_dir={work}/prepared",
         f"partition.file={work}/partition_{clients}.json", f"output.dir={work}/out_{clients}_{algorithm}"])
