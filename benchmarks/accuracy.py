@@ -187,9 +187,17 @@ def next_lr(grid: list[float], best: float) -> float | None:
     return None
 
 
+def late_gain(history: list[dict], span: int = 5) -> float | None:
+    """Mean test accuracy of the last ``span`` rounds minus that of the ``span`` before: near 0 when converged."""
+    acc = [h["mm_acc"] for h in history if "mm_acc" in h]
+    if len(acc) < 2 * span:
+        return None
+    return statistics.mean(acc[-span:]) - statistics.mean(acc[-2 * span:-span])
+
+
 def table(results: dict, setting: str, names: list[str], lr_of: dict[str, float], grids: dict[str, list[float]],
           seeds: list[int]) -> str:
-    cols = ["lr (grid)"] + COLUMNS + [f"Δ mm_acc vs {BASELINE} (paired)", "ahead"]
+    cols = ["lr (grid)"] + COLUMNS + [f"Δ mm_acc vs {BASELINE} (paired)", "ahead", "last-5-round gain"]
     head = "| run | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
     rows = []
     base = [results[run_key(setting, BASELINE, lr_of[BASELINE], s)]["test"]["mm_acc"] for s in seeds]
@@ -203,6 +211,8 @@ def table(results: dict, setting: str, names: list[str], lr_of: dict[str, float]
             diffs = [f["mm_acc"] - b for f, b in zip(finals, base)]
             cells += [f"{statistics.mean(diffs):+.3f} ± {statistics.stdev(diffs):.3f}",
                       f"{sum(d > 0 for d in diffs)}/{len(diffs)}"]
+        gains = [late_gain(results[run_key(setting, name, lr_of[name], s)]["history"]) for s in seeds]
+        cells.append(f"{statistics.mean(gains):+.3f}" if all(g is not None for g in gains) else "–")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
 
@@ -232,6 +242,66 @@ def imbalance_table(results: dict, lr_of: dict[str, float], seeds: list[int], ra
         f"both {bayes['multimodal']:.3f}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def plot_imbalance(results: dict, lr_of: dict[str, float], seeds: list[int], rand: dict[int, dict],
+                   path: Path) -> None:
+    """Each encoder's probe at random init, trained jointly (FedAvg) and trained alone, per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedcmi.io import write_with
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    groups = [("visual (weak)", "visual", "FedAvg visual only"), ("audio (strong)", "audio", "FedAvg audio only")]
+    kinds = ("random init", "jointly (FedAvg)", "alone")
+    for gi, (label, m, alone_run) in enumerate(groups):
+        vals = [[rand[s][f"probe_acc_{m}"] for s in seeds],
+                [results[run_key("iid", "FedAvg", lr_of["FedAvg"], s)]["test"][f"probe_acc_{m}"] for s in seeds],
+                [results[run_key("iid", alone_run, lr_of[alone_run], s)]["test"][f"probe_acc_{m}"] for s in seeds]]
+        for ki, v in enumerate(vals):
+            x = gi * 4 + ki
+            ax.bar(x, statistics.mean(v), color=f"C{ki}", label=kinds[ki] if gi == 0 else None, alpha=0.8)
+            ax.scatter([x] * len(v), v, color="black", s=10, zorder=3)
+    ax.set_xticks([1, 5], [g[0] for g in groups])
+    ax.set_ylabel("ridge probe accuracy on the frozen encoder (test)")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(f"Joint training starves the weak encoder (IID, every client multimodal; dots: seeds {seeds})",
+                 fontsize=9)
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def plot_lr(scores: dict[str, dict[float, float]], setting: str, path: Path) -> None:
+    """Mean validation accuracy against the learning rate, per method: where each choice sits in its grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedcmi.io import write_with
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (name, by_lr) in enumerate(scores.items()):
+        lrs = sorted(by_lr)
+        best = select_lr(by_lr)
+        ax.plot(lrs, [by_lr[lr] for lr in lrs], "-o", ms=3, color=f"C{i % 10}", label=name,
+                lw=2.2 if name == "FedCMI" else 1.1, ls="-" if i < 10 else "--")
+        ax.scatter([best], [by_lr[best]], s=60, facecolors="none", edgecolors=f"C{i % 10}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation multimodal accuracy (mean of the selection seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"{setting}: each method's lr grid; circled: the chosen lr", fontsize=9)
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
 
 
 def plot(results: dict, setting: str, names: list[str], lr_of: dict[str, float], seeds: list[int], path: Path) -> None:
@@ -358,6 +428,7 @@ def main() -> None:
     if "iid" in plan and {"FedAvg", "FedAvg visual only", "FedAvg audio only"} <= set(plan["iid"]):
         md.append("### The imbalance: encoder probes, IID, every client multimodal\n")
         md.append(imbalance_table(results, selected["iid"], args.seeds, rand, bayes_accuracy(base.data.synthetic)))
+        plot_imbalance(results, selected["iid"], args.seeds, rand, out / "imbalance.png")
     for setting, names in plan.items():
         md.append(f"### {SETTING_TITLES[setting]}\n")
         md.append(table(results, setting, names, selected[setting], grids[setting], args.seeds))
@@ -365,6 +436,8 @@ def main() -> None:
         if diverged:
             md.append("Diverged (stopped by the guard, counted at chance): " + ", ".join(diverged) + "\n")
         plot(results, setting, names, selected[setting], args.seeds, out / f"curves_{setting}.png")
+        plot_lr({n: val_scores(results, setting, n, grids[setting][n], args.select_seeds) for n in names}, setting,
+                out / f"lr_{setting}.png")
     text = "\n".join(md)
     write_text(out / "tables.md", text)
     save_results(out / "results.json", {
