@@ -4,11 +4,14 @@ to chance, stops with a clear message instead of finishing "successfully".
 Chance is the accuracy of always predicting the test split's most frequent
 class. A run has *fallen* to chance when it was clearly above it (by
 ``RISEN``) and then stays within ``margin`` of it for ``patience``
-evaluations in a row, or ends there. That, a non-finite training loss, and
-a training loss that blows up to ``BLOWUP`` times the first round's, raise
+evaluations in a row, or ends there. A run has *collapsed* when it sits at
+chance while giving one class to at least ``COLLAPSED`` of the test samples
+for ``patience`` evaluations in a row (dead units: the network answers the
+same whatever the input). Those, a non-finite training loss, and a training
+loss that blows up to ``BLOWUP`` times the first round's, raise
 :class:`Diverged`, whose message suggests a smaller learning rate. A run
-that never rose above chance is not called diverged (a short run on hard
-data may simply not have learned yet); :meth:`DivergenceGuard.check_final`
+that merely has not risen above chance yet is not called diverged (a short
+run on hard data may not have learned yet); :meth:`DivergenceGuard.check_final`
 returns a warning for it instead.
 """
 
@@ -21,6 +24,7 @@ import numpy as np
 
 RISEN = 0.10  # how far above chance a run must have been before a return to chance counts as falling
 BLOWUP = 100.0  # a training loss this many times the first round's has run away
+COLLAPSED = 0.9  # a model giving one class to this share of the test samples answers the same to everything
 
 
 class Diverged(RuntimeError):
@@ -65,14 +69,18 @@ class DivergenceGuard:
         if not math.isfinite(acc):
             return f"diverged: the test accuracy became {acc} in round {rnd}" + self._advice()
         self.best = max(self.best, acc)
-        if self.best >= self.chance + RISEN and acc <= self.chance + self.margin:
-            self.near_chance += 1
-        else:
-            self.near_chance = 0
-        if self.near_chance >= self.patience:
+        at_chance = acc <= self.chance + self.margin
+        fell = self.best >= self.chance + RISEN
+        one_answer = rec.get("pred_top_frac", 0.0) >= COLLAPSED
+        self.near_chance = self.near_chance + 1 if at_chance and (fell or one_answer) else 0
+        if self.near_chance < self.patience:
+            return None
+        if fell:
             return (f"diverged: the multimodal accuracy fell from {self.best:.3f} to chance level ({acc:.3f}, "
                     f"chance {self.chance:.3f}) for {self.patience} evaluations, in round {rnd}" + self._advice())
-        return None
+        return (f"diverged: the model collapsed to one answer ({rec.get('pred_top_frac', 0):.0%} of the test "
+                f"samples get the same class; accuracy {acc:.3f}, chance {self.chance:.3f}) for "
+                f"{self.patience} evaluations, in round {rnd}" + self._advice())
 
     def check_final(self, acc: float) -> tuple[str | None, str | None]:
         """(the reason the final model shows divergence, a warning), each None when there is none."""

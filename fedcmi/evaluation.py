@@ -42,6 +42,8 @@ def _metrics_from_logits(logits: dict[str, np.ndarray], y: np.ndarray, k: int, m
     preds = {name: lg.argmax(1) for name, lg in logits.items()}
     cm = confusion_matrix(preds["mm"], y, k)
     out["mm_acc"] = float((preds["mm"] == y).mean())
+    # the share of the most-predicted class: near 1 when the model has collapsed to one answer
+    out["pred_top_frac"] = float(np.bincount(preds["mm"], minlength=k).max() / max(len(y), 1))
     out["mm_f1"] = macro_f1(cm)
     per_class = np.diag(cm) / np.maximum(cm.sum(1), 1)
     present = cm.sum(1) > 0
