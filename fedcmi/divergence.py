@@ -5,9 +5,9 @@ Chance is the accuracy of always predicting the test split's most frequent
 class. A run has *fallen* to chance when it was clearly above it (by
 ``RISEN``) and then stays within ``margin`` of it for ``patience``
 evaluations in a row, or ends there. A run has *collapsed* when it sits at
-chance while giving one class to at least ``COLLAPSED`` of the test samples
-for ``patience`` evaluations in a row (dead units: the network answers the
-same whatever the input). Those, a non-finite training loss, and a training
+chance while its logits no longer depend on the input (their spread across
+the test samples at most ``DEAD`` of their size: the encoders' units are
+dead) for ``patience`` evaluations in a row. Those, a non-finite training loss, and a training
 loss that blows up to ``BLOWUP`` times the first round's, raise
 :class:`Diverged`, whose message suggests a smaller learning rate. A run
 that merely has not risen above chance yet is not called diverged (a short
@@ -24,7 +24,7 @@ import numpy as np
 
 RISEN = 0.10  # how far above chance a run must have been before a return to chance counts as falling
 BLOWUP = 100.0  # a training loss this many times the first round's has run away
-COLLAPSED = 0.9  # a model giving one class to this share of the test samples answers the same to everything
+DEAD = 1e-4  # logits that vary this little with the input come from a dead network
 
 
 class Diverged(RuntimeError):
@@ -71,15 +71,15 @@ class DivergenceGuard:
         self.best = max(self.best, acc)
         at_chance = acc <= self.chance + self.margin
         fell = self.best >= self.chance + RISEN
-        one_answer = rec.get("pred_top_frac", 0.0) >= COLLAPSED
-        self.near_chance = self.near_chance + 1 if at_chance and (fell or one_answer) else 0
+        dead = rec.get("mm_logit_spread", 1.0) <= DEAD
+        self.near_chance = self.near_chance + 1 if at_chance and (fell or dead) else 0
         if self.near_chance < self.patience:
             return None
         if fell:
             return (f"diverged: the multimodal accuracy fell from {self.best:.3f} to chance level ({acc:.3f}, "
                     f"chance {self.chance:.3f}) for {self.patience} evaluations, in round {rnd}" + self._advice())
-        return (f"diverged: the model collapsed to one answer ({rec.get('pred_top_frac', 0):.0%} of the test "
-                f"samples get the same class; accuracy {acc:.3f}, chance {self.chance:.3f}) for "
+        return (f"diverged: the model collapsed: its output no longer depends on the input (dead units; "
+                f"accuracy {acc:.3f}, chance {self.chance:.3f}) for "
                 f"{self.patience} evaluations, in round {rnd}" + self._advice())
 
     def check_final(self, acc: float) -> tuple[str | None, str | None]:

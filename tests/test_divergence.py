@@ -65,18 +65,19 @@ def test_the_cli_exits_3_with_one_message_when_training_diverges(tmp_path):
     assert not (tmp_path / "outputs" / "train" / "model.safetensors").exists()
 
 
-def test_a_collapse_to_one_answer_is_caught_even_if_never_above_chance():
-    """FedCMI at lr 0.05 on the default setting (seed 1) sat at 0.167 for 19 rounds, one class for every sample."""
+def test_a_collapse_is_caught_even_if_never_above_chance():
+    """FedCMI at lr 0.05 on the default setting (seed 1) sat at 0.167 for 19 rounds: every encoder unit dead, the
+    logits the same for every input (spread 4e-7)."""
     g = DivergenceGuard(chance=1 / 6, lr=0.05, patience=3)
-    assert g.check_round({"round": 1, "mm_acc": 0.24, "pred_top_frac": 0.6}) is None
-    assert g.check_round({"round": 2, "mm_acc": 1 / 6, "pred_top_frac": 1.0}) is None
-    assert g.check_round({"round": 3, "mm_acc": 1 / 6, "pred_top_frac": 1.0}) is None
-    reason = g.check_round({"round": 4, "mm_acc": 1 / 6, "pred_top_frac": 1.0})
-    assert reason is not None and "collapsed to one answer (100% of the test samples" in reason
-    # at chance but spreading its answers: a slow start, not a collapse
+    assert g.check_round({"round": 1, "mm_acc": 0.24, "mm_logit_spread": 0.05}) is None
+    assert g.check_round({"round": 2, "mm_acc": 1 / 6, "mm_logit_spread": 4e-7}) is None
+    assert g.check_round({"round": 3, "mm_acc": 1 / 6, "mm_logit_spread": 4e-7}) is None
+    reason = g.check_round({"round": 4, "mm_acc": 1 / 6, "mm_logit_spread": 4e-7})
+    assert reason is not None and "no longer depends on the input" in reason
+    # at chance, one answer for every sample, but still reading its input: a slow start, not a collapse
     g = DivergenceGuard(chance=1 / 6, lr=0.05, patience=2)
     for rnd in range(1, 6):
-        assert g.check_round({"round": rnd, "mm_acc": 0.17, "pred_top_frac": 0.3}) is None
+        assert g.check_round({"round": rnd, "mm_acc": 1 / 6, "pred_top_frac": 1.0, "mm_logit_spread": 0.01}) is None
 
 
 def test_evaluation_reports_the_share_of_the_most_predicted_class():
@@ -85,3 +86,6 @@ def test_evaluation_reports_the_share_of_the_most_predicted_class():
     logits = {"mm": np.array([[5.0, 0, 0], [5.0, 0, 0], [5.0, 0, 0], [0, 5.0, 0]])}
     m = _metrics_from_logits(logits, np.array([0, 1, 2, 1]), 3, ())
     assert m.metrics["pred_top_frac"] == 0.75 and m.metrics["mm_acc"] == 0.5
+    assert m.metrics["mm_logit_spread"] > 0.1
+    dead = _metrics_from_logits({"mm": np.full((4, 3), 0.3)}, np.array([0, 1, 2, 1]), 3, ())
+    assert dead.metrics["mm_logit_spread"] == 0.0 and dead.metrics["pred_top_frac"] == 1.0
