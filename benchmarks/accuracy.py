@@ -290,9 +290,10 @@ def plot_lr(scores: dict[str, dict[float, float]], setting: str, path: Path) -> 
     for i, (name, by_lr) in enumerate(scores.items()):
         lrs = sorted(by_lr)
         best = select_lr(by_lr)
-        ax.plot(lrs, [by_lr[lr] for lr in lrs], "-o", ms=3, color=f"C{i % 10}", label=name,
-                lw=2.2 if name == "FedCMI" else 1.1, ls="-" if i < 10 else "--")
-        ax.scatter([best], [by_lr[best]], s=60, facecolors="none", edgecolors=f"C{i % 10}")
+        color = plt.get_cmap("tab20")(i % 20)
+        ax.plot(lrs, [by_lr[lr] for lr in lrs], "-o", ms=3, color=color, label=name,
+                lw=2.2 if name == "FedCMI" else 1.1)
+        ax.scatter([best], [by_lr[best]], s=60, facecolors="none", edgecolors=[color])
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("validation multimodal accuracy (mean of the selection seeds)")
@@ -315,7 +316,7 @@ def plot(results: dict, setting: str, names: list[str], lr_of: dict[str, float],
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     keys = ("mm_acc", "path_acc_audio", "path_acc_visual")
     titles = ("multimodal accuracy", "audio-only path", "visual-only path")
-    for name in names:
+    for i, name in enumerate(names):
         lr = lr_of[name]
         hist = [results[run_key(setting, name, lr, s)]["history"] for s in seeds]
         if not all(hist):
@@ -326,7 +327,8 @@ def plot(results: dict, setting: str, names: list[str], lr_of: dict[str, float],
             if key not in hist[0][-1]:
                 continue
             mean = [statistics.mean(h[i][key] for h in hist) for i in range(len(rounds))]
-            ax.plot(rounds, mean, style, label=f"{name} (lr {lr:g})", lw=2.2 if name == "FedCMI" else 1.2)
+            ax.plot(rounds, mean, style, color=plt.get_cmap("tab20")(i % 20), label=f"{name} (lr {lr:g})",
+                    lw=2.2 if name == "FedCMI" else 1.2)  # one colour per method in every panel
     for ax, title in zip(axes, titles):
         ax.set_title(f"{title} (test), mean of seeds {seeds}", fontsize=9)
         ax.set_xlabel("round")
