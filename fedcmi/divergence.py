@@ -31,6 +31,12 @@ class Diverged(RuntimeError):
     """Training diverged; the last good round stays checkpointed."""
 
 
+def lr_advice(lr: float) -> str:
+    """What every divergence message ends with."""
+    return (f"; lower optim.lr (now {lr:g}; try {lr / 4:g}) or set algorithm.mu > 0. "
+            "The last good round stays checkpointed")
+
+
 def chance_accuracy(labels: np.ndarray, num_classes: int) -> float:
     """Accuracy of always predicting the most frequent class of ``labels``."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
@@ -48,8 +54,7 @@ class DivergenceGuard:
     first_loss: float | None = None
 
     def _advice(self) -> str:
-        return (f"; lower optim.lr (now {self.lr:g}; try {self.lr / 4:g}) or set algorithm.mu > 0. "
-                "The last good round stays checkpointed")
+        return lr_advice(self.lr)
 
     def check_round(self, rec: dict) -> str | None:
         """The reason this round shows divergence, or None. Call once per round, after its evaluation."""

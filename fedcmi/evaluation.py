@@ -43,10 +43,11 @@ def _metrics_from_logits(logits: dict[str, np.ndarray], y: np.ndarray, k: int, m
     cm = confusion_matrix(preds["mm"], y, k)
     out["mm_acc"] = float((preds["mm"] == y).mean())
     # the share of the most-predicted class: near 1 when the model has collapsed to one answer
-    out["pred_top_frac"] = float(np.bincount(preds["mm"], minlength=k).max() / max(len(y), 1))
+    out["pred_top_frac"] = float(cm.sum(axis=0).max() / max(len(y), 1))
     # how much the logits vary with the input, relative to their size: 0 when the network is dead
     mm = logits["mm"].astype(np.float64)
-    out["mm_logit_spread"] = float(mm.std(axis=0).mean() / max(1.0, float(np.abs(mm).mean()))) if len(mm) > 1 else 1.0
+    out["mm_logit_spread"] = (float(mm.std(axis=0).mean() / max(1.0, float(np.abs(mm).mean())))
+                              if len(mm) > 1 else 1.0)
     out["mm_f1"] = macro_f1(cm)
     per_class = np.diag(cm) / np.maximum(cm.sum(1), 1)
     present = cm.sum(1) > 0

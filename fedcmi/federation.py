@@ -21,7 +21,8 @@ from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.algorithms.base import derive_seed
 from fedcmi.config import Config
 from fedcmi.data import DataModule
-from fedcmi.divergence import Diverged
+from fedcmi.algorithms.aggregation import NonFiniteUpdate
+from fedcmi.divergence import Diverged, lr_advice
 from fedcmi.evaluation import EvalResult, evaluate_model
 from fedcmi.models import build_model
 from fedcmi.partition import Partition
@@ -142,6 +143,7 @@ class Federation:
         accepted: list[int] = []
         idle: list[int] = []
         rejected: dict[int, str] = {}
+        non_finite: set[int] = set()
         kept: list[ClientUpdate] = []
         for cid, produce in producers:
             try:
@@ -152,6 +154,8 @@ class Federation:
                 check_update(global_state, u)
             except UpdateRejected as exc:
                 rejected[cid] = str(exc)
+                if isinstance(exc, NonFiniteUpdate):
+                    non_finite.add(cid)
             except Exception as exc:  # a client's fault must not end the federation
                 rejected[cid] = f"client {cid}: training failed: {exc.__class__.__name__}: {exc}"
             else:
@@ -167,11 +171,9 @@ class Federation:
             return RoundResult({k: v.detach().cpu().clone() for k, v in global_state.items()}, [], [], {},
                                {}, idle)
         if len(accepted) < need:
-            if rejected and all(r.endswith("holds NaN or Inf") for r in rejected.values()):
-                raise RoundDiverged(
-                    f"diverged: round {rnd + 1}: every client's update holds NaN or Inf; lower optim.lr (now "
-                    f"{self.cfg.optim.lr:g}; try {self.cfg.optim.lr / 4:g}). The last good round stays checkpointed"
-                )
+            if rejected and non_finite == set(rejected):
+                raise RoundDiverged(f"diverged: round {rnd + 1}: every client's update holds NaN or Inf"
+                                    + lr_advice(self.cfg.optim.lr))
             raise RoundFailed(
                 f"round {rnd + 1}: {len(accepted)} valid update(s), federation.min_clients is {need}; "
                 f"rejected: {rejected or 'none'}"

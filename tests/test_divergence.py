@@ -89,3 +89,23 @@ def test_evaluation_reports_the_share_of_the_most_predicted_class():
     assert m.metrics["mm_logit_spread"] > 0.1
     dead = _metrics_from_logits({"mm": np.full((4, 3), 0.3)}, np.array([0, 1, 2, 1]), 3, ())
     assert dead.metrics["mm_logit_spread"] == 0.0 and dead.metrics["pred_top_frac"] == 1.0
+
+
+def test_a_round_of_only_non_finite_updates_is_diverged_but_other_failures_are_not(tiny):
+    from fedcmi.algorithms import ClientUpdate
+    from fedcmi.data import DataModule
+    from fedcmi.federation import Federation, RoundDiverged, RoundFailed
+    from fedcmi.partition import load_partition
+
+    cfg = tiny(federation={"min_clients": 2})
+    fed = Federation(cfg, DataModule(cfg.data.prepared_dir), load_partition(cfg.partition.file))
+    g = fed.initial_state()
+    nan = {k: v.clone().fill_(float("nan")) if v.is_floating_point() else v.clone() for k, v in g.items()}
+    mods = tuple(cfg.data.modalities)
+    bad = [ClientUpdate(0, nan, 10, mods), ClientUpdate(1, nan, 10, mods)]
+    with pytest.raises(RoundDiverged, match=r"every client's update holds NaN or Inf; lower optim.lr"):
+        fed.aggregate(g, bad, 0)
+    zero = ClientUpdate(1, dict(g), 0, mods)  # rejected for another reason: the round fails, it did not diverge
+    with pytest.raises(RoundFailed) as info:
+        fed.aggregate(g, [bad[0], zero], 0)
+    assert not isinstance(info.value, Diverged)

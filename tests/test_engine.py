@@ -178,3 +178,10 @@ def test_class_temperatures_are_taken_once_per_round_in_either_dominance_mode(ti
     clients = sum(len(h["accepted"]) for h in distilling)
     assert len(calls) == per_client * clients  # batches per client: 2 epochs x 2-3 batches, far more than 3
     assert "temperature_class_0" in distilling[0] and "dominant_frac_audio" in distilling[0]
+
+
+def test_warm_up_in_epochs_delays_distillation(tiny):
+    cfg = tiny(algorithm={"name": "fedcmi", "fedcmi": {"warmup_epochs": 2, "warmup_rounds": 0}},
+               federation={"rounds": 3, "local_epochs": 1})
+    res = train(cfg, progress=False)
+    assert ["train_inf" in h for h in res.history] == [False, False, True]

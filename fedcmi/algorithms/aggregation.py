@@ -22,6 +22,10 @@ class UpdateRejected(ValueError):
     """A client update that cannot be aggregated; the message says why."""
 
 
+class NonFiniteUpdate(UpdateRejected):
+    """An update holding NaN or Inf: that client's local training diverged."""
+
+
 @dataclass
 class ClientUpdate:
     """What a client sends back after local training."""
@@ -46,7 +50,7 @@ def check_update(global_state: Mapping[str, torch.Tensor], update: ClientUpdate)
         if u.shape != g.shape:
             raise UpdateRejected(f"client {update.client_id}: {k} has shape {tuple(u.shape)}, expected {tuple(g.shape)}")
         if u.is_floating_point() and not torch.isfinite(u).all():
-            raise UpdateRejected(f"client {update.client_id}: {k} holds NaN or Inf")
+            raise NonFiniteUpdate(f"client {update.client_id}: {k} holds NaN or Inf")
 
 
 class Accumulator:

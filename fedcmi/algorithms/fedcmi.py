@@ -66,10 +66,6 @@ class FedCMI(Strategy):
         model.train(was_training)
         return (sums[0], sums[1]), counts
 
-    def measure_dominance(self, model: FedCMINet, ctx: ClientContext, num_classes: int) -> Dominance:
-        """Run the received model over the client's data; compare true-class confidence per class."""
-        return decide_dominance(*self.class_confidence(model, ctx, num_classes))
-
     def train_client(self, model: nn.Module, ctx: ClientContext) -> ClientUpdate:
         assert isinstance(model, FedCMINet), "FedCMI trains a FedCMINet"
         c = self.cfg.algorithm.fedcmi

@@ -14,11 +14,15 @@ every class template, white noise and a small jitter:
   strength. On a blind sample it carries no evidence between the two classes
   of the pair: its posterior is split between them (uncertainty), never
   confidently wrong. Alone it tops out near ``1 - strong_blind / 2``.
-- the *weak* (visual-like) modality shows its class's template at
-  ``a * weak_snr`` times the sample's polarity (+1 or -1, per clip). Every
-  class's mean input is zero, so no linear read-out of the pixels or of a
-  random encoder's features gets far: the encoder has to learn a
-  polarity-invariant detector. It separates every class, the pair included.
+- the *weak* (visual-like) modality shows its pair's template and a
+  first-or-second-member template, both at ``a * weak_snr``, times the clip's
+  polarity (+1 or -1), plus ``CLUTTER`` class-free patterns at strength
+  ``weak_clutter`` and white noise of a per-clip level drawn from
+  ``weak_noise``. Every class's mean input is zero, so no linear read-out of
+  the pixels gets past chance and a random encoder's features stay far below
+  a trained one's: the encoder has to learn polarity-invariant detectors
+  that tune the clutter and noise out. It separates every class, the pair
+  included.
 
 Together they beat either alone (the weak modality resolves the strong one's
 blind spots), and in joint training the strong modality explains the pairs
