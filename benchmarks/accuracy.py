@@ -55,6 +55,7 @@ import yaml
 # Imported before the pool forks its workers, so a benchmark that runs for an hour keeps the code it started with.
 from fedcmi.config import apply_overrides, config_from_dict, load_config
 from fedcmi.data.synthetic import bayes_accuracy
+from fedcmi.divergence import Diverged
 from fedcmi.engine import train
 from fedcmi.federation import Federation
 from fedcmi.io import write_json, write_text
@@ -118,8 +119,6 @@ def run_one(job: tuple) -> tuple[str, dict]:
     cfg = config_from_dict(apply_overrides(params, base + SETTINGS[setting] + RUNS[name] + list(extra)))
     dm = ensure_data(cfg)
     t0 = time.perf_counter()
-    from fedcmi.divergence import Diverged
-
     try:
         res = train(cfg, Path(work) / "out" / cache.stem, resume="never", progress=False)
     except Diverged as exc:  # a diverged run is a result too: chance accuracy at this lr
