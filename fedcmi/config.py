@@ -416,6 +416,30 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+#: The training settings a pipeline takes at run time (what users compare and rerun), by the name they
+#: carry there, with the config field each sets.
+RUN_SETTINGS: dict[str, str] = {
+    "seed": "seed", "algorithm": "algorithm.name", "lr": "optim.lr", "mu": "algorithm.mu",
+    "rounds": "federation.rounds", "local_epochs": "federation.local_epochs",
+}
+
+
+def config_with_settings(params_json: str, settings: dict[str, Any], source: str = "pipeline parameters") -> Config:
+    """The config in ``params_json`` with run-time ``settings`` (names of :data:`RUN_SETTINGS`) applied;
+    a bad value is one :class:`ConfigError` naming the field."""
+    raw = json.loads(params_json)
+    unknown = sorted(set(settings) - set(RUN_SETTINGS))
+    if unknown:
+        raise ConfigError(f"unknown run setting(s) {unknown}; known: {sorted(RUN_SETTINGS)}")
+    for name, value in settings.items():
+        node = raw
+        *path, last = RUN_SETTINGS[name].split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return config_from_dict(raw, source)
+
+
 def config_from_dict(raw: Any, source: str = "params") -> Config:
     if raw is None:
         raw = {}

@@ -19,11 +19,12 @@ from typing import Callable, Literal
 from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.config import Config
 from fedcmi.data import DataModule
-from fedcmi.divergence import Diverged, DivergenceGuard, chance_accuracy
+from fedcmi.divergence import DivergenceGuard, chance_accuracy
 from fedcmi.federation import Federation
 from fedcmi.io import (ModelFileError, check_writable, load_state, read_json, remove_stale_temporaries,
                        save_state, write_json)
 from fedcmi.partition import load_partition
+from fedcmi.rounds import Ledger
 
 log = logging.getLogger("fedcmi")
 STATE_FILE = "state.json"
@@ -125,6 +126,14 @@ class Checkpointer:
                 old.unlink(missing_ok=True)
 
 
+def make_ledger(cfg: Config, folder: Path, data: DataModule) -> Ledger:
+    """The ledger of the federation ``cfg`` describes, kept in ``folder``: its fingerprint covers the
+    settings, the partition file and the prepared data; its guard knows the test split's chance level."""
+    guard = DivergenceGuard(chance_accuracy(data.test.labels, data.spec.num_classes), cfg.optim.lr,
+                            cfg.evaluation.divergence_patience, cfg.evaluation.divergence_margin)
+    return Ledger(folder, cfg.output.keep_checkpoints, run_fingerprint(cfg, cfg.partition.file, data.meta), guard)
+
+
 def _headline(rec: dict, modalities) -> dict[str, str]:
     out = {"acc": f"{rec['mm_acc']:.3f}"}
     for m in modalities:
@@ -146,32 +155,14 @@ def train(
     data = DataModule(cfg.data.prepared_dir)
     partition = load_partition(cfg.partition.file)
     fed = Federation(cfg, data, partition)
-    fp = run_fingerprint(cfg, cfg.partition.file, data.meta)
-    ckpt = Checkpointer(check_writable(out_dir / "checkpoints"), cfg.output.keep_checkpoints)  # fail before training
+    ledger = make_ledger(cfg, check_writable(out_dir / "checkpoints"), data)  # fail before training
     remove_stale_temporaries(out_dir)  # a final output whose writer was killed
-
-    state, history, start = fed.initial_state(), [], 0
-    meta = ckpt.load() if resume != "never" else None
-    if meta is not None and meta["fingerprint"] != fp:
-        if resume == "must":
-            raise ResumeError("the checkpoint was made with other settings or data; cannot resume it")
-        log.warning("checkpoint in %s was made with other settings; starting from round 0", ckpt.folder)
-        meta = None
-    if meta is not None:
-        state, meta = ckpt.load_model(meta)
-        start, history = int(meta["completed_rounds"]), list(meta["history"])
-        if start > cfg.federation.rounds:
-            raise ResumeError(
-                f"the checkpoint has {start} rounds done, more than federation.rounds={cfg.federation.rounds}"
-            )
-        log.info("resuming after round %d", start)
-    elif resume == "must":
-        raise ResumeError(f"no checkpoint to resume in {ckpt.folder}")
-
-    guard = DivergenceGuard(chance_accuracy(data.test.labels, data.spec.num_classes), cfg.optim.lr,
-                            cfg.evaluation.divergence_patience, cfg.evaluation.divergence_margin)
-    for rec in history:  # a resumed run remembers how far above chance it has been
-        guard.check_round(rec)
+    resumed = ledger.open(resume)
+    state = resumed if resumed is not None else fed.initial_state()
+    start = ledger.completed
+    if start > cfg.federation.rounds:
+        raise ResumeError(f"the checkpoint has {start} rounds done, more than federation.rounds={cfg.federation.rounds}")
+    policy = fed.policy
     rounds = cfg.federation.rounds
     bar = None
     if progress:
@@ -179,45 +170,28 @@ def train(
 
         bar = tqdm(total=rounds, initial=start, desc=f"{cfg.algorithm.name}", unit="round", dynamic_ncols=True)
     final = None
-    for rnd in range(start, rounds):
-        tr = time.perf_counter()
-        res = fed.run_round(state, rnd)
-        state = res.state
-        rec: dict = {"round": rnd + 1, "clients": res.clients, "accepted": res.accepted, "rejected": res.rejected,
-                     **({"idle": res.idle} if res.idle else {}), **res.summary}
-        last = rnd + 1 == rounds
-        if (rnd + 1) % cfg.evaluation.every == 0 or last:
-            ev = fed.evaluate(state, probe=last and cfg.evaluation.linear_probe)
-            rec.update(ev.metrics)
-            if last:
+    try:
+        for rnd in range(start, rounds):
+            tr = time.perf_counter()
+            res = fed.run_round(state, rnd)
+            state = res.state
+            ev = fed.evaluate(state, probe=policy.probes(rnd)) if policy.evaluates(rnd) else None
+            if rnd + 1 == rounds:
                 final = ev  # the run's final evaluation: the same model, so not computed twice
-        rec["seconds"] = round(time.perf_counter() - tr, 4)
-        reason = guard.check_round(rec)
-        if reason is not None:  # the diverged round is reported, never checkpointed: resuming starts before it
-            rec["diverged"] = 1
-            if on_round is not None:
-                on_round(rec)
+            rec = policy.record(rnd, res, ev.metrics if ev else None, time.perf_counter() - tr)
+            ledger.commit(state, rec, on_round)
             if bar is not None:
-                bar.close()
-            raise Diverged(reason)
-        history.append(rec)
-        ckpt.save(state, rnd + 1, fp, history)
-        if on_round is not None:
-            on_round(rec)
+                bar.update(1)
+                if "mm_acc" in rec:
+                    bar.set_postfix(_headline(rec, cfg.data.modalities))
+    finally:
         if bar is not None:
-            bar.update(1)
-            if "mm_acc" in rec:
-                bar.set_postfix(_headline(rec, cfg.data.modalities))
-    if bar is not None:
-        bar.close()
+            bar.close()
 
     if final is None:  # resumed after the last round: nothing ran, so evaluate what the checkpoint holds
         final = fed.evaluate(state, probe=cfg.evaluation.linear_probe)
-    reason, warning = guard.check_final(final.metrics["mm_acc"])
-    if reason is not None:
-        raise Diverged(reason)
-    if warning is not None:
-        log.warning("%s", warning)
+    ledger.finish(final.metrics["mm_acc"])
+    history = ledger.history
     return TrainResult(state, history, final.metrics, final.confusion, start, time.perf_counter() - t0)
 
 

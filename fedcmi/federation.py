@@ -10,40 +10,23 @@ call them one at a time.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Iterable
 
-import numpy as np
 import torch
 
-from fedcmi.algorithms import ClientContext, ClientUpdate, Strategy, UpdateRejected, check_update, get_strategy
+from fedcmi.algorithms import ClientContext, ClientUpdate, Strategy, get_strategy
 from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.algorithms.base import derive_seed
 from fedcmi.config import Config
 from fedcmi.data import DataModule
-from fedcmi.algorithms.aggregation import NonFiniteUpdate
-from fedcmi.divergence import Diverged, lr_advice
 from fedcmi.evaluation import EvalResult, evaluate_model
 from fedcmi.models import build_model
 from fedcmi.partition import Partition
+from fedcmi.rounds import RoundDiverged, RoundFailed, RoundPolicy, RoundResult, sample_clients
+
+__all__ = ["Federation", "RoundDiverged", "RoundFailed", "RoundResult", "resolve_device", "sample_clients"]
 
 log = logging.getLogger("fedcmi")
-
-
-def sample_clients(cfg: Config, rnd: int) -> list[int]:
-    """The clients of round ``rnd``, drawn from the seed and the round alone, so any runner
-    (and a pipeline compiler) draws the same without the data."""
-    rng = np.random.default_rng(derive_seed(cfg.seed, rnd, 0xC11E))
-    n = cfg.partition.num_clients
-    return sorted(rng.choice(n, size=cfg.federation.clients_per_round, replace=False).tolist())
-
-
-class RoundFailed(RuntimeError):
-    """Too few valid client updates: the global model stays as it was."""
-
-
-class RoundDiverged(RoundFailed, Diverged):
-    """A failed round whose every client update held NaN or Inf: local training diverged."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,16 +35,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device: cuda was asked for, but no CUDA device is available")
     return torch.device(name)
-
-
-@dataclass
-class RoundResult:
-    state: StateDict
-    clients: list[int]
-    accepted: list[int]
-    rejected: dict[int, str] = field(default_factory=dict)
-    summary: dict[str, float] = field(default_factory=dict)
-    idle: list[int] = field(default_factory=list)  # sampled, but with nothing to train under this algorithm
 
 
 class Federation:
@@ -85,6 +58,10 @@ class Federation:
         self.strategy: Strategy = get_strategy(cfg)
         self.model = build_model(cfg, data.spec).to(self.device)
 
+    @property
+    def policy(self) -> RoundPolicy:
+        return RoundPolicy(self.cfg)
+
     # -- state ---------------------------------------------------------------
     def initial_state(self) -> StateDict:
         """The seeded initial global model (a fresh build, not the working instance)."""
@@ -95,7 +72,7 @@ class Federation:
 
     # -- the round's parts ---------------------------------------------------------
     def sample_clients(self, rnd: int) -> list[int]:
-        return sample_clients(self.cfg, rnd)
+        return self.policy.clients(rnd)
 
     def client_context(self, cid: int, rnd: int) -> ClientContext | None:
         shard = self.partition.client(cid)
@@ -133,52 +110,7 @@ class Federation:
         return res
 
     def _fold(self, global_state: StateDict, producers, rnd: int) -> RoundResult:
-        """Fold (client id, update producer) pairs; a producer may return None (nothing to train) or fail.
-
-        A round needs ``federation.min_clients`` valid updates, else :class:`RoundFailed` and the global
-        model stays. A round where no sampled client has anything to train (single-modality FedAvg
-        sampling only clients without that modality) is idle: the global model stays, and the run goes on.
-        """
-        acc = self.strategy.accumulator(self.model, global_state)
-        accepted: list[int] = []
-        idle: list[int] = []
-        rejected: dict[int, str] = {}
-        non_finite: set[int] = set()
-        kept: list[ClientUpdate] = []
-        for cid, produce in producers:
-            try:
-                u = produce()
-                if u is None:
-                    idle.append(cid)
-                    continue
-                check_update(global_state, u)
-            except UpdateRejected as exc:
-                rejected[cid] = str(exc)
-                if isinstance(exc, NonFiniteUpdate):
-                    non_finite.add(cid)
-            except Exception as exc:  # a client's fault must not end the federation
-                rejected[cid] = f"client {cid}: training failed: {exc.__class__.__name__}: {exc}"
-            else:
-                acc.add(u)
-                accepted.append(cid)
-                kept.append(ClientUpdate(u.client_id, {}, u.num_examples, u.modalities, u.metrics))
-                continue
-            log.warning("round %d: update rejected: %s", rnd + 1, rejected[cid])
-        need = self.cfg.federation.min_clients
-        if not accepted and not rejected:
-            log.warning("round %d: no sampled client has anything to train (%s); the global model stays", rnd + 1,
-                        idle)
-            return RoundResult({k: v.detach().cpu().clone() for k, v in global_state.items()}, [], [], {},
-                               {}, idle)
-        if len(accepted) < need:
-            if rejected and non_finite == set(rejected):
-                raise RoundDiverged(f"diverged: round {rnd + 1}: every client's update holds NaN or Inf"
-                                    + lr_advice(self.cfg.optim.lr))
-            raise RoundFailed(
-                f"round {rnd + 1}: {len(accepted)} valid update(s), federation.min_clients is {need}; "
-                f"rejected: {rejected or 'none'}"
-            )
-        return RoundResult(acc.result(), [], accepted, rejected, self.strategy.round_summary(kept), idle)
+        return self.policy.conclude(self.strategy, self.model, global_state, producers, rnd)
 
     def evaluate(self, state: StateDict, probe: bool = False, split: str = "test") -> EvalResult:
         self.load(state)

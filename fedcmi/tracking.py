@@ -339,3 +339,63 @@ def write_run_info(path: Path, info: dict) -> None:
 
 def read_run_info(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# -- a federation that several processes (pipeline steps) log into ------------------------------------
+RUN_INFO = "mlflow_run.json"
+
+
+def open_federation_run(cfg: Config, store: Path, uri: str, run_name: str, tags: dict[str, str]) -> str:
+    """The MLflow run of the federation kept in ``store``: reopened (RUNNING again) when an earlier run of
+    the pipeline opened it, else created; its id is kept in the store so every later step and run finds it."""
+    from mlflow import MlflowClient
+
+    from fedcmi.io import write_json
+
+    info_file = Path(store) / RUN_INFO
+    if info_file.is_file():
+        info = read_run_info(info_file)
+        if info.get("tracking_uri") == uri and info.get("run_id"):
+            check_reachable(uri)
+            MlflowClient(uri).update_run(info["run_id"], status="RUNNING")
+            return str(info["run_id"])
+    tracker = RunTracker(cfg, run_name=run_name, uri=uri, tags=tags)
+    write_json(info_file, {"run_id": tracker.run_id, "tracking_uri": uri, "experiment": cfg.tracking.experiment})
+    if tracker.errors:
+        raise TrackingUnavailable(f"the run's parameters could not be logged to {uri}: {tracker.errors[0]}")
+    return tracker.run_id
+
+
+def finish_federation_run(cfg: Config, store: Path, uri: str, run_id: str, model_file: Path,
+                          final: dict[str, float]) -> dict:
+    """Log the final metrics, files and model of a complete federation, register the model and end the run
+    FINISHED; done once per federation (the registration is kept in the store, so a retry registers nothing
+    twice). Returns the registration."""
+    from fedcmi.io import read_json, write_json
+    from fedcmi.steps import load_model
+
+    reg_file = Path(store) / "register.json"
+    if reg_file.is_file():
+        return read_json(reg_file)
+    tracker = RunTracker(cfg, uri=uri, run_id=run_id)
+    tracker.log_final(final)
+    tracker.log_artifacts([Path(store) / "history.json", Path(store) / "metrics.json",
+                           cfg.partition.file.with_name("partition_stats.json"), cfg.partition.file])
+    tracker.log_model(load_model(cfg, model_file))
+    errors = tracker.close()
+    if tracker.model_uri is None:
+        raise TrackingUnavailable(f"the final model could not be logged to {uri}: {errors}")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    result = register(cfg, run_id, tracker.model_uri, float(final[cfg.tracking.headline_metric]), data_hash(cfg))
+    write_json(reg_file, result)
+    return result
+
+
+def fail_run(uri: str, run_id: str, reason: str) -> None:
+    """End ``run_id`` FAILED with the reason as a tag (a pipeline's exit handler)."""
+    from mlflow import MlflowClient
+
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    client.set_tag(run_id, "failure", reason[:4000])
+    client.set_terminated(run_id, "FAILED")

@@ -1,14 +1,43 @@
-"""``fedcmi pipeline compile | submit | run-local``."""
+"""``fedcmi pipeline compile | submit | drive | run-local``."""
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
 
 from fedcmi.config import Config
 
 
 class PipelineError(RuntimeError):
-    """A pipeline that cannot be compiled or submitted; the message says why."""
+    """A pipeline that cannot be compiled, submitted or driven; the message says why."""
+
+
+# Kubernetes resource quantities: 500m, 4, 1.5, 16Gi, 16G, 512Mi, 1e9 ...
+_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)([eE][0-9]+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+def _quantity(what: str):
+    def parse(text: str) -> str:
+        if not _QUANTITY.match(text.strip()):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a Kubernetes {what} quantity (examples: "
+                + ("'4', '500m', '1.5'" if what == "CPU" else "'16Gi', '16G', '512Mi'")
+                + "; units are case-sensitive, with no 'B')")
+        return text.strip()
+    return parse
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
 
 
 def _options(args: argparse.Namespace):
@@ -17,90 +46,201 @@ def _options(args: argparse.Namespace):
     return PipelineOptions(image=args.image, accelerator_type=args.accelerator_type,
                            accelerator_count=args.accelerator_count, cpu=args.cpu, memory=args.memory,
                            retries=args.retries, parallelism=args.parallelism, pvc=args.pvc,
-                           data_root=args.data_root)
+                           data_root=args.data_root, rounds_per_run=args.rounds_per_run,
+                           clients_per_pod=args.clients_per_pod)
+
+
+def _arguments(cfg: Config, args: argparse.Namespace) -> dict:
+    """The run-time parameters of every run of this federation."""
+    return {"seed": cfg.seed, "algorithm": cfg.algorithm.name, "lr": cfg.optim.lr, "mu": cfg.algorithm.mu,
+            "rounds": cfg.federation.rounds, "local_epochs": cfg.federation.local_epochs,
+            "data_root": args.data_root, "store": args.store, "tracking_uri": args.tracking_uri,
+            "run_name": args.run_name or f"{cfg.algorithm.name}-seed{cfg.seed}"}
 
 
 def cmd_compile(cfg: Config, args: argparse.Namespace) -> int:
-    from pipelines.federated import compile_pipeline
+    from pipelines.federated import compile_pipeline, spec_figures
 
-    out = compile_pipeline(cfg, _options(args), args.out)
-    print(f"wrote {out}: {cfg.federation.rounds} rounds x {cfg.federation.clients_per_round} clients, image {args.image}")
+    opts = _options(args)
+    out = compile_pipeline(cfg, opts, args.out)
+    fig = spec_figures(out)
+    runs = -(-cfg.federation.rounds // opts.slots(cfg))
+    print(f"wrote {out}: {fig['bytes']:,} bytes, {fig['dag_tasks']} DAG tasks; {opts.slots(cfg)} rounds per run, "
+          f"{runs} run(s) for {cfg.federation.rounds} rounds; {cfg.federation.clients_per_round} clients per round "
+          f"in pods of {opts.clients_per_pod}; image {opts.image}")
     return 0
 
 
-def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
-    import tempfile
-
+def _client(args: argparse.Namespace):
     import kfp
+
+    try:
+        return kfp.Client(host=args.host, namespace=args.namespace)
+    except Exception as exc:  # kfp raises urllib3/ApiException/ValueError variants for the same fault
+        raise PipelineError(_unreachable(args.host, exc)) from None
+
+
+def _unreachable(host: str, exc: Exception) -> str:
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"could not submit to Kubeflow Pipelines at {host}: {exc.__class__.__name__}: {first}"
+
+
+def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
+    """One run: up to --rounds-per-run rounds from where the federation's store stands."""
+    import tempfile
 
     from pipelines.federated import compile_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(cfg, _options(args), Path(tmp) / "pipeline.yaml")
+        arguments = _arguments(cfg, args)
         try:
-            client = kfp.Client(host=args.host, namespace=args.namespace)
-            run = client.create_run_from_pipeline_package(
+            run = _client(args).create_run_from_pipeline_package(
                 str(package), experiment_name=args.experiment or cfg.tracking.experiment,
-                run_name=args.run_name or f"{cfg.algorithm.name}-seed{cfg.seed}",
-                arguments={"source": "path" if args.pvc else args.source, "data_root": args.data_root,
-                           "dvc_repo": args.dvc_repo,
-                           "dvc_rev": args.dvc_rev, "tracking_uri": args.tracking_uri},
-            )
-        except Exception as exc:  # kfp raises urllib3/ApiException/ValueError variants for the same fault
-            first = str(exc).splitlines()[0][:300] if str(exc) else ""
-            raise PipelineError(f"could not submit to Kubeflow Pipelines at {args.host}: "
-                                f"{exc.__class__.__name__}: {first}") from None
+                run_name=arguments["run_name"], arguments=arguments)
+        except PipelineError:
+            raise
+        except Exception as exc:
+            raise PipelineError(_unreachable(args.host, exc)) from None
     print(json.dumps({"run_id": run.run_id, "host": args.host}))
     return 0
 
 
-def cmd_run_local(cfg: Config, args: argparse.Namespace) -> int:
-    from fedcmi.io import load_state, save_state
-    from pipelines.federated import run_local
+def _plan(cfg: Config, args: argparse.Namespace):
+    from pipelines.driver import Plan
 
-    final = run_local(cfg, args.data_root, args.pipeline_root, args.tracking_uri)
-    state, meta = load_state(final)
+    return Plan(_arguments(cfg, args), cfg.federation.rounds, _options(args).slots(cfg))
+
+
+def _say(text: str) -> None:
+    # not print(): kfp.local indents every print() while a task runs
+    sys.stderr.write(f"fedcmi: {text}\n")
+    sys.stderr.flush()
+
+
+def cmd_drive(cfg: Config, args: argparse.Namespace) -> int:
+    """Submit runs until the federation is complete; restartable (the state file keeps the run in flight)."""
+    import tempfile
+
+    from pipelines.driver import DriveError, KfpExecutor, drive
+    from pipelines.federated import compile_pipeline
+
+    plan = _plan(cfg, args)
+    state_file = Path(args.state or f"outputs/drive/{plan.arguments['run_name']}.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(cfg, _options(args), Path(tmp) / "pipeline.yaml")
+        executor = KfpExecutor(_client(args), package, args.experiment or cfg.tracking.experiment,
+                               args.poll_seconds, progress=_say)
+        try:
+            state = drive(executor, plan, state_file, args.max_failures, progress=_say)
+        except DriveError as exc:
+            raise PipelineError(str(exc)) from None
+    print(json.dumps({"runs": state["runs"], "state_file": str(state_file)}))
+    return 0
+
+
+def cmd_run_local(cfg: Config, args: argparse.Namespace) -> int:
+    """The whole federation with kfp.local, run after run, as `drive` would on a cluster."""
+    from fedcmi.io import load_state, save_state
+    from fedcmi.segments import MODEL, status
+    from pipelines.driver import DriveError, LocalExecutor, drive
+    from pipelines.federated import local_runner, run_local
+
+    root = Path(args.data_root).resolve()
+    args.data_root = str(root)
+    if args.store:  # relative to where the command runs, as every path flag; the steps run in the data root
+        args.store = str(Path(args.store).resolve())
+    opts = _options(args)
+    plan = _plan(cfg, args)
+    pipeline_root = Path(args.pipeline_root).resolve()
+    runner = local_runner(args.runner, root)
+    logs = pipeline_root / "logs"
+    count = [0]
+
+    def one_run(arguments: dict) -> bool:
+        count[0] += 1
+        log_file = logs / f"{arguments['run_name']}-{count[0]}.log"
+        _say(f"kfp.local ({args.runner}); full log in {log_file}")
+        return run_local(cfg, opts, arguments, pipeline_root, runner, log_file, echo=lambda line: f"fedcmi: {line}")
+
+    state_file = Path(args.state or pipeline_root / f"drive-{plan.arguments['run_name']}.json")
+    try:
+        drive(LocalExecutor(one_run), plan, state_file, args.max_failures, progress=_say)
+    except DriveError as exc:
+        raise PipelineError(str(exc)) from None
+    store = Path(args.store) if args.store else root / "outputs" / "federations" / plan.arguments["run_name"]
+    info = status(cfg, store)
+    if not info["complete"]:
+        raise PipelineError(f"the federation in {store} stands at {info['completed_rounds']} of {info['rounds']} "
+                            "rounds after the runs succeeded; see the logs")
+    state, meta = load_state(store / MODEL)
     out = save_state(args.out, state, meta)
-    print(f"final global model: {out}")
+    print(json.dumps({"model": str(out), "store": str(store), "rounds": info["rounds"]}))
     return 0
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("pipeline", help="Kubeflow Pipelines: compile, submit, or run locally.",
-                       description="Kubeflow Pipelines built from params.yaml: one component per step of a round.")
-    psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
-    shape = argparse.ArgumentParser(add_help=False)
-    shape.add_argument("--image", default="fedcmi:latest", help="the component image (see Dockerfile)")
-    shape.add_argument("--accelerator-type", default="nvidia.com/gpu", help="accelerator for client training")
-    shape.add_argument("--accelerator-count", type=int, default=1, help="accelerators per client pod (0: none)")
-    shape.add_argument("--cpu", default="4", help="CPU limit per client pod")
-    shape.add_argument("--memory", default="16G", help="memory limit per client pod")
-    shape.add_argument("--retries", type=int, default=2, help="retries of a failed client pod")
-    shape.add_argument("--parallelism", type=int, default=0, help="client pods at once (0: all of a round)")
-    shape.add_argument("--pvc", default="", help="PersistentVolumeClaim with the DVC outputs, mounted at --data-root "
-                       "for the data step (kfp-kubernetes); implies --source path")
-    shape.add_argument("--data-root", default="/data", help="where the data volume is mounted (source path)")
+    from pipelines.federated import DEFAULT_IMAGE
 
-    c = psub.add_parser("compile", parents=[common, shape], help="Write the pipeline YAML.")
+    p = sub.add_parser("pipeline", help="Kubeflow Pipelines: compile, submit, drive, or run locally.",
+                       description="Kubeflow Pipelines built from params.yaml. A run continues the federation's "
+                                   "store for up to --rounds-per-run rounds; `drive` chains runs to the end.")
+    psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+
+    shape = argparse.ArgumentParser(add_help=False)
+    shape.add_argument("--rounds-per-run", type=_count(1), default=10,
+                       help="round slots in one run (the spec's size grows with this, not with the rounds)")
+    shape.add_argument("--clients-per-pod", type=_count(1), default=1,
+                       help="clients one training pod trains in turn (fewer pods, less start-up)")
+    shape.add_argument("--data-root", default="/data",
+                       help="the project root on the data volume: holds data.prepared_dir and partition.file")
+    cluster = argparse.ArgumentParser(add_help=False)
+    cluster.add_argument("--image", default=DEFAULT_IMAGE, help="the component image (default: %(default)s)")
+    cluster.add_argument("--accelerator-type", default="nvidia.com/gpu", help="accelerator of a training pod")
+    cluster.add_argument("--accelerator-count", type=_count(0), default=1,
+                         help="accelerators per training pod (0: none)")
+    cluster.add_argument("--cpu", type=_quantity("CPU"), default="4", help="CPU request and limit of a training pod")
+    cluster.add_argument("--memory", type=_quantity("memory"), default="16Gi",
+                         help="memory request and limit of a training pod")
+    cluster.add_argument("--retries", type=_count(0), default=2,
+                         help="retries of a failed pod, with exponential backoff from 30 s")
+    cluster.add_argument("--parallelism", type=_count(0), default=0,
+                         help="training pods at once in a round (0: all of a round)")
+    cluster.add_argument("--pvc", default="", help="PersistentVolumeClaim holding the project root, mounted at "
+                         "--data-root on every step (kfp-kubernetes)")
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--host", required=True, help="the Kubeflow Pipelines API endpoint")
+    server.add_argument("--namespace", default=None, help="the Kubeflow namespace")
+    server.add_argument("--experiment", help="KFP experiment (default: tracking.experiment)")
+    run = argparse.ArgumentParser(add_help=False)
+    run.add_argument("--run-name", help="the federation's name (default: <algorithm>-seed<seed>); its store is "
+                     "<data-root>/outputs/federations/<run-name> unless --store is given")
+    run.add_argument("--store", default="", help="the federation's store (checkpoints, history), on the volume")
+    run.add_argument("--tracking-uri", default="", help="MLflow server the steps log to ('' for none)")
+    chain = argparse.ArgumentParser(add_help=False)
+    chain.add_argument("--state", help="the driver's state file (default: outputs/drive/<run-name>.json)")
+    chain.add_argument("--max-failures", type=_count(1), default=3, help="failed runs in a row before giving up")
+
+    c = psub.add_parser("compile", parents=[common, shape, cluster], help="Write the pipeline YAML.")
     c.add_argument("--out", default="outputs/pipeline.yaml", help="where to write it (default: %(default)s)")
     c.set_defaults(func=cmd_compile)
 
-    s = psub.add_parser("submit", parents=[common, shape], help="Compile and submit a run with kfp.Client.")
-    s.add_argument("--host", required=True, help="the Kubeflow Pipelines API endpoint")
-    s.add_argument("--namespace", default=None, help="the Kubeflow namespace")
-    s.add_argument("--experiment", help="KFP experiment (default: tracking.experiment)")
-    s.add_argument("--run-name", help="run name (default: <algorithm>-seed<seed>)")
-    s.add_argument("--source", choices=["dvc", "path"], default="dvc", help="how components get the data")
-    s.add_argument("--dvc-repo", default="", help="git URL of this project (source dvc)")
-    s.add_argument("--dvc-rev", default="", help="git revision (source dvc)")
-    s.add_argument("--tracking-uri", default="", help="MLflow server the pods log to ('' for none)")
+    s = psub.add_parser("submit", parents=[common, shape, cluster, server, run],
+                        help="Submit one run (up to --rounds-per-run rounds) with kfp.Client.")
     s.set_defaults(func=cmd_submit)
 
-    r = psub.add_parser("run-local", parents=[common], help="Run the whole pipeline here with kfp.local.")
-    r.set_defaults(image="fedcmi:latest", accelerator_type="", accelerator_count=0, cpu="", memory="", retries=0,
-                   parallelism=0, pvc="")
-    r.add_argument("--data-root", default=".", help="folder holding data.prepared_dir and partition.file")
-    r.add_argument("--pipeline-root", default="outputs/kfp_local", help="where kfp.local keeps artifacts")
-    r.add_argument("--tracking-uri", default="", help="MLflow tracking URI to log to ('' for none)")
+    d = psub.add_parser("drive", parents=[common, shape, cluster, server, run, chain],
+                        help="Submit runs until the federation is complete; run it again to resume.")
+    d.add_argument("--poll-seconds", type=float, default=30.0, help="how often to ask for a run's state")
+    d.set_defaults(func=cmd_drive)
+
+    r = psub.add_parser("run-local", parents=[common, shape, run, chain],
+                        help="Run the whole federation here with kfp.local, run after run.")
+    r.set_defaults(accelerator_type="", accelerator_count=0, cpu="1", memory="4Gi", retries=0, parallelism=0,
+                   pvc="", data_root=".")
+    r.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
+                   help="subprocess: this environment; docker: the image (docker/build-image.sh)")
+    r.add_argument("--image", default=DEFAULT_IMAGE, help="the image for --runner docker (default: %(default)s)")
+    r.add_argument("--pipeline-root", default="outputs/kfp_local", help="where kfp.local keeps artifacts and logs")
     r.add_argument("--out", default="outputs/pipeline/model.safetensors", help="copy the final model here")
     r.set_defaults(func=cmd_run_local)

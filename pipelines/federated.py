@@ -1,24 +1,41 @@
-"""The federated pipeline: data, initial model, R unrolled rounds, registration.
+"""The federated pipeline: a bounded number of rounds per run, chained through the federation's store.
 
-Rounds are unrolled at compile time: each is a ``fedcmi-round`` sub-pipeline
-with a ParallelFor over that round's clients (drawn from the seed and the
-round, exactly as the in-process engine draws them), then aggregation of the
-collected updates and evaluation.
+A run of this pipeline continues the federation kept in its store (the engine's
+checkpoint folder on the data volume) for at most ``rounds_per_run`` rounds:
+
+    begin ─ round 1: train_clients × workers ─ conclude ─ round 2: ... ─ finish
+      └─ exit handler: close_run (ends the MLflow run FAILED when the run fails)
+
+The number of rounds a spec holds is fixed at compile time, so its size does not
+grow with ``federation.rounds``; :mod:`pipelines.driver` submits runs until the
+federation is complete, and a run that fails or is lost is resubmitted without
+losing or repeating a round (each round is committed to the store atomically).
+The training settings users compare (seed, algorithm, lr, mu, rounds,
+local_epochs) are run-time parameters; clients are drawn at run time by
+:class:`fedcmi.rounds.RoundPolicy`, exactly as the engine draws them.
 """
 
 
 import json
+import os
+import re
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from kfp import compiler, dsl
-from kfp.dsl import Artifact, Dataset, Input, Model
+from kfp.dsl import Input, Model
 
 from components import make_components
+from fedcmi import __version__
 from fedcmi.config import Config
-from fedcmi.federation import sample_clients
+from fedcmi.rounds import RoundPolicy
 
-DEFAULT_IMAGE = "fedcmi:latest"
+DEFAULT_IMAGE = f"fedcmi:{__version__}"
 
 
 @dataclass
@@ -27,106 +44,211 @@ class PipelineOptions:
 
     image: str = DEFAULT_IMAGE
     accelerator_type: str = "nvidia.com/gpu"
-    accelerator_count: int = 1  # 0: no accelerator request (CPU clusters, local runs)
-    cpu: str = "4"
+    accelerator_count: int = 1  # per training pod; 0: no accelerator request (CPU clusters, local runs)
+    cpu: str = "4"  # request and limit of a training pod
     memory: str = "16G"
-    retries: int = 2
-    parallelism: int = 0  # clients trained at once in a round; 0: all of them
-    pvc: str = ""  # a PersistentVolumeClaim holding the DVC outputs, mounted at data_root for source 'path'
+    retries: int = 2  # of a pod that fails (eviction, OOM kill, node loss), with exponential backoff
+    parallelism: int = 0  # training pods at once in a round; 0: all of them
+    pvc: str = ""  # a PersistentVolumeClaim holding the project root (DVC outputs), mounted at data_root
     data_root: str = "/data"
+    rounds_per_run: int = 10
+    clients_per_pod: int = 1
     extra: dict = field(default_factory=dict)
+
+    def slots(self, cfg: Config) -> int:
+        """Round slots in one run: ``rounds_per_run``, or fewer when the federation is shorter."""
+        return min(self.rounds_per_run, cfg.federation.rounds)
+
+
+# what the light steps ask for: no accelerator, little memory
+LIGHT_CPU, LIGHT_MEMORY = "1", "4G"
 
 
 def build_pipeline(cfg: Config, opts: PipelineOptions):
-    """The pipeline function for ``cfg``, with its rounds and clients fixed at compile time."""
+    """The pipeline function for ``cfg``: ``opts.slots(cfg)`` rounds of ``clients_per_round`` clients."""
     comp = make_components(opts.image)
     params_json = json.dumps(cfg.to_dict(), sort_keys=True)
-    rounds = cfg.federation.rounds
-    clients = [sample_clients(cfg, r) for r in range(rounds)]
-    parallelism = opts.parallelism or cfg.federation.clients_per_round
+    slots = opts.slots(cfg)
+    workers = list(range(RoundPolicy(cfg).workers(opts.clients_per_pod)))
+    parallelism = opts.parallelism or len(workers)
 
-    @dsl.pipeline(name="fedcmi-round", description="One round: clients in parallel, aggregation, evaluation.")
-    def fl_round(
-        params_json: str,
-        prepared: Input[Dataset],
-        partition: Input[Artifact],
-        global_model: Input[Model],
-        round_index: int,
-        clients: list,
-        tracking_uri: str,
-        run_id: str,
-    ) -> Model:
-        with dsl.ParallelFor(items=clients, parallelism=parallelism, name="clients") as cid:
-            t = comp.train_client(params_json=params_json, prepared=prepared, partition=partition,
-                                  global_model=global_model, client_id=cid, round_index=round_index)
-            t.set_display_name("train-client")
-            t.set_cpu_limit(opts.cpu).set_memory_limit(opts.memory).set_retry(opts.retries)
-            if opts.accelerator_count > 0:
-                t.set_accelerator_type(opts.accelerator_type).set_accelerator_limit(opts.accelerator_count)
-        agg = comp.aggregate(params_json=params_json, prepared=prepared, partition=partition,
-                             global_model=global_model, updates=dsl.Collected(t.outputs["update"]),
-                             round_index=round_index)
-        agg.set_display_name("aggregate")
-        ev = comp.evaluate(params_json=params_json, prepared=prepared, partition=partition,
-                           model=agg.outputs["new_global"], round_index=round_index, tracking_uri=tracking_uri,
-                           run_id=run_id)
-        ev.set_display_name("evaluate")
-        return agg.outputs["new_global"]
-
-    @dsl.pipeline(name=f"fedcmi-{cfg.algorithm.name}",
-                  description=f"{cfg.algorithm.name}: {rounds} rounds, {cfg.federation.clients_per_round} of "
-                              f"{cfg.partition.num_clients} clients per round (seed {cfg.seed}).")
-    def fedcmi_pipeline(
-        source: str = "path" if opts.pvc else "dvc",
-        data_root: str = opts.data_root,
-        dvc_repo: str = "",
-        dvc_rev: str = "",
-        tracking_uri: str = "",
-        run_name: str = f"{cfg.algorithm.name}-seed{cfg.seed}",
-    ) -> Model:
-        data = comp.load_data(params_json=params_json, source=source, data_root=data_root, dvc_repo=dvc_repo,
-                              dvc_rev=dvc_rev)
+    def volume(task):
         if opts.pvc:
             from kfp import kubernetes
 
-            kubernetes.mount_pvc(data, pvc_name=opts.pvc, mount_path=opts.data_root)
-        run = comp.start_run(params_json=params_json, tracking_uri=tracking_uri, run_name=run_name)
-        init = comp.init_model(params_json=params_json, prepared=data.outputs["prepared"],
-                               partition=data.outputs["partition"])
-        model = init.outputs["model"]
-        for r in range(rounds):
-            step = fl_round(params_json=params_json, prepared=data.outputs["prepared"],
-                            partition=data.outputs["partition"], global_model=model, round_index=r,
-                            clients=clients[r], tracking_uri=tracking_uri, run_id=run.output)
-            step.set_display_name(f"round-{r + 1}")
-            model = step.output
-        reg = comp.register_model(params_json=params_json, prepared=data.outputs["prepared"],
-                                  partition=data.outputs["partition"], model=model, tracking_uri=tracking_uri,
-                                  run_id=run.output)
-        reg.set_display_name("register")
-        return model
+            kubernetes.mount_pvc(task, pvc_name=opts.pvc, mount_path=opts.data_root)
+        return task
+
+    def light(task, name: str, retry: bool = True):
+        task.set_display_name(name).set_caching_options(False)
+        task.set_cpu_request(LIGHT_CPU).set_memory_request(LIGHT_MEMORY).set_memory_limit(opts.memory)
+        if retry and opts.retries:
+            task.set_retry(opts.retries, backoff_duration="30s", backoff_factor=2.0)
+        return volume(task)
+
+    @dsl.pipeline(name="fedcmi-round", description="One round: training pods in parallel, then conclude.")
+    def fl_round(config_json: str, data_root: str, store: str, global_model: Input[Model], start_round: int,
+                 offset: int, tracking_uri: str, run_id: str) -> Model:
+        with dsl.ParallelFor(items=workers, parallelism=parallelism, name="workers") as w:
+            t = comp.train_clients(config_json=config_json, data_root=data_root, global_model=global_model,
+                                   start_round=start_round, offset=offset, worker=w,
+                                   per_worker=opts.clients_per_pod)
+            t.set_display_name("train").set_caching_options(False)
+            t.set_cpu_request(opts.cpu).set_cpu_limit(opts.cpu)
+            t.set_memory_request(opts.memory).set_memory_limit(opts.memory)
+            if opts.retries:
+                t.set_retry(opts.retries, backoff_duration="30s", backoff_factor=2.0)
+            if opts.accelerator_count > 0:
+                t.set_accelerator_type(opts.accelerator_type).set_accelerator_limit(opts.accelerator_count)
+            volume(t)
+        c = light(comp.conclude_round(config_json=config_json, data_root=data_root, store=store,
+                                      global_model=global_model, updates=dsl.Collected(t.outputs["updates"]),
+                                      start_round=start_round, offset=offset, tracking_uri=tracking_uri,
+                                      run_id=run_id), "conclude")
+        return c.outputs["new_global"]
+
+    @dsl.pipeline(
+        name=f"fedcmi-{cfg.algorithm.name}",
+        description=f"Up to {slots} rounds of a federation per run, {cfg.federation.clients_per_round} of "
+                    f"{cfg.partition.num_clients} clients per round, continued from the federation's store.")
+    def fedcmi_pipeline(
+        seed: int = cfg.seed,
+        algorithm: str = cfg.algorithm.name,
+        lr: float = cfg.optim.lr,
+        mu: float = cfg.algorithm.mu,
+        rounds: int = cfg.federation.rounds,
+        local_epochs: int = cfg.federation.local_epochs,
+        data_root: str = opts.data_root,
+        store: str = "",
+        tracking_uri: str = "",
+        run_name: str = f"{cfg.algorithm.name}-seed{cfg.seed}",
+    ):
+        close = light(comp.close_run(data_root=data_root, store=store, run_name=run_name), "close-run",
+                      retry=False)
+        with dsl.ExitHandler(close, name="federation"):
+            begin = light(comp.begin_run(params_json=params_json, seed=seed, algorithm=algorithm, lr=lr, mu=mu,
+                                         rounds=rounds, local_epochs=local_epochs, data_root=data_root,
+                                         store=store, tracking_uri=tracking_uri, run_name=run_name), "begin")
+            conf, where = begin.outputs["config_json"], begin.outputs["store"]
+            start, run_id = begin.outputs["start_round"], begin.outputs["run_id"]
+            model = begin.outputs["global_model"]
+            for k in range(slots):
+                step = fl_round(config_json=conf, data_root=data_root, store=where, global_model=model,
+                                start_round=start, offset=k, tracking_uri=tracking_uri, run_id=run_id)
+                step.set_display_name(f"round-{k + 1}")
+                model = step.output
+            light(comp.finish_run(config_json=conf, data_root=data_root, store=where, global_model=model,
+                                        tracking_uri=tracking_uri, run_id=run_id), "finish")
 
     return fedcmi_pipeline
 
 
 def compile_pipeline(cfg: Config, opts: PipelineOptions, out: str | Path) -> Path:
+    """Write the pipeline YAML atomically; returns its path."""
+    from fedcmi.io import write_text
+
     out = Path(out)
+    tmp = out.with_name(f".compiling-{out.name}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(cfg, opts), str(out))
+    try:
+        compiler.Compiler().compile(build_pipeline(cfg, opts), str(tmp))
+        write_text(out, tmp.read_text())
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
-def run_local(cfg: Config, data_root: str | Path, pipeline_root: str | Path, tracking_uri: str = "") -> Path:
-    """Run the whole pipeline here with kfp.local's subprocess runner, in this environment.
+def spec_figures(path: str | Path) -> dict:
+    """Bytes, DAG tasks and executors of a compiled spec (what a cluster must store and schedule)."""
+    import yaml
 
-    ``data_root`` is the folder that holds ``cfg.data.prepared_dir`` and
-    ``cfg.partition.file`` (the project root after ``dvc repro``). Returns the
-    final global model file.
-    """
+    text = Path(path).read_text()
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    spec = docs[0]
+    tasks = sum(len(c.get("dag", {}).get("tasks", {})) for c in spec.get("components", {}).values())
+    tasks += len(spec.get("root", {}).get("dag", {}).get("tasks", {}))
+    return {"bytes": len(text.encode()), "dag_tasks": tasks,
+            "executors": len(spec.get("deploymentSpec", {}).get("executors", {}))}
+
+
+PROGRESS = "[fedcmi] "  # components prefix the lines meant for the person watching a local run
+
+
+@contextmanager
+def _quiet(log_file: Path, echo: Callable[[str], str]):
+    """Send everything written to stdout and stderr (kfp.local's executor inputs, task logs, child
+    processes) to ``log_file``; write the progress lines, formatted by ``echo``, to the real stderr."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_file, "ab") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+    done = threading.Event()
+
+    def follow() -> None:
+        with open(log_file, "rb") as src:
+            src.seek(0, os.SEEK_END)
+            while True:
+                line = src.readline()
+                if line.endswith(b"\n"):
+                    text = line.decode(errors="replace")
+                    if PROGRESS in text:
+                        os.write(saved[1], (echo(text.split(PROGRESS, 1)[1].rstrip()) + "\n").encode())
+                    continue
+                if done.is_set():
+                    return
+                time.sleep(0.2)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        done.set()
+        thread.join(timeout=10)
+
+
+def local_runner(kind: str, data_root: Path, environment: dict | None = None, mounts: tuple = ()):
+    """kfp.local's runner: ``subprocess`` (this environment) or ``docker`` (the image; the data root is
+    bind-mounted at the same path, the steps run as this user and reach loopback servers)."""
     from kfp import local
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-               raise_on_error=True)
-    pipeline = build_pipeline(cfg, PipelineOptions(accelerator_count=0))
-    task = pipeline(source="path", data_root=str(Path(data_root).resolve()), tracking_uri=tracking_uri)
-    return Path(task.output.path)
+    if kind == "subprocess":
+        return local.SubprocessRunner(use_venv=False)
+    if kind != "docker":
+        raise ValueError(f"runner must be 'subprocess' or 'docker', not {kind!r}")
+    from docker.types import Mount
+
+    binds = [Mount(target=str(data_root), source=str(data_root), type="bind"), *mounts]
+    return local.DockerRunner(mounts=binds, user=f"{os.getuid()}:{os.getgid()}", network_mode="host",
+                              environment={"HOME": "/tmp", **(environment or {})})
+
+
+def run_local(cfg: Config, opts: PipelineOptions, arguments: dict, pipeline_root: Path, runner,
+              log_file: Path, echo: Callable[[str], str] = lambda line: line) -> bool:
+    """One run of the pipeline with kfp.local; True when it succeeded. Its full log goes to ``log_file``."""
+    from kfp import local
+
+    pipeline = build_pipeline(cfg, opts)
+    local.init(runner=runner, pipeline_root=str(Path(pipeline_root).resolve()), raise_on_error=True)
+    import builtins
+
+    real_print = builtins.print  # kfp.local swaps in an indenting print and may not put it back
+    with _quiet(log_file, echo):
+        try:
+            pipeline(**arguments)
+        except Exception as exc:  # kfp.local reports a failed task as a RuntimeError naming it
+            first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0]) if str(exc) else ""
+            print(f"{PROGRESS}run failed: {first or exc.__class__.__name__}; see {log_file}", flush=True)
+            return False
+        finally:
+            builtins.print = real_print
+    return True

@@ -1,0 +1,206 @@
+"""A federation run by separate workers, step by step, through a store on disk.
+
+A pipeline (Kubeflow or any other) runs a federation as these steps, each in a
+process of its own, in the project root of the data volume (the folder that
+holds ``data.prepared_dir`` and ``partition.file``, as after ``dvc repro``):
+
+- :func:`begin`: the global model to continue from (the store's last committed
+  round, or the seeded initial model) and the round it stands at.
+- :func:`train_worker`: one worker's share of a round's clients
+  (:meth:`RoundPolicy.clients_of_worker`). Reads only those clients' rows of the
+  memory-mapped train split. A client whose training fails becomes a failure
+  record, not a failed worker, so the round rejects it as the engine does.
+- :func:`conclude`: folds the workers' updates in client order with
+  :meth:`RoundPolicy.conclude`, evaluates on the test split when the schedule
+  says so, and commits the round to the store's :class:`Ledger`; a repeated
+  call for a committed round (a retried pod) returns what was committed.
+- :func:`finish`: the final model and evaluation once every round is committed.
+
+The store is the engine's checkpoint folder (same format, same fingerprint), so
+a federation survives the loss of any worker, run or driver, resumes after its
+last committed round, and ends with the model the in-process engine gives.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from fedcmi.algorithms import ClientUpdate
+from fedcmi.algorithms.aggregation import StateDict
+from fedcmi.config import Config
+from fedcmi.data import DataModule
+from fedcmi.engine import ResumeError, make_ledger
+from fedcmi.federation import Federation
+from fedcmi.io import ModelFileError, load_state, read_json, save_state, write_json
+from fedcmi.partition import load_partition
+from fedcmi.rounds import ClientFailed, Ledger, RoundPolicy, failure_reason
+
+log = logging.getLogger("fedcmi")
+FINAL = "final.json"
+MODEL = "model.safetensors"  # the final global model, once the federation is complete
+
+
+class StoreError(RuntimeError):
+    """A store that holds another federation, or is behind the round a step was asked for."""
+
+
+def resolve_store(store: str, run_name: str) -> Path:
+    """Where a federation is kept: ``store`` when given, else ``outputs/federations/<run_name>`` under the
+    current folder (the project root on the data volume)."""
+    if not store and not run_name:
+        raise StoreError("a federation needs a store or a run name to find its store by")
+    return Path(store or f"outputs/federations/{run_name}").resolve()
+
+
+def _federation(cfg: Config) -> Federation:
+    return Federation(cfg, DataModule(cfg.data.prepared_dir), load_partition(cfg.partition.file))
+
+
+def checkpoints(store: Path) -> Path:
+    return Path(store) / "checkpoints"
+
+
+def _ledger(cfg: Config, store: Path, fed: Federation) -> tuple[Ledger, StateDict | None]:
+    """The store's ledger, opened; refuses a store that another federation (other settings or data) wrote."""
+    folder = checkpoints(store)
+    folder.mkdir(parents=True, exist_ok=True)
+    ledger = make_ledger(cfg, folder, fed.data)
+    meta = ledger.ckpt.load()
+    if meta is not None and meta["fingerprint"] != ledger.fingerprint:
+        raise StoreError(f"the store {store} holds a federation with other settings or data; give this one a "
+                         "store of its own (--store, or another run name)")
+    return ledger, ledger.open("auto")
+
+
+def begin(cfg: Config, store: Path, out: Path) -> int:
+    """Write the global model to continue from to ``out``; returns the number of rounds already committed."""
+    fed = _federation(cfg)
+    ledger, state = _ledger(cfg, store, fed)
+    if ledger.completed > cfg.federation.rounds:
+        raise ResumeError(f"the store {store} has {ledger.completed} rounds committed, more than "
+                          f"federation.rounds={cfg.federation.rounds}")
+    save_state(out, state if state is not None else fed.initial_state(),
+               {"kind": "global", "round": ledger.completed})
+    return ledger.completed
+
+
+def _client_file(cid: int) -> str:
+    return f"client_{cid:05d}.safetensors"
+
+
+def train_worker(cfg: Config, global_model: Path, rnd: int, worker: int, per_worker: int, out_dir: Path,
+                 progress: Callable[[str], None] = print) -> list[int]:
+    """Train worker ``worker``'s clients of round ``rnd`` from ``global_model``; one file per client in
+    ``out_dir`` (an update, a ``skipped`` marker, or a ``failed`` record with the reason). Returns the clients."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy = RoundPolicy(cfg)
+    mine = policy.clients_of_worker(rnd, worker, per_worker) if rnd < cfg.federation.rounds else []
+    if not mine:
+        return []
+    fed = _federation(cfg)
+    state, _ = load_state(global_model)
+    for cid in mine:
+        t0 = time.perf_counter()
+        meta: dict = {"round": rnd, "client_id": cid}
+        try:
+            update = fed.train_client(state, cid, rnd)
+        except Exception as exc:  # the round rejects it, exactly as the engine does; the worker goes on
+            reason = failure_reason(cid, exc)
+            log.warning("round %d: %s", rnd + 1, reason)
+            save_state(out_dir / _client_file(cid), {}, {**meta, "kind": "failed", "reason": reason})
+            progress(f"round {rnd + 1}: client {cid} failed: {reason}")
+            continue
+        if update is None:
+            save_state(out_dir / _client_file(cid), {}, {**meta, "kind": "skipped"})
+            progress(f"round {rnd + 1}: client {cid} has nothing to train")
+            continue
+        save_state(out_dir / _client_file(cid), update.state,
+                   {**meta, "kind": "update", "num_examples": update.num_examples,
+                    "modalities": list(update.modalities), "metrics": update.metrics})
+        loss = update.metrics.get("loss")
+        progress(f"round {rnd + 1}: client {cid} trained in {time.perf_counter() - t0:.1f} s"
+                 + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
+    return mine
+
+
+def _produce(path: Path) -> ClientUpdate | None:
+    state, meta = load_state(path)
+    kind = meta.get("kind")
+    if kind == "skipped":
+        return None
+    if kind == "failed":
+        raise ClientFailed(str(meta.get("reason", f"client {meta.get('client_id')}: training failed")))
+    if kind != "update":
+        raise ModelFileError(f"{path} is not a client update (kind {kind!r})")
+    return ClientUpdate(int(meta["client_id"]), state, int(meta["num_examples"]), tuple(meta["modalities"]),
+                        meta.get("metrics", {}))
+
+
+def conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: list[Path], rnd: int, out: Path,
+             on_round: Callable[[dict], None] | None = None) -> dict | None:
+    """Aggregate round ``rnd`` from the workers' files, evaluate it when scheduled, commit it to the store
+    and write the new global model to ``out``. Returns the round's record; None past the last round."""
+    if rnd >= cfg.federation.rounds:
+        save_state(out, load_state(global_model)[0], {"kind": "global", "round": rnd})
+        return None
+    t0 = time.perf_counter()
+    fed = _federation(cfg)
+    ledger, committed = _ledger(cfg, store, fed)
+    if ledger.completed == rnd + 1 and committed is not None:  # a retried step: the round is already in
+        if rnd + 1 == cfg.federation.rounds and (Path(store) / FINAL).is_file():
+            ledger.finish(read_json(Path(store) / FINAL)["metrics"]["mm_acc"])
+        save_state(out, committed, {"kind": "global", "round": rnd + 1})
+        return ledger.history[-1]
+    if ledger.completed != rnd:
+        raise StoreError(f"the store {store} has {ledger.completed} rounds committed; round {rnd + 1} cannot "
+                         "be concluded now (was another run writing to it?)")
+    state, _ = load_state(global_model)
+    policy = fed.policy
+    files = {int(p.name[len("client_"):-len(".safetensors")]): p
+             for d in worker_dirs for p in Path(d).glob("client_*.safetensors")}
+    expected = policy.clients(rnd)
+    if sorted(files) != expected:
+        raise StoreError(f"round {rnd + 1}: the workers returned clients {sorted(files)}, expected {expected}")
+    res = policy.conclude(fed.strategy, fed.model, state, ((cid, lambda p=files[cid]: _produce(p))
+                                                           for cid in expected), rnd)
+    res.clients = expected
+    ev = fed.evaluate(res.state, probe=policy.probes(rnd)) if policy.evaluates(rnd) else None
+    rec = policy.record(rnd, res, ev.metrics if ev else None, time.perf_counter() - t0)
+    ledger.commit(res.state, rec, on_round)
+    if rnd + 1 == cfg.federation.rounds and ev is not None:
+        write_json(Path(store) / FINAL, {"metrics": ev.metrics, "confusion": ev.confusion})
+        ledger.finish(ev.metrics["mm_acc"])  # as the engine: the last round is committed, the run still fails
+    save_state(out, res.state, {"kind": "global", "round": rnd + 1})
+    return rec
+
+
+def status(cfg: Config, store: Path) -> dict:
+    """How far the federation in ``store`` is: rounds committed and whether it is complete."""
+    meta = read_json(checkpoints(store) / "state.json") if (checkpoints(store) / "state.json").is_file() else None
+    done = int(meta["completed_rounds"]) if meta else 0
+    return {"completed_rounds": done, "rounds": cfg.federation.rounds, "complete": done >= cfg.federation.rounds}
+
+
+def finish(cfg: Config, store: Path, out_model: Path) -> dict | None:
+    """The final model (to ``out_model``), its metrics and confusion matrix, once every round is committed;
+    None while rounds remain."""
+    fed = _federation(cfg)
+    ledger, state = _ledger(cfg, store, fed)
+    if ledger.completed < cfg.federation.rounds or state is None:
+        return None
+    final_file = Path(store) / FINAL
+    final = read_json(final_file) if final_file.is_file() else None
+    if final is None:  # committed before final.json existed (an older store): evaluate once more
+        ev = fed.evaluate(state, probe=cfg.evaluation.linear_probe)
+        final = {"metrics": ev.metrics, "confusion": ev.confusion}
+        write_json(final_file, final)
+    meta = {"kind": "global", "round": cfg.federation.rounds, "algorithm": cfg.algorithm.name}
+    save_state(Path(store) / MODEL, state, meta)
+    save_state(out_model, state, meta)
+    write_json(Path(store) / "history.json", ledger.history)
+    write_json(Path(store) / "metrics.json", final["metrics"])
+    return {**final, "history": ledger.history}

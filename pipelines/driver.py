@@ -1,0 +1,156 @@
+"""Drive a long federation as a chain of bounded pipeline runs, and survive the driver's own restart.
+
+Each run of the pipeline continues the federation from its store for up to
+``rounds_per_run`` rounds, so ``ceil(rounds / rounds_per_run)`` successful runs
+complete any federation, whatever failed in between (a failed run loses at most
+its uncommitted round, and the next run starts after the last committed one).
+
+The driver keeps its own state file (the federation's arguments and every run it
+submitted, written atomically before it waits), so a driver that is killed and
+started again waits for the run it had in flight instead of submitting a second
+one that would write the same store at the same time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from fedcmi.io import read_json, write_json
+
+FORMAT = "fedcmi-drive/1"
+SUCCEEDED = "SUCCEEDED"
+IN_FLIGHT = "SUBMITTED"
+
+
+class DriveError(RuntimeError):
+    """A federation the driver cannot go on with; the message says why and what to do."""
+
+
+class Executor(Protocol):
+    """Where pipeline runs go: a Kubeflow Pipelines server, or kfp.local on this machine."""
+
+    def submit(self, arguments: dict, run_name: str) -> str:
+        """Start a run; returns its id."""
+
+    def wait(self, run_id: str) -> str:
+        """Block until the run ends; returns its final state (SUCCEEDED, FAILED, ...)."""
+
+
+@dataclass
+class Plan:
+    """One federation's chain: the run-time arguments every run gets and how many successful runs it takes."""
+
+    arguments: dict
+    rounds: int
+    rounds_per_run: int
+
+    @property
+    def runs_needed(self) -> int:
+        return math.ceil(self.rounds / self.rounds_per_run)
+
+
+def drive(executor: Executor, plan: Plan, state_file: Path, max_failures: int = 3,
+          progress: Callable[[str], None] = print) -> dict:
+    """Submit runs until ``plan.runs_needed`` have succeeded; returns the state (also kept in ``state_file``).
+
+    Stops with :class:`DriveError` after ``max_failures`` failed runs in a row: a fault that every run meets
+    (bad data, a diverged model) is reported, not retried for ever.
+    """
+    state_file = Path(state_file)
+    state = {"format": FORMAT, "arguments": plan.arguments, "rounds": plan.rounds,
+             "rounds_per_run": plan.rounds_per_run, "runs": []}
+    if state_file.is_file():
+        old = read_json(state_file)
+        if not isinstance(old, dict) or old.get("format") != FORMAT:
+            raise DriveError(f"{state_file} is not a fedcmi driver state; give another --state")
+        if (old["arguments"], old["rounds_per_run"]) != (plan.arguments, plan.rounds_per_run):
+            raise DriveError(f"{state_file} drives another federation (other arguments); give this one a --state "
+                             "of its own, or delete the file to start over")
+        state = old
+    runs: list[dict] = state["runs"]
+
+    def save() -> None:
+        write_json(state_file, state)
+
+    def succeeded() -> int:
+        return sum(r["state"] == SUCCEEDED for r in runs)
+
+    def failed_in_a_row() -> int:
+        n = 0
+        for r in reversed(runs):
+            if r["state"] == SUCCEEDED:
+                break
+            n += 1
+        return n
+
+    if runs and runs[-1]["state"] == IN_FLIGHT:  # the driver was stopped while this run went on
+        progress(f"waiting for run {runs[-1]['run_id']}, submitted before the driver restarted")
+        runs[-1]["state"] = executor.wait(runs[-1]["run_id"])
+        save()
+    name = str(plan.arguments.get("run_name", "federation"))
+    while succeeded() < plan.runs_needed:
+        if failed_in_a_row() >= max_failures:
+            raise DriveError(f"{max_failures} runs in a row failed (last: {runs[-1]['run_id']}); see its logs. "
+                             f"Committed rounds are kept: run the driver again to go on")
+        k = len(runs) + 1
+        run_id = executor.submit(plan.arguments, f"{name}-run{k}")
+        runs.append({"run_id": run_id, "state": IN_FLIGHT, "submitted": time.time()})
+        save()  # before waiting: a restarted driver must find the run it has in flight
+        progress(f"run {k} ({run_id}): submitted; {succeeded()} of {plan.runs_needed} runs done")
+        runs[-1]["state"] = executor.wait(run_id)
+        runs[-1]["ended"] = time.time()
+        save()
+        progress(f"run {k} ({run_id}): {runs[-1]['state']}")
+    return state
+
+
+class KfpExecutor:
+    """Runs on a Kubeflow Pipelines server, from one compiled package."""
+
+    def __init__(self, client, package: Path, experiment: str, poll_seconds: float = 30.0,
+                 progress: Callable[[str], None] = print) -> None:
+        self.client = client
+        self.package = package
+        self.experiment = experiment
+        self.poll = poll_seconds
+        self.progress = progress
+
+    def submit(self, arguments: dict, run_name: str) -> str:
+        run = self.client.create_run_from_pipeline_package(str(self.package), arguments=arguments,
+                                                           run_name=run_name, experiment_name=self.experiment)
+        return str(run.run_id)
+
+    def wait(self, run_id: str) -> str:
+        last = None
+        while True:
+            run = self.client.get_run(run_id)
+            state = str(run.state)
+            if state != last:
+                self.progress(f"run {run_id}: {state}")
+                last = state
+            if state in ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED"):
+                return state
+            time.sleep(self.poll)
+
+
+class LocalExecutor:
+    """Runs with kfp.local on this machine: :meth:`wait` runs the submitted run to its end."""
+
+    def __init__(self, run: Callable[[dict], bool]) -> None:
+        self._run = run
+        self._submitted: dict[str, dict] = {}
+
+    def submit(self, arguments: dict, run_name: str) -> str:
+        run_id = f"local-{uuid.uuid4().hex[:12]}"
+        self._submitted[run_id] = arguments
+        return run_id
+
+    def wait(self, run_id: str) -> str:
+        if run_id not in self._submitted:  # submitted by a driver process that is gone: it died with it
+            return "LOST"
+        return SUCCEEDED if self._run(self._submitted.pop(run_id)) else "FAILED"
