@@ -75,7 +75,8 @@ def train_clients(
 
     os.chdir(data_root)
     cfg = config_with_settings(config_json, {})
-    train_worker(cfg, Path(global_model.path), start_round + offset, worker, per_worker, Path(updates.path))
+    train_worker(cfg, Path(global_model.path), start_round + offset, worker, per_worker, Path(updates.path),
+                 progress=lambda line: print(f"[fedcmi] {line}"))
 
 
 def conclude_round(

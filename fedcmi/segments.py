@@ -94,7 +94,8 @@ def _client_file(cid: int) -> str:
 def train_worker(cfg: Config, global_model: Path, rnd: int, worker: int, per_worker: int, out_dir: Path,
                  progress: Callable[[str], None] = print) -> list[int]:
     """Train worker ``worker``'s clients of round ``rnd`` from ``global_model``; one file per client in
-    ``out_dir`` (an update, a ``skipped`` marker, or a ``failed`` record with the reason). Returns the clients."""
+    ``out_dir`` (an update, a ``skipped`` marker, or a ``failed`` record with the reason). Returns the clients.
+    Each client's outcome is printed; a failure is also handed to ``progress``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     policy = RoundPolicy(cfg)
@@ -116,14 +117,14 @@ def train_worker(cfg: Config, global_model: Path, rnd: int, worker: int, per_wor
             continue
         if update is None:
             save_state(out_dir / _client_file(cid), {}, {**meta, "kind": "skipped"})
-            progress(f"round {rnd + 1}: client {cid} has nothing to train")
+            print(f"round {rnd + 1}: client {cid} has nothing to train")
             continue
         save_state(out_dir / _client_file(cid), update.state,
                    {**meta, "kind": "update", "num_examples": update.num_examples,
                     "modalities": list(update.modalities), "metrics": update.metrics})
         loss = update.metrics.get("loss")
-        progress(f"round {rnd + 1}: client {cid} trained in {time.perf_counter() - t0:.1f} s"
-                 + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
+        print(f"round {rnd + 1}: client {cid} trained in {time.perf_counter() - t0:.1f} s"
+              + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
     return mine
 
 

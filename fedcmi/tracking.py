@@ -397,5 +397,5 @@ def fail_run(uri: str, run_id: str, reason: str) -> None:
 
     check_reachable(uri)
     client = MlflowClient(uri)
-    client.set_tag(run_id, "failure", reason[:4000])
+    client.set_tag(run_id, "last_failed_run", reason[:4000])  # kept when a later run finishes the federation
     client.set_terminated(run_id, "FAILED")

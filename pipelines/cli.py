@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -38,6 +39,20 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
         return value
     return parse
+
+
+class _BriefParser(argparse.ArgumentParser):
+    """A bad flag is one line naming it (exit 2), not the whole usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _env(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
 
 
 def _options(args: argparse.Namespace):
@@ -153,7 +168,9 @@ def cmd_run_local(cfg: Config, args: argparse.Namespace) -> int:
     opts = _options(args)
     plan = _plan(cfg, args)
     pipeline_root = Path(args.pipeline_root).resolve()
-    runner = local_runner(args.runner, root)
+    env = dict(args.env)
+    os.environ.update(env)  # the subprocess runner's steps inherit it; the docker runner passes it on
+    runner = local_runner(args.runner, root, environment=env)
     logs = pipeline_root / "logs"
     count = [0]
 
@@ -185,7 +202,7 @@ def register(sub, common) -> None:
     p = sub.add_parser("pipeline", help="Kubeflow Pipelines: compile, submit, drive, or run locally.",
                        description="Kubeflow Pipelines built from params.yaml. A run continues the federation's "
                                    "store for up to --rounds-per-run rounds; `drive` chains runs to the end.")
-    psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+    psub = p.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION", parser_class=_BriefParser)
 
     shape = argparse.ArgumentParser(add_help=False)
     shape.add_argument("--rounds-per-run", type=_count(1), default=10,
@@ -241,6 +258,8 @@ def register(sub, common) -> None:
     r.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
                    help="subprocess: this environment; docker: the image (docker/build-image.sh)")
     r.add_argument("--image", default=DEFAULT_IMAGE, help="the image for --runner docker (default: %(default)s)")
+    r.add_argument("--env", type=_env, action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for every step (repeatable), e.g. MLflow credentials")
     r.add_argument("--pipeline-root", default="outputs/kfp_local", help="where kfp.local keeps artifacts and logs")
     r.add_argument("--out", default="outputs/pipeline/model.safetensors", help="copy the final model here")
     r.set_defaults(func=cmd_run_local)

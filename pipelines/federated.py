@@ -135,7 +135,7 @@ def build_pipeline(cfg: Config, opts: PipelineOptions):
             for k in range(slots):
                 step = fl_round(config_json=conf, data_root=data_root, store=where, global_model=model,
                                 start_round=start, offset=k, tracking_uri=tracking_uri, run_id=run_id)
-                step.set_display_name(f"round-{k + 1}")
+                step.set_display_name(f"round-{k + 1}").set_caching_options(False)
                 model = step.output
             light(comp.finish_run(config_json=conf, data_root=data_root, store=where, global_model=model,
                                         tracking_uri=tracking_uri, run_id=run_id), "finish")
