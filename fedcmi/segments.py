@@ -32,6 +32,7 @@ from fedcmi.algorithms import ClientUpdate
 from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.config import Config
 from fedcmi.data import DataModule
+from fedcmi.divergence import Diverged
 from fedcmi.engine import ResumeError, make_ledger
 from fedcmi.federation import Federation
 from fedcmi.io import ModelFileError, load_state, read_json, save_state, write_json
@@ -40,6 +41,7 @@ from fedcmi.rounds import ClientFailed, Ledger, RoundPolicy, failure_reason
 
 log = logging.getLogger("fedcmi")
 FINAL = "final.json"
+DIVERGED = "diverged.json"  # a federation the divergence guard stopped: no later run may continue it
 MODEL = "model.safetensors"  # the final global model, once the federation is complete
 
 
@@ -75,8 +77,17 @@ def _ledger(cfg: Config, store: Path, fed: Federation) -> tuple[Ledger, StateDic
     return ledger, ledger.open("auto")
 
 
+def _check_alive(store: Path) -> None:
+    """Fail fast, with the guard's reason, on a federation that diverged (rather than retrying it)."""
+    marker = Path(store) / DIVERGED
+    if marker.is_file():
+        raise Diverged(f"{read_json(marker)['reason']} (this federation stopped in an earlier run; its committed "
+                       f"rounds stay in {store}. Start another with other settings and another run name)")
+
+
 def begin(cfg: Config, store: Path, out: Path) -> int:
     """Write the global model to continue from to ``out``; returns the number of rounds already committed."""
+    _check_alive(store)
     fed = _federation(cfg)
     ledger, state = _ledger(cfg, store, fed)
     if ledger.completed > cfg.federation.rounds:
@@ -149,6 +160,7 @@ def conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: list[Pat
         save_state(out, load_state(global_model)[0], {"kind": "global", "round": rnd})
         return None
     t0 = time.perf_counter()
+    _check_alive(store)
     fed = _federation(cfg)
     ledger, committed = _ledger(cfg, store, fed)
     if ledger.completed == rnd + 1 and committed is not None:  # a retried step: the round is already in
@@ -166,15 +178,19 @@ def conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: list[Pat
     expected = policy.clients(rnd)
     if sorted(files) != expected:
         raise StoreError(f"round {rnd + 1}: the workers returned clients {sorted(files)}, expected {expected}")
-    res = policy.conclude(fed.strategy, fed.model, state, ((cid, lambda p=files[cid]: _produce(p))
-                                                           for cid in expected), rnd)
-    res.clients = expected
-    ev = fed.evaluate(res.state, probe=policy.probes(rnd)) if policy.evaluates(rnd) else None
-    rec = policy.record(rnd, res, ev.metrics if ev else None, time.perf_counter() - t0)
-    ledger.commit(res.state, rec, on_round)
-    if rnd + 1 == cfg.federation.rounds and ev is not None:
-        write_json(Path(store) / FINAL, {"metrics": ev.metrics, "confusion": ev.confusion})
-        ledger.finish(ev.metrics["mm_acc"])  # as the engine: the last round is committed, the run still fails
+    try:
+        res = policy.conclude(fed.strategy, fed.model, state, ((cid, lambda p=files[cid]: _produce(p))
+                                                               for cid in expected), rnd)
+        res.clients = expected
+        ev = fed.evaluate(res.state, probe=policy.probes(rnd)) if policy.evaluates(rnd) else None
+        rec = policy.record(rnd, res, ev.metrics if ev else None, time.perf_counter() - t0)
+        ledger.commit(res.state, rec, on_round)
+        if rnd + 1 == cfg.federation.rounds and ev is not None:
+            write_json(Path(store) / FINAL, {"metrics": ev.metrics, "confusion": ev.confusion})
+            ledger.finish(ev.metrics["mm_acc"])  # as the engine: the last round is committed, the run still fails
+    except Diverged as exc:  # deterministic: no retry or later run may spend a GPU on it again
+        write_json(Path(store) / DIVERGED, {"round": rnd + 1, "reason": str(exc)})
+        raise
     save_state(out, res.state, {"kind": "global", "round": rnd + 1})
     return rec
 
