@@ -26,6 +26,7 @@ from torch import nn
 from fedcmi.algorithms import ClientUpdate, Strategy, UpdateRejected, check_update
 from fedcmi.algorithms.aggregation import NonFiniteUpdate, StateDict
 from fedcmi.algorithms.base import derive_seed
+from fedcmi.checkpoint import Checkpointer, ResumeError
 from fedcmi.config import Config
 from fedcmi.divergence import Diverged, DivergenceGuard, lr_advice
 
@@ -171,8 +172,6 @@ class Ledger:
     """
 
     def __init__(self, folder: Path, keep: int, fingerprint: str, guard: DivergenceGuard) -> None:
-        from fedcmi.engine import Checkpointer
-
         self.ckpt = Checkpointer(folder, keep)
         self.fingerprint = fingerprint
         self.guard = guard
@@ -181,8 +180,6 @@ class Ledger:
 
     def open(self, resume: Literal["auto", "never", "must"]) -> StateDict | None:
         """The committed global model to continue from, or None to start at round 0."""
-        from fedcmi.engine import ResumeError
-
         meta = self.ckpt.load() if resume != "never" else None
         if meta is not None and meta["fingerprint"] != self.fingerprint:
             if resume == "must":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -179,8 +180,8 @@ def conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: list[Pat
     if sorted(files) != expected:
         raise StoreError(f"round {rnd + 1}: the workers returned clients {sorted(files)}, expected {expected}")
     try:
-        res = policy.conclude(fed.strategy, fed.model, state, ((cid, lambda p=files[cid]: _produce(p))
-                                                               for cid in expected), rnd)
+        producers = [(cid, partial(_produce, files[cid])) for cid in expected]
+        res = policy.conclude(fed.strategy, fed.model, state, producers, rnd)
         res.clients = expected
         ev = fed.evaluate(res.state, probe=policy.probes(rnd)) if policy.evaluates(rnd) else None
         rec = policy.record(rnd, res, ev.metrics if ev else None, time.perf_counter() - t0)

@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from fedcmi.io import read_json, write_json
 
@@ -62,7 +62,7 @@ def drive(executor: Executor, plan: Plan, state_file: Path, max_failures: int = 
     (bad data, a diverged model) is reported, not retried for ever.
     """
     state_file = Path(state_file)
-    state = {"format": FORMAT, "arguments": plan.arguments, "rounds": plan.rounds,
+    state: dict[str, Any] = {"format": FORMAT, "arguments": plan.arguments, "rounds": plan.rounds,
              "rounds_per_run": plan.rounds_per_run, "runs": []}
     if state_file.is_file():
         old = read_json(state_file)

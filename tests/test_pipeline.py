@@ -194,7 +194,7 @@ def test_a_chained_local_run_with_a_failing_client_and_a_lost_run_equals_the_eng
     assert r.returncode == 0, r.stderr[-3000:]
     # progress per round, not kfp.local's executor inputs
     assert "executor_input" not in r.stderr and "parameterValues" not in r.stderr
-    assert f"round 2/3: accepted" in r.stderr and "round 3/3" in r.stderr
+    assert "round 2/3: accepted" in r.stderr and "round 3/3" in r.stderr
     runs = read_json(tmp_path / "outputs" / "kfp_local" / "drive-fedcmi-seed3.json")["runs"]
     assert [x["state"] for x in runs] == ["SUCCEEDED", "FAILED", "SUCCEEDED"]
 
