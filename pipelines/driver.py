@@ -121,21 +121,37 @@ class KfpExecutor:
         self.progress = progress
 
     def submit(self, arguments: dict, run_name: str) -> str:
-        run = self.client.create_run_from_pipeline_package(str(self.package), arguments=arguments,
-                                                           run_name=run_name, experiment_name=self.experiment)
+        try:
+            run = self.client.create_run_from_pipeline_package(str(self.package), arguments=arguments,
+                                                               run_name=run_name, experiment_name=self.experiment)
+        except Exception as exc:  # kfp raises urllib3 / ApiException / ValueError variants for the same fault
+            raise DriveError(f"could not submit to Kubeflow Pipelines: {_first_line(exc)}") from None
         return str(run.run_id)
 
-    def wait(self, run_id: str) -> str:
-        last = None
+    def wait(self, run_id: str, attempts: int = 10) -> str:
+        last, failures = None, 0
         while True:
-            run = self.client.get_run(run_id)
-            state = str(run.state)
+            try:
+                state = str(self.client.get_run(run_id).state)
+                failures = 0
+            except Exception as exc:  # the API away for a while must not end a days-long federation
+                failures += 1
+                if failures >= attempts:
+                    raise DriveError(f"lost contact with Kubeflow Pipelines while run {run_id} was in flight "
+                                     f"({_first_line(exc)}); run the driver again to go on waiting") from None
+                time.sleep(self.poll)
+                continue
             if state != last:
                 self.progress(f"run {run_id}: {state}")
                 last = state
             if state in ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED"):
                 return state
             time.sleep(self.poll)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{exc.__class__.__name__}: {text}"
 
 
 class LocalExecutor:

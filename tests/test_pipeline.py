@@ -261,6 +261,14 @@ def test_the_pipeline_in_its_image_equals_the_engine(tmp_path):
     assert _same(state, engine.state), "expected bitwise equality with the engine"
 
 
+def test_driving_an_unreachable_host_is_a_clear_error_and_leaves_no_state(tmp_path):
+    r = fedcmi("pipeline", "drive", "--host", "http://127.0.0.1:9", "--state", str(tmp_path / "drive.json"),
+               "--set", "federation.rounds=1", cwd=ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "could not submit to Kubeflow Pipelines" in r.stderr
+    assert not (tmp_path / "drive.json").exists()  # nothing was submitted, so nothing is in flight
+
+
 def test_the_driver_waits_for_its_run_in_flight_and_keeps_to_its_federation(tmp_path):
     """A driver restarted while a run was in flight waits for that run (here: lost with the old driver,
     so resubmitted) and never drives a second federation from the same state file."""
