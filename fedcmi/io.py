@@ -135,7 +135,18 @@ def save_state(target: str | Path, state: Mapping[str, torch.Tensor], meta: Mapp
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"format": FORMAT, "meta": json.dumps(dict(meta or {}), sort_keys=True)}
     # Serialised here and written by write_bytes, so a full disk is an OSError like every other write failure.
-    return write_bytes(target, save_bytes(tensors, metadata=metadata))
+    return write_bytes(target, canonical_safetensors(save_bytes(tensors, metadata=metadata)))
+
+
+def canonical_safetensors(raw: bytes) -> bytes:
+    """``raw`` with its JSON header's keys sorted: safetensors writes its metadata map in an order that
+    changes between processes, so the same state would give other bytes (and DVC a changed output)."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    canon = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if len(canon) > n:  # the same members in another order are never longer; keep the original if they were
+        return raw
+    return raw[:8] + canon + b" " * (n - len(canon)) + raw[8 + n:]
 
 
 def load_state(path: str | Path) -> tuple[StateDict, dict[str, Any]]:

@@ -185,3 +185,18 @@ def test_warm_up_in_epochs_delays_distillation(tiny):
                federation={"rounds": 3, "local_epochs": 1})
     res = train(cfg, progress=False)
     assert ["train_inf" in h for h in res.history] == [False, False, True]
+
+
+def test_the_same_state_gives_the_same_bytes_in_every_process(tmp_path):
+    """safetensors writes its metadata map in a per-process order; the files must not differ for it (DVC
+    would see a changed model and rerun everything after it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from fedcmi.io import save_state; "
+            "save_state(sys.argv[1], {'w': torch.arange(6.).view(2, 3), 'n': torch.tensor([7])}, "
+            "{'kind': 'global', 'round': 3, 'algorithm': 'fedcmi'})")
+    files = [tmp_path / f"m{i}.safetensors" for i in range(8)]
+    for f in files:
+        subprocess.run([sys.executable, "-c", code, str(f)], check=True)
+    assert len({f.read_bytes() for f in files}) == 1
