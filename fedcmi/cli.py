@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Balanced multimodal federated learning (FedCMI, arXiv 2401.00894). "
         "Settings come from params.yaml; override any with --set key.path=value.",
     )
+    from fedcmi import __version__
+
+    parser.add_argument("--version", action="version", version=f"fedcmi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:

@@ -77,3 +77,12 @@ def test_help_explains_each_command():
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     for cmd in ("prepare", "partition", "train", "evaluate", "client-train", "aggregate"):
         assert cmd in r.stdout
+
+
+def test_version_is_the_package_metadata():
+    from importlib.metadata import version
+
+    import fedcmi as package
+
+    r = fedcmi("--version", cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == f"fedcmi {version('fedcmi')}" == f"fedcmi {package.__version__}"
