@@ -29,12 +29,14 @@ def confusion_matrix(pred: np.ndarray, true: np.ndarray, k: int) -> np.ndarray:
 
 
 def macro_f1(cm: np.ndarray) -> float:
+    """Unweighted mean F1 over the classes that occur in the labels or the predictions (scikit-learn's
+    ``f1_score(average='macro')``): a class predicted but never true counts, with F1 0."""
     tp = np.diag(cm).astype(float)
     prec = tp / np.maximum(cm.sum(0), 1)
     rec = tp / np.maximum(cm.sum(1), 1)
     f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)
-    present = cm.sum(1) > 0
-    return float(f1[present].mean()) if present.any() else 0.0
+    seen = (cm.sum(1) > 0) | (cm.sum(0) > 0)
+    return float(f1[seen].mean()) if seen.any() else 0.0
 
 
 def _metrics_from_logits(logits: dict[str, np.ndarray], y: np.ndarray, k: int, modalities) -> EvalResult:
