@@ -47,6 +47,36 @@ def test_wav_reading_and_resampling(tmp_path):
     assert abs(np.argmax(spectrum) * 8000 / len(y) - 1000) < 5  # the tone stays at 1 kHz
 
 
+def _wav(path, fmt_tag: int, bits: int, samples: np.ndarray, rate: int = 8000, extensible: bool = False) -> None:
+    """A WAV file written byte by byte: PCM (1) or IEEE float (3), plain or WAVE_FORMAT_EXTENSIBLE."""
+    import struct
+
+    data = samples.tobytes()
+    block = bits // 8
+    if extensible:
+        guid = struct.pack("<H", fmt_tag) + bytes.fromhex("000000001000800000aa00389b71")
+        fmt = struct.pack("<HHIIHHHHI", 0xFFFE, 1, rate, rate * block, block, bits, 22, bits, 4) + guid
+    else:
+        fmt = struct.pack("<HHIIHH", fmt_tag, 1, rate, rate * block, block, bits)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+
+
+@pytest.mark.parametrize("fmt_tag, bits, extensible", [(3, 32, False), (3, 32, True), (1, 16, True), (1, 24, True)])
+def test_float_and_extensible_wav_files_are_read(tmp_path, fmt_tag, bits, extensible):
+    tone = (0.5 * np.sin(np.arange(800) * 2 * np.pi * 440 / 8000)).astype(np.float32)
+    if fmt_tag == 3:
+        samples = tone
+    elif bits == 16:
+        samples = (tone * 32767).astype("<i2")
+    else:  # 24-bit little-endian: the low three bytes of each int32
+        samples = np.frombuffer((tone * (1 << 23)).astype("<i4").tobytes(), np.uint8).reshape(-1, 4)[:, :3].copy()
+    _wav(tmp_path / "a.wav", fmt_tag, bits, samples, extensible=extensible)
+    x, rate = read_wav(tmp_path / "a.wav")
+    assert rate == 8000 and x.dtype == np.float32 and x.shape == (800,)
+    assert np.abs(x - tone).max() < 1e-3
+
+
 def test_frames_are_picked_evenly_from_the_naturally_sorted_list():
     assert sorted(["10.jpg", "2.jpg", "1.jpg"], key=natural_key) == ["1.jpg", "2.jpg", "10.jpg"]
     assert pick_evenly(10, 4) == [1, 3, 6, 8]
@@ -125,7 +155,7 @@ def test_cremad_prepares_from_its_layout_and_trains_a_round(cremad_root, tmp_pat
     report = dm.meta["report"]
     reasons = {s["key"]: s["reason"] for s in report["skipped_samples"]}
     assert set(reasons) == {planted["broken"], planted["unknown"]}
-    assert "not a readable PCM WAV" in reasons[planted["broken"]] and "unknown label 'XXX'" in reasons[planted["unknown"]]
+    assert "not a readable WAV file" in reasons[planted["broken"]] and "unknown label 'XXX'" in reasons[planted["unknown"]]
     # labels come from the list, in list order; the clip decoded from its video holds its class's colour
     kept = [c for c in planted["train"] if c != planted["broken"]]
     assert dm.train.labels.tolist() == [layouts.EMOTIONS.index(c.split("_")[2]) for c in kept]
@@ -272,7 +302,7 @@ def test_too_many_unreadable_files_stop_the_run_and_keep_the_previous_data(crema
     # 25 samples, 1 may be bad: the unknown label is, and decoding stops at the broken wav, the second
     strict = ok.model_copy(update={"data": ok.data.model_copy(update={"max_bad_fraction": 0.05})})
     with pytest.raises(DataError, match=r"2 of 25 samples could not be used.*max_bad_fraction \(0.05\).*"
-                                        r"unknown label 'XXX'.*1001_IEO_ANG_XX: .*not a readable PCM"):
+                                        r"unknown label 'XXX'.*1001_IEO_ANG_XX: .*not a readable WAV"):
         prepare(strict)
     assert (ok.data.prepared_dir / "train" / "audio.npy").read_bytes() == before
 

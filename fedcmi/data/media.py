@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import wave
 from pathlib import Path
 from typing import Sequence
 
@@ -28,30 +27,35 @@ class MediaError(ValueError):
 
 # -- audio -------------------------------------------------------------------------------------------
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """A PCM WAV file as a mono float32 waveform in [-1, 1], and its sample rate."""
+    """A WAV file as a mono float32 waveform in [-1, 1], and its sample rate: integer PCM of 8 to 32 bits
+    or IEEE float, plain or WAVE_FORMAT_EXTENSIBLE (what recorders and editors write besides 16-bit PCM)."""
+    import warnings
+
+    from scipy.io import wavfile
+
     try:
-        with wave.open(str(path), "rb") as w:
-            channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-            raw = w.readframes(n)
-    except (wave.Error, EOFError, OSError) as exc:
-        raise MediaError(f"{path}: not a readable PCM WAV file ({exc})") from None
-    if width == 1:
-        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 2:
-        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-    elif width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3)
-        v = (b[:, 0].astype(np.int32) | (b[:, 1].astype(np.int32) << 8) | (b[:, 2].astype(np.int32) << 16))
-        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
-    elif width == 4:
-        x = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", wavfile.WavFileWarning)  # unknown extra chunks are skipped
+            rate, data = wavfile.read(str(path))
+    except (ValueError, EOFError, OSError) as exc:
+        raise MediaError(f"{path}: not a readable WAV file ({exc})") from None
+    if data.dtype == np.uint8:
+        x = (data.astype(np.float32) - 128.0) / 128.0
+    elif data.dtype == np.int16:
+        x = data.astype(np.float32) / 32768.0
+    elif data.dtype == np.int32:  # 24-bit samples come left-aligned in int32
+        x = (data.astype(np.float64) / float(1 << 31)).astype(np.float32)
+    elif data.dtype in (np.float32, np.float64):
+        x = data.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise MediaError(f"{path}: the audio holds NaN or Inf samples")
     else:
-        raise MediaError(f"{path}: unsupported sample width {width} bytes")
-    if channels > 1:
-        x = x[: len(x) - len(x) % channels].reshape(-1, channels).mean(axis=1)
+        raise MediaError(f"{path}: unsupported sample type {data.dtype}")
+    if x.ndim > 1:
+        x = x.mean(axis=1)
     if x.size == 0:
         raise MediaError(f"{path}: no audio samples")
-    return x, rate
+    return x, int(rate)
 
 
 def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
