@@ -73,7 +73,7 @@ def cmd_partition(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.engine import train, write_outputs
-    from fedcmi.plots import round_curves
+    from fedcmi.plots import round_curves, run_title
 
     out = Path(args.out) if args.out else cfg.output.dir / "train"
     tracker = None
@@ -91,7 +91,7 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
         raise
     paths = write_outputs(result, cfg, out)
     paths["curves"] = round_curves(result.history, cfg.data.modalities, out / "curves.png",
-                                   f"{cfg.algorithm.name}, seed {cfg.seed}")
+                                   run_title(cfg))
     summary: dict = {"final": {k: round(v, 4) for k, v in result.final.items() if not k.startswith("class_acc_")},
                      "files": {k: str(v) for k, v in paths.items()},
                      "resumed_from_round": result.resumed_from, "seconds": round(result.seconds, 2)}

@@ -17,9 +17,16 @@ def _plt():
     return plt
 
 
-def round_curves(history: Sequence[dict], modalities: Sequence[str], path: Path, title: str = "") -> Path:
-    """Multimodal, uni-modal and single-path accuracy per round."""
+def run_title(cfg) -> str:
+    """What a plot of a run is titled with: the algorithm and the settings one compares runs by."""
+    return f"{cfg.algorithm.name}, seed {cfg.seed}, lr {cfg.optim.lr:g}, {cfg.federation.rounds} rounds"
+
+
+def curves_figure(history: Sequence[dict], modalities: Sequence[str], title: str = ""):
+    """The figure of :func:`round_curves` (rounds on whole-number ticks)."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     rows = [r for r in history if "mm_acc" in r]
     x = [r["round"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -28,6 +35,7 @@ def round_curves(history: Sequence[dict], modalities: Sequence[str], path: Path,
         if any(f"uni_acc_{m}" in r for r in rows):
             ax.plot(x, [r.get(f"uni_acc_{m}", float("nan")) for r in rows], label=f"{m} head")
     ax.plot(x, [r["worst_class_acc"] for r in rows], label="worst class", ls=":", color="grey")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
@@ -35,28 +43,50 @@ def round_curves(history: Sequence[dict], modalities: Sequence[str], path: Path,
     ax.legend()
     ax.set_title(title or "accuracy per round")
     fig.tight_layout()
+    return fig
+
+
+def round_curves(history: Sequence[dict], modalities: Sequence[str], path: Path, title: str = "") -> Path:
+    """Multimodal, uni-modal and worst-class accuracy per round, as a PNG."""
+    fig = curves_figure(history, modalities, title)
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
-def confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path: Path) -> Path:
+def confusion_figure(cm: Sequence[Sequence[int]], class_names: Sequence[str]):
+    """Counts beside the row-normalised view (recall per class on the diagonal); digits stay readable on
+    dark cells."""
+    import numpy as np
+
     plt = _plt()
-    k = len(cm)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * k, 0.8 + 0.7 * k))
-    ax.imshow(cm, cmap="Blues")
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(cm[i][j]), ha="center", va="center", fontsize=8)
+    counts = np.asarray(cm, dtype=float)
+    k = len(counts)
+    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     names = list(class_names) or [str(i) for i in range(k)]
-    ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), names, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title("multimodal confusion (test)")
+    fig, axes = plt.subplots(1, 2, figsize=(2.0 + 1.4 * k, 1.0 + 0.7 * k))
+    for ax, values, fmt, title in ((axes[0], counts, "{:.0f}", "counts"),
+                                   (axes[1], rows, "{:.2f}", "share of each actual class")):
+        ax.imshow(values, cmap="Blues", vmin=0, vmax=max(float(values.max()), 1e-12))
+        dark = values.max() / 2
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if values[i, j] > dark else "black")
+        ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), names, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("actual")
+        ax.set_title(title, fontsize=9)
+    fig.suptitle("multimodal confusion (test)")
     fig.tight_layout()
+    return fig
+
+
+def confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path: Path) -> Path:
+    fig = confusion_figure(cm, class_names)
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
