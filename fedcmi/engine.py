@@ -124,6 +124,20 @@ def train(
     return TrainResult(state, history, final.metrics, final.confusion, start, time.perf_counter() - t0)
 
 
+CURVE_KEYS = ("mm_acc", "uni_acc_", "path_acc_", "worst_class_acc", "mm_f1", "train_loss")
+
+
+def curve_rows(history: list[dict]) -> list[dict]:
+    """The evaluated rounds with the same keys in every row (what `dvc plots` draws; it drops a file whose
+    rows differ): the round and the accuracy figures every evaluated round has."""
+    rows = [r for r in history if "mm_acc" in r]
+    if not rows:
+        return []
+    keys = [k for k in rows[0] if k != "round" and k.startswith(CURVE_KEYS) and all(k in r for r in rows)
+            and isinstance(rows[0][k], (int, float))]
+    return [{"round": r["round"], **{k: r[k] for k in sorted(keys)}} for r in rows]
+
+
 def write_outputs(result: TrainResult, cfg: Config, out_dir: Path | None = None) -> dict[str, Path]:
     """The run's files: final model, per-round history, final metrics."""
     out_dir = Path(out_dir or cfg.output.dir / "train")
@@ -132,5 +146,6 @@ def write_outputs(result: TrainResult, cfg: Config, out_dir: Path | None = None)
                             {"kind": "global", "round": cfg.federation.rounds, "algorithm": cfg.algorithm.name}),
         "history": write_json(out_dir / "history.json", result.history),
         "metrics": write_json(out_dir / "metrics.json", result.final),
+        "curves_json": write_json(out_dir / "curves.json", curve_rows(result.history)),
     }
     return paths

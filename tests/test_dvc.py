@@ -85,8 +85,28 @@ def test_dvc_repro_end_to_end_then_only_train_reruns(repo):
 
 def test_dvc_exp_run_compares_algorithms(repo):
     sh(DVC + ["exp", "run", "-S", "algorithm.name=fedavg", "-S", "tracking.enabled=false"], repo)
-    shown = sh(DVC + ["exp", "show", "--no-pager", "--md"], repo).stdout
-    assert "fedavg" in shown and "mm_acc" in shown
+    sh(DVC + ["exp", "run", "-S", "algorithm.name=fedcmi", "-S", "tracking.enabled=false"], repo)
+    keep = "Experiment|mm_acc|uni_acc_.*|worst_class_acc|algorithm.name"
+    shown = sh(DVC + ["exp", "show", "--no-pager", "--md", "--drop", ".*", "--keep", keep], repo).stdout
+    rows = [line for line in shown.splitlines() if "──" in line]  # the experiments, under the commit
+    assert len(rows) == 2 and all("!" not in r for r in rows), shown
+    assert "fedavg" in shown and "mm_acc" in shown and "class_acc_0" not in shown
+    assert max(len(line) for line in shown.splitlines()) <= 120  # readable in a terminal
+    # every experiment carries its metrics (committed with it), not "!"
+    exps = [e for row in json.loads(sh(DVC + ["exp", "show", "--json"], repo).stdout)
+            for e in (row.get("experiments") or [])]
+    accs = {}
+    for exp in exps:
+        for rev in exp["revs"]:
+            data = rev["data"]
+            metrics = data["metrics"]["outputs/eval/metrics.json"]["data"]
+            accs[data["params"]["params.yaml"]["data"]["algorithm"]["name"]] = metrics["mm_acc"]
+    assert set(accs) == {"fedavg", "fedcmi"} and all(isinstance(v, float) for v in accs.values())
+    # the per-round curves of both render (rows with equal keys), and the plots page is not committed
+    sh(DVC + ["plots", "diff", *[e["revs"][0]["name"] for e in exps], "-o", "dvc_plots"], repo)
+    page = (repo / "dvc_plots" / "index.html").read_text()
+    assert "Test accuracy per round" in page or "curves.json" in page
+    assert sh(["git", "check-ignore", "dvc_plots/index.html"], repo).returncode == 0
 
 
 def test_a_params_typo_stops_dvc_repro_with_one_clear_error(repo):
