@@ -71,16 +71,33 @@ def cmd_partition(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_fingerprint(cfg: Config) -> str | None:
+    """The fingerprint a checkpoint of ``cfg`` carries (None when the data or partition is not there yet)."""
+    from fedcmi.data import DataModule
+    from fedcmi.engine import run_fingerprint
+
+    try:
+        return run_fingerprint(cfg, cfg.partition.file, DataModule(cfg.data.prepared_dir).meta)
+    except (OSError, ValueError):
+        return None
+
+
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.engine import train, write_outputs
     from fedcmi.plots import round_curves, run_title
 
     out = Path(args.out) if args.out else cfg.output.dir / "train"
-    tracker = None
+    tracker, run_id = None, None
     if cfg.tracking.enabled and not args.no_tracking:
-        from fedcmi.tracking import RunTracker
+        from fedcmi.tracking import RunTracker, check_reachable, continued_run, tracking_uri
 
-        tracker = RunTracker(cfg)  # fails here, before training, if the server is unreachable
+        check_reachable(tracking_uri(cfg))  # fails here, before training, if the server is unreachable
+        run_id = continued_run(cfg, out, _resume_fingerprint(cfg) if args.resume != "never" else None)
+        if run_id is not None:  # the same training, resumed: its run goes on, curves unbroken
+            tracker = RunTracker(cfg, run_id=run_id)
+            tracker.client.update_run(run_id, status="RUNNING")
+        else:
+            tracker = RunTracker(cfg)
     try:
         result = train(cfg, out, resume=args.resume, progress=not args.no_progress,
                        on_round=tracker.log_round if tracker else None)
@@ -95,7 +112,14 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     summary: dict = {"final": {k: round(v, 4) for k, v in result.final.items() if not k.startswith("class_acc_")},
                      "files": {k: str(v) for k, v in paths.items()},
                      "resumed_from_round": result.resumed_from, "seconds": round(result.seconds, 2)}
-    if tracker is not None:
+    if tracker is not None and run_id is not None and result.resumed_from >= cfg.federation.rounds:
+        # nothing trained: the run already holds this model and its figures; log nothing twice
+        from fedcmi.tracking import read_run_info
+
+        info = read_run_info(out / "mlflow_run.json")
+        tracker.close()
+        summary["mlflow"] = {**info, "note": "all rounds were done; nothing new to log"}
+    elif tracker is not None:
         from fedcmi.tracking import write_run_info
 
         tracker.log_final(result.final)

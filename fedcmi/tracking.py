@@ -341,6 +341,29 @@ def read_run_info(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def continued_run(cfg: Config, out_dir: Path, fingerprint: str | None) -> str | None:
+    """The MLflow run a ``fedcmi train`` in ``out_dir`` continues: the run of the checkpoint it resumes
+    (same settings and data, same tracking URI, the run still there), so a training keeps one run and
+    unbroken curves however often it is restarted. None for a new training."""
+    from mlflow import MlflowClient
+
+    info_file, state_file = Path(out_dir) / "mlflow_run.json", Path(out_dir) / "checkpoints" / "state.json"
+    if fingerprint is None or not (info_file.is_file() and state_file.is_file()):
+        return None
+    try:
+        info, state = read_run_info(info_file), json.loads(state_file.read_text())
+    except (ValueError, OSError):
+        return None
+    if not info.get("run_id") or info.get("tracking_uri") != tracking_uri(cfg) or \
+            state.get("fingerprint") != fingerprint:
+        return None
+    try:
+        run = MlflowClient(tracking_uri(cfg)).get_run(info["run_id"])
+    except Exception:  # deleted, or another store under the same name: a new run
+        return None
+    return str(info["run_id"]) if run.info.lifecycle_stage == "active" else None
+
+
 # -- a federation that several processes (pipeline steps) log into ------------------------------------
 RUN_INFO = "mlflow_run.json"
 

@@ -137,6 +137,31 @@ def test_run_model_and_registry_over_http(project, tmp_path_factory):
         stop(proc)
 
 
+def test_a_resumed_training_continues_its_run_and_a_finished_one_logs_nothing(project):
+    """One MLflow run per training: rounds 1-2, then the same training extended to 3 rounds, then a rerun
+    with every round done. One run, mm_acc at steps 1, 2, 3, one logged model per training that trained."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project}/runs.db"
+    assert fedcmi("train", cwd=project, uri=uri).returncode == 0
+    first = json.loads((project / "outputs/train/mlflow_run.json").read_text())
+    r = fedcmi("train", "--set", "federation.rounds=3", cwd=project, uri=uri)
+    assert r.returncode == 0, r.stderr
+    second = json.loads((project / "outputs/train/mlflow_run.json").read_text())
+    assert second["run_id"] == first["run_id"]
+    r = fedcmi("train", "--set", "federation.rounds=3", cwd=project, uri=uri)
+    assert r.returncode == 0 and "nothing new to log" in r.stdout, r.stderr
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert [x.info.run_id for x in runs] == [first["run_id"]] and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(first["run_id"], "mm_acc")] == [1, 2, 3]
+    models = client.search_logged_models([client.get_experiment_by_name("tiny").experiment_id])
+    assert len(models) == 2  # rounds 1-2, then round 3; the third call trained nothing and logged nothing
+    # starting over (--resume never) is a new training: a new run
+    assert fedcmi("train", "--resume", "never", cwd=project, uri=uri).returncode == 0
+    assert json.loads((project / "outputs/train/mlflow_run.json").read_text())["run_id"] != first["run_id"]
+
+
 def test_unreachable_server_fails_before_training(project):
     r = fedcmi("train", cwd=project, uri=f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 1
