@@ -79,6 +79,11 @@ def test_dvc_repro_end_to_end_then_only_train_reruns(repo):
     assert "Running stage 'prepare'" not in again and "Running stage 'partition'" not in again
     assert "Running stage 'train'" in again
     assert len(json.loads((repo / "outputs/train/history.json").read_text())) == 3
+    db = sqlite3.connect(repo / "mlflow.db")  # the extended training continued its run
+    assert db.execute("select count(*) from runs").fetchone()[0] == 1
+    steps = db.execute("select step from metrics where key='mm_acc' order by step").fetchall()
+    assert [s[0] for s in steps] == [1, 2, 3]
+    db.close()
     diff = sh(DVC + ["params", "diff"], repo).stdout
     assert "federation.rounds" in diff
 
