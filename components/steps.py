@@ -135,8 +135,7 @@ def finish_run(
     from pathlib import Path
 
     from fedcmi.config import config_with_settings
-    from fedcmi.data import DataModule
-    from fedcmi.io import save_state, load_state
+    from fedcmi.io import load_state, save_state
     from fedcmi.segments import finish, status
 
     os.chdir(data_root)
@@ -149,8 +148,8 @@ def finish_run(
         return json.dumps(info)
     for k, v in final["metrics"].items():
         metrics.log_metric(k, float(v))
-    confusion.log_confusion_matrix(list(DataModule(cfg.data.prepared_dir).spec.class_names)
-                                   or [str(i) for i in range(len(final["confusion"]))], final["confusion"])
+    confusion.log_confusion_matrix(final["class_names"] or [str(i) for i in range(len(final["confusion"]))],
+                                   final["confusion"])
     if tracking_uri and run_id:
         from fedcmi.tracking import finish_federation_run
 

@@ -93,11 +93,8 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
 
         check_reachable(tracking_uri(cfg))  # fails here, before training, if the server is unreachable
         run_id = continued_run(cfg, out, _resume_fingerprint(cfg) if args.resume != "never" else None)
-        if run_id is not None:  # the same training, resumed: its run goes on, curves unbroken
-            tracker = RunTracker(cfg, run_id=run_id)
-            tracker.client.update_run(run_id, status="RUNNING")
-        else:
-            tracker = RunTracker(cfg)
+        # the same training, resumed, goes on in its run (curves unbroken); else a new run
+        tracker = RunTracker(cfg, run_id=run_id) if run_id is not None else RunTracker(cfg)
     try:
         result = train(cfg, out, resume=args.resume, progress=not args.no_progress,
                        on_round=tracker.log_round if tracker else None)
@@ -122,13 +119,10 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     elif tracker is not None:
         from fedcmi.tracking import write_run_info
 
-        tracker.log_final(result.final)
-        stats = cfg.partition.file.with_name("partition_stats.json")
-        tracker.log_artifacts([paths["history"], paths["metrics"], paths["curves"], stats, cfg.partition.file])
         from fedcmi.steps import load_model
 
-        tracker.log_model(load_model(cfg, result.state))
-        errors = tracker.close()
+        errors = tracker.log_outcome(result.final, [paths["history"], paths["metrics"], paths["curves"]],
+                                     load_model(cfg, result.state))
         info = {"run_id": tracker.run_id, "tracking_uri": tracker.uri, "model_uri": tracker.model_uri,
                 "experiment": cfg.tracking.experiment, "errors": errors, "replayed": tracker.replayed}
         write_run_info(out / "mlflow_run.json", info)

@@ -86,11 +86,9 @@ def train(
     fed = Federation(cfg, data, partition)
     ledger = make_ledger(cfg, check_writable(out_dir / "checkpoints"), data)  # fail before training
     remove_stale_temporaries(out_dir)  # a final output whose writer was killed
-    resumed = ledger.open(resume)
+    resumed = ledger.open(resume, cfg.federation.rounds)
     state = resumed if resumed is not None else fed.initial_state()
     start = ledger.completed
-    if start > cfg.federation.rounds:
-        raise ResumeError(f"the checkpoint has {start} rounds done, more than federation.rounds={cfg.federation.rounds}")
     policy = fed.policy
     rounds = cfg.federation.rounds
     bar = None

@@ -44,6 +44,10 @@ class RoundDiverged(RoundFailed, Diverged):
     """A failed round whose every client update held NaN or Inf: local training diverged."""
 
 
+class ForeignCheckpoint(ResumeError):
+    """A checkpoint made with other settings or data than the run that was told to resume it."""
+
+
 class ClientFailed(RuntimeError):
     """A client's training that failed where it ran (another process or pod); carries the reason."""
 
@@ -178,13 +182,14 @@ class Ledger:
         self.history: list[dict] = []
         self.completed = 0
 
-    def open(self, resume: Literal["auto", "never", "must"]) -> StateDict | None:
-        """The committed global model to continue from, or None to start at round 0."""
+    def open(self, resume: Literal["auto", "never", "must"], rounds: int) -> StateDict | None:
+        """The committed global model to continue from, or None to start at round 0; a checkpoint with more
+        than ``rounds`` rounds committed cannot be continued."""
         meta = self.ckpt.load() if resume != "never" else None
         if meta is not None and meta["fingerprint"] != self.fingerprint:
             if resume == "must":
-                raise ResumeError(f"the checkpoint in {self.ckpt.folder} was made with other settings or data; "
-                                  "cannot resume it")
+                raise ForeignCheckpoint(f"the checkpoint in {self.ckpt.folder} was made with other settings or "
+                                        "data; cannot resume it")
             log.warning("checkpoint in %s was made with other settings; starting from round 0", self.ckpt.folder)
             meta = None
         if meta is None:
@@ -193,6 +198,9 @@ class Ledger:
             return None
         state, meta = self.ckpt.load_model(meta)
         self.completed, self.history = int(meta["completed_rounds"]), list(meta["history"])
+        if self.completed > rounds:
+            raise ResumeError(f"the checkpoint in {self.ckpt.folder} has {self.completed} rounds done, more than "
+                              f"federation.rounds={rounds}")
         for rec in self.history:  # a resumed run remembers how far above chance it has been
             self.guard.check_round(rec)
         log.info("resuming after round %d", self.completed)

@@ -34,11 +34,12 @@ from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.config import Config
 from fedcmi.data import DataModule
 from fedcmi.divergence import Diverged
-from fedcmi.engine import ResumeError, make_ledger
+from fedcmi.checkpoint import STATE_FILE, Checkpointer
+from fedcmi.engine import make_ledger
 from fedcmi.federation import Federation
 from fedcmi.io import ModelFileError, load_state, read_json, save_state, write_json
 from fedcmi.partition import load_partition
-from fedcmi.rounds import ClientFailed, Ledger, RoundPolicy, failure_reason
+from fedcmi.rounds import ClientFailed, ForeignCheckpoint, Ledger, RoundPolicy, failure_reason
 
 log = logging.getLogger("fedcmi")
 FINAL = "final.json"
@@ -50,12 +51,12 @@ class StoreError(RuntimeError):
     """A store that holds another federation, or is behind the round a step was asked for."""
 
 
-def resolve_store(store: str, run_name: str) -> Path:
-    """Where a federation is kept: ``store`` when given, else ``outputs/federations/<run_name>`` under the
-    current folder (the project root on the data volume)."""
+def resolve_store(store: str, run_name: str, root: Path = Path(".")) -> Path:
+    """Where a federation is kept: ``store`` when given, else ``outputs/federations/<run_name>`` under
+    ``root`` (the project root on the data volume; the current folder of a pipeline step)."""
     if not store and not run_name:
         raise StoreError("a federation needs a store or a run name to find its store by")
-    return Path(store or f"outputs/federations/{run_name}").resolve()
+    return (Path(root) / (store or f"outputs/federations/{run_name}")).resolve()
 
 
 def _federation(cfg: Config) -> Federation:
@@ -71,11 +72,12 @@ def _ledger(cfg: Config, store: Path, fed: Federation) -> tuple[Ledger, StateDic
     folder = checkpoints(store)
     folder.mkdir(parents=True, exist_ok=True)
     ledger = make_ledger(cfg, folder, fed.data)
-    meta = ledger.ckpt.load()
-    if meta is not None and meta["fingerprint"] != ledger.fingerprint:
+    try:  # a store is continued when it has a checkpoint, and never restarted over another federation's
+        state = ledger.open("must" if (folder / STATE_FILE).is_file() else "auto", cfg.federation.rounds)
+    except ForeignCheckpoint:
         raise StoreError(f"the store {store} holds a federation with other settings or data; give this one a "
-                         "store of its own (--store, or another run name)")
-    return ledger, ledger.open("auto")
+                         "store of its own (--store, or another run name)") from None
+    return ledger, state
 
 
 def _check_alive(store: Path) -> None:
@@ -91,9 +93,6 @@ def begin(cfg: Config, store: Path, out: Path) -> int:
     _check_alive(store)
     fed = _federation(cfg)
     ledger, state = _ledger(cfg, store, fed)
-    if ledger.completed > cfg.federation.rounds:
-        raise ResumeError(f"the store {store} has {ledger.completed} rounds committed, more than "
-                          f"federation.rounds={cfg.federation.rounds}")
     save_state(out, state if state is not None else fed.initial_state(),
                {"kind": "global", "round": ledger.completed})
     return ledger.completed
@@ -198,7 +197,7 @@ def conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: list[Pat
 
 def status(cfg: Config, store: Path) -> dict:
     """How far the federation in ``store`` is: rounds committed and whether it is complete."""
-    meta = read_json(checkpoints(store) / "state.json") if (checkpoints(store) / "state.json").is_file() else None
+    meta = Checkpointer(checkpoints(store), cfg.output.keep_checkpoints).load()
     done = int(meta["completed_rounds"]) if meta else 0
     return {"completed_rounds": done, "rounds": cfg.federation.rounds, "complete": done >= cfg.federation.rounds}
 
@@ -212,7 +211,7 @@ def finish(cfg: Config, store: Path, out_model: Path) -> dict | None:
         return None
     final_file = Path(store) / FINAL
     final = read_json(final_file) if final_file.is_file() else None
-    if final is None:  # committed before final.json existed (an older store): evaluate once more
+    if final is None:  # the last round was committed, and its step stopped before writing final.json
         ev = fed.evaluate(state, probe=cfg.evaluation.linear_probe)
         final = {"metrics": ev.metrics, "confusion": ev.confusion}
         write_json(final_file, final)
@@ -221,4 +220,4 @@ def finish(cfg: Config, store: Path, out_model: Path) -> dict | None:
     save_state(out_model, state, meta)
     write_json(Path(store) / "history.json", ledger.history)
     write_json(Path(store) / "metrics.json", final["metrics"])
-    return {**final, "history": ledger.history}
+    return {**final, "history": ledger.history, "class_names": list(fed.data.spec.class_names)}

@@ -200,6 +200,15 @@ class RunTracker:
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         self._safe(what, lambda: self.client.log_batch(self.run_id, metrics=batch))
 
+    def log_outcome(self, final: dict[str, float], files: list[Path], net: nn.Module) -> list[str]:
+        """What a finished training leaves: its final metrics, its files (and the partition with its
+        stats), its model; then the run ends. Returns what was not logged."""
+        stats = self.cfg.partition.file.with_name("partition_stats.json")
+        self.log_final(final)
+        self.log_artifacts([*files, stats, self.cfg.partition.file])
+        self.log_model(net)
+        return self.close()
+
     def log_final(self, metrics: dict[str, float], prefix: str = "final_") -> None:
         self.log_metrics({prefix + k: float(v) for k, v in metrics.items()}, what="final metrics")
 
@@ -341,27 +350,43 @@ def read_run_info(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def continued_run(cfg: Config, out_dir: Path, fingerprint: str | None) -> str | None:
-    """The MLflow run a ``fedcmi train`` in ``out_dir`` continues: the run of the checkpoint it resumes
-    (same settings and data, same tracking URI, the run still there), so a training keeps one run and
-    unbroken curves however often it is restarted. None for a new training."""
+def reopen_run(info_file: Path, uri: str) -> str | None:
+    """The run recorded in ``info_file`` (an ``mlflow_run.json``), set RUNNING again, when it was made on
+    ``uri`` and is still there; None otherwise (no record, another server, a deleted run)."""
     from mlflow import MlflowClient
 
-    info_file, state_file = Path(out_dir) / "mlflow_run.json", Path(out_dir) / "checkpoints" / "state.json"
-    if fingerprint is None or not (info_file.is_file() and state_file.is_file()):
-        return None
     try:
-        info, state = read_run_info(info_file), json.loads(state_file.read_text())
+        info = read_run_info(info_file) if Path(info_file).is_file() else {}
     except (ValueError, OSError):
         return None
-    if not info.get("run_id") or info.get("tracking_uri") != tracking_uri(cfg) or \
-            state.get("fingerprint") != fingerprint:
+    if not info.get("run_id") or info.get("tracking_uri") != uri:
         return None
+    check_reachable(uri)
+    client = MlflowClient(uri)
     try:
-        run = MlflowClient(tracking_uri(cfg)).get_run(info["run_id"])
+        run = client.get_run(info["run_id"])
     except Exception:  # deleted, or another store under the same name: a new run
         return None
-    return str(info["run_id"]) if run.info.lifecycle_stage == "active" else None
+    if run.info.lifecycle_stage != "active":
+        return None
+    client.update_run(info["run_id"], status="RUNNING")
+    return str(info["run_id"])
+
+
+def continued_run(cfg: Config, out_dir: Path, fingerprint: str | None) -> str | None:
+    """The MLflow run a ``fedcmi train`` in ``out_dir`` continues, reopened: the run of the checkpoint it
+    resumes (same settings and data, same tracking URI, the run still there), so a training keeps one run
+    and unbroken curves however often it is restarted. None for a new training."""
+    state_file = Path(out_dir) / "checkpoints" / "state.json"
+    if fingerprint is None or not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+    except (ValueError, OSError):
+        return None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        return None
+    return reopen_run(Path(out_dir) / "mlflow_run.json", tracking_uri(cfg))
 
 
 # -- a federation that several processes (pipeline steps) log into ------------------------------------
@@ -371,17 +396,12 @@ RUN_INFO = "mlflow_run.json"
 def open_federation_run(cfg: Config, store: Path, uri: str, run_name: str, tags: dict[str, str]) -> str:
     """The MLflow run of the federation kept in ``store``: reopened (RUNNING again) when an earlier run of
     the pipeline opened it, else created; its id is kept in the store so every later step and run finds it."""
-    from mlflow import MlflowClient
-
     from fedcmi.io import write_json
 
     info_file = Path(store) / RUN_INFO
-    if info_file.is_file():
-        info = read_run_info(info_file)
-        if info.get("tracking_uri") == uri and info.get("run_id"):
-            check_reachable(uri)
-            MlflowClient(uri).update_run(info["run_id"], status="RUNNING")
-            return str(info["run_id"])
+    run_id = reopen_run(info_file, uri)
+    if run_id is not None:
+        return run_id
     tracker = RunTracker(cfg, run_name=run_name, uri=uri, tags=tags)
     write_json(info_file, {"run_id": tracker.run_id, "tracking_uri": uri, "experiment": cfg.tracking.experiment})
     if tracker.errors:
@@ -401,11 +421,8 @@ def finish_federation_run(cfg: Config, store: Path, uri: str, run_id: str, model
     if reg_file.is_file():
         return read_json(reg_file)
     tracker = RunTracker(cfg, uri=uri, run_id=run_id)
-    tracker.log_final(final)
-    tracker.log_artifacts([Path(store) / "history.json", Path(store) / "metrics.json",
-                           cfg.partition.file.with_name("partition_stats.json"), cfg.partition.file])
-    tracker.log_model(load_model(cfg, model_file))
-    errors = tracker.close()
+    errors = tracker.log_outcome(final, [Path(store) / "history.json", Path(store) / "metrics.json"],
+                                 load_model(cfg, model_file))
     if tracker.model_uri is None:
         raise TrackingUnavailable(f"the final model could not be logged to {uri}: {errors}")
     os.environ["MLFLOW_TRACKING_URI"] = uri

@@ -79,7 +79,9 @@ def cmd_compile(cfg: Config, args: argparse.Namespace) -> int:
     opts = _options(args)
     out = compile_pipeline(cfg, opts, args.out)
     fig = spec_figures(out)
-    runs = -(-cfg.federation.rounds // opts.slots(cfg))
+    from pipelines.driver import Plan
+
+    runs = Plan({}, cfg.federation.rounds, opts.slots(cfg)).runs_needed
     print(f"wrote {out}: {fig['bytes']:,} bytes, {fig['dag_tasks']} DAG tasks; {opts.slots(cfg)} rounds per run, "
           f"{runs} run(s) for {cfg.federation.rounds} rounds; {cfg.federation.clients_per_round} clients per round "
           f"in pods of {opts.clients_per_pod}; image {opts.image}")
@@ -96,8 +98,9 @@ def _client(args: argparse.Namespace):
 
 
 def _unreachable(host: str, exc: Exception) -> str:
-    first = str(exc).splitlines()[0][:300] if str(exc) else ""
-    return f"could not submit to Kubeflow Pipelines at {host}: {exc.__class__.__name__}: {first}"
+    from pipelines.driver import first_line
+
+    return f"could not submit to Kubeflow Pipelines at {host}: {first_line(exc)}"
 
 
 def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
@@ -157,7 +160,7 @@ def cmd_drive(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_run_local(cfg: Config, args: argparse.Namespace) -> int:
     """The whole federation with kfp.local, run after run, as `drive` would on a cluster."""
     from fedcmi.io import load_state, save_state
-    from fedcmi.segments import MODEL, status
+    from fedcmi.segments import MODEL, resolve_store, status
     from pipelines.driver import DriveError, LocalExecutor, drive
     from pipelines.federated import local_runner, run_local
 
@@ -185,7 +188,7 @@ def cmd_run_local(cfg: Config, args: argparse.Namespace) -> int:
         drive(LocalExecutor(one_run), plan, state_file, args.max_failures, progress=_say)
     except DriveError as exc:
         raise PipelineError(str(exc)) from None
-    store = Path(args.store) if args.store else root / "outputs" / "federations" / plan.arguments["run_name"]
+    store = resolve_store(args.store, plan.arguments["run_name"], root)
     info = status(cfg, store)
     if not info["complete"]:
         raise PipelineError(f"the federation in {store} stands at {info['completed_rounds']} of {info['rounds']} "

@@ -125,7 +125,7 @@ class KfpExecutor:
             run = self.client.create_run_from_pipeline_package(str(self.package), arguments=arguments,
                                                                run_name=run_name, experiment_name=self.experiment)
         except Exception as exc:  # kfp raises urllib3 / ApiException / ValueError variants for the same fault
-            raise DriveError(f"could not submit to Kubeflow Pipelines: {_first_line(exc)}") from None
+            raise DriveError(f"could not submit to Kubeflow Pipelines: {first_line(exc)}") from None
         return str(run.run_id)
 
     def wait(self, run_id: str, attempts: int = 10) -> str:
@@ -138,7 +138,7 @@ class KfpExecutor:
                 failures += 1
                 if failures >= attempts:
                     raise DriveError(f"lost contact with Kubeflow Pipelines while run {run_id} was in flight "
-                                     f"({_first_line(exc)}); run the driver again to go on waiting") from None
+                                     f"({first_line(exc)}); run the driver again to go on waiting") from None
                 time.sleep(self.poll)
                 continue
             if state != last:
@@ -149,7 +149,8 @@ class KfpExecutor:
             time.sleep(self.poll)
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
+    """An exception as one line: its class and the first line of its message."""
     text = str(exc).splitlines()[0][:300] if str(exc) else ""
     return f"{exc.__class__.__name__}: {text}"
 

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -53,7 +53,6 @@ class PipelineOptions:
     data_root: str = "/data"
     rounds_per_run: int = 10
     clients_per_pod: int = 1
-    extra: dict = field(default_factory=dict)
 
     def slots(self, cfg: Config) -> int:
         """Round slots in one run: ``rounds_per_run``, or fewer when the federation is shorter."""
@@ -79,12 +78,17 @@ def build_pipeline(cfg: Config, opts: PipelineOptions):
             kubernetes.mount_pvc(task, pvc_name=opts.pvc, mount_path=opts.data_root)
         return task
 
-    def light(task, name: str, retry: bool = True):
+    def step(task, name: str, retry: bool = True):
+        """Every step: named, never cached (each writes to the store or to MLflow), on the data volume,
+        retried with backoff where repeating it is safe."""
         task.set_display_name(name).set_caching_options(False)
-        task.set_cpu_request(LIGHT_CPU).set_memory_request(LIGHT_MEMORY).set_memory_limit(opts.memory)
         if retry and opts.retries:
             task.set_retry(opts.retries, backoff_duration="30s", backoff_factor=2.0)
         return volume(task)
+
+    def light(task, name: str, retry: bool = True):
+        task.set_cpu_request(LIGHT_CPU).set_memory_request(LIGHT_MEMORY).set_memory_limit(opts.memory)
+        return step(task, name, retry)
 
     @dsl.pipeline(name="fedcmi-round", description="One round: training pods in parallel, then conclude.")
     def fl_round(config_json: str, data_root: str, store: str, global_model: Input[Model], start_round: int,
@@ -93,14 +97,11 @@ def build_pipeline(cfg: Config, opts: PipelineOptions):
             t = comp.train_clients(config_json=config_json, data_root=data_root, global_model=global_model,
                                    start_round=start_round, offset=offset, worker=w,
                                    per_worker=opts.clients_per_pod)
-            t.set_display_name("train").set_caching_options(False)
             t.set_cpu_request(opts.cpu).set_cpu_limit(opts.cpu)
             t.set_memory_request(opts.memory).set_memory_limit(opts.memory)
-            if opts.retries:
-                t.set_retry(opts.retries, backoff_duration="30s", backoff_factor=2.0)
             if opts.accelerator_count > 0:
                 t.set_accelerator_type(opts.accelerator_type).set_accelerator_limit(opts.accelerator_count)
-            volume(t)
+            step(t, "train")
         c = light(comp.conclude_round(config_json=config_json, data_root=data_root, store=store,
                                       global_model=global_model, updates=dsl.Collected(t.outputs["updates"]),
                                       start_round=start_round, offset=offset, tracking_uri=tracking_uri,
@@ -133,12 +134,12 @@ def build_pipeline(cfg: Config, opts: PipelineOptions):
             start, run_id = begin.outputs["start_round"], begin.outputs["run_id"]
             model = begin.outputs["global_model"]
             for k in range(slots):
-                step = fl_round(config_json=conf, data_root=data_root, store=where, global_model=model,
-                                start_round=start, offset=k, tracking_uri=tracking_uri, run_id=run_id)
-                step.set_display_name(f"round-{k + 1}").set_caching_options(False)
-                model = step.output
+                rnd = fl_round(config_json=conf, data_root=data_root, store=where, global_model=model,
+                               start_round=start, offset=k, tracking_uri=tracking_uri, run_id=run_id)
+                rnd.set_display_name(f"round-{k + 1}").set_caching_options(False)
+                model = rnd.output
             light(comp.finish_run(config_json=conf, data_root=data_root, store=where, global_model=model,
-                                        tracking_uri=tracking_uri, run_id=run_id), "finish")
+                                  tracking_uri=tracking_uri, run_id=run_id), "finish")
 
     return fedcmi_pipeline
 
@@ -216,7 +217,7 @@ def _quiet(log_file: Path, echo: Callable[[str], str]):
         thread.join(timeout=10)
 
 
-def local_runner(kind: str, data_root: Path, environment: dict | None = None, mounts: tuple = ()):
+def local_runner(kind: str, data_root: Path, environment: dict | None = None):
     """kfp.local's runner: ``subprocess`` (this environment) or ``docker`` (the image; the data root is
     bind-mounted at the same path, the steps run as this user and reach loopback servers)."""
     from kfp import local
@@ -227,8 +228,8 @@ def local_runner(kind: str, data_root: Path, environment: dict | None = None, mo
         raise ValueError(f"runner must be 'subprocess' or 'docker', not {kind!r}")
     from docker.types import Mount
 
-    binds = [Mount(target=str(data_root), source=str(data_root), type="bind"), *mounts]
-    return local.DockerRunner(mounts=binds, user=f"{os.getuid()}:{os.getgid()}", network_mode="host",
+    bind = Mount(target=str(data_root), source=str(data_root), type="bind")
+    return local.DockerRunner(mounts=[bind], user=f"{os.getuid()}:{os.getgid()}", network_mode="host",
                               environment={"HOME": "/tmp", **(environment or {})})
 
 
