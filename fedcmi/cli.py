@@ -94,7 +94,12 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
         check_reachable(tracking_uri(cfg))  # fails here, before training, if the server is unreachable
         run_id = continued_run(cfg, out, _resume_fingerprint(cfg) if args.resume != "never" else None)
         # the same training, resumed, goes on in its run (curves unbroken); else a new run
-        tracker = RunTracker(cfg, run_id=run_id) if run_id is not None else RunTracker(cfg)
+        if run_id is not None:
+            tracker = RunTracker(cfg, run_id=run_id)
+        else:
+            from fedcmi.data import DataModule
+
+            tracker = RunTracker(cfg, data=DataModule(cfg.data.prepared_dir))
     try:
         result = train(cfg, out, resume=args.resume, progress=not args.no_progress,
                        on_round=tracker.log_round if tracker else None)
@@ -119,10 +124,11 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     elif tracker is not None:
         from fedcmi.tracking import write_run_info
 
-        from fedcmi.steps import load_model
+        from fedcmi.data import DataModule
+        from fedcmi.serving import ModelPackage
 
-        errors = tracker.log_outcome(result.final, [paths["history"], paths["metrics"], paths["curves"]],
-                                     load_model(cfg, result.state))
+        package = ModelPackage.of(cfg, result.state, DataModule(cfg.data.prepared_dir))
+        errors = tracker.log_outcome([paths["history"], paths["metrics"], paths["curves"]], package)
         info = {"run_id": tracker.run_id, "tracking_uri": tracker.uri, "model_uri": tracker.model_uri,
                 "experiment": cfg.tracking.experiment, "errors": errors, "replayed": tracker.replayed}
         write_run_info(out / "mlflow_run.json", info)
@@ -160,7 +166,9 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     if args.log and cfg.tracking.enabled and run_info.is_file() and json.loads(run_info.read_text()).get("run_id"):
         from fedcmi.tracking import log_to_run
 
-        errors = log_to_run(cfg, run_info, {f"test_{k}": v for k, v in metrics.items()},
+        # the test split's figures are the last round's (the same model), already in the run as eval/...
+        logged = {} if args.split == "test" else {f"{args.split}/{k}": v for k, v in metrics.items()}
+        errors = log_to_run(cfg, run_info, logged,
                             [p for p in (out, Path(args.plots) / "confusion.png" if args.plots else None) if p])
         for e in errors:
             print(f"fedcmi: warning: tracking failed: {e}", file=sys.stderr)

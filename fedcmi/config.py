@@ -287,11 +287,29 @@ class OutputConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
 
 
+#: Dataset sections of ``data``, each used only when ``data.name`` names it.
+DATASET_SECTIONS = ("synthetic", "cremad", "ave", "crisismmd")
+#: Keys of ``algorithm`` that an algorithm does not read.
+UNUSED_ALGORITHM_KEYS: dict[str, tuple[str, ...]] = {
+    "fedavg": ("mu", "modality", "fedcmi", "ogm"),
+    "fedprox": ("modality", "fedcmi", "ogm"),
+    "unimodal": ("mu", "fedcmi", "ogm"),
+    "ogm_ge": ("mu", "modality", "fedcmi"),
+    "fedcmi": ("modality", "ogm"),
+}
+#: Keys of ``data.synthetic`` that one generator reads and the other does not.
+SYNTHETIC_ONLY: dict[str, tuple[str, ...]] = {
+    "latent": ("strong_blind", "intensity", "weak_noise", "weak_clutter"),
+    "templates": ("strong_confusion",),
+}
+
+
 class Config(_Section):
     """Everything a run needs; see ``params.yaml`` for the defaults."""
 
     seed: int = Field(0, ge=0, lt=2**31)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(1, ge=0, le=1024)
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
     model: ModelConfig = ModelConfig()
@@ -356,6 +374,17 @@ class Config(_Section):
 
         walk("", self.to_dict())
         return out
+
+    def applicable(self) -> dict[str, Any]:
+        """:meth:`flat` without the settings this run does not use: the sections of other datasets, of
+        the other synthetic generator, and of algorithms other than this one (what MLflow shows)."""
+        unused = {f"data.{name}." for name in DATASET_SECTIONS if name != self.data.name}
+        unused |= {f"algorithm.{key}" for key in UNUSED_ALGORITHM_KEYS.get(self.algorithm.name, ())}
+        if self.data.name == "synthetic":
+            other = "templates" if self.data.synthetic.generator == "latent" else "latent"
+            unused |= {f"data.synthetic.{key}" for key in SYNTHETIC_ONLY[other]}
+        return {k: v for k, v in self.flat().items() if not any(k == u or k.startswith(u if u.endswith(".")
+                                                                                      else u + ".") for u in unused)}
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named top-level sections (all when none named)."""

@@ -37,6 +37,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def use_threads(n: int) -> int:
+    """Give torch ``n`` intra-op threads (0: leave its count as it is, by default one per core); returns the count.
+
+    The count is part of a run's identity: reductions split differently over threads, so the same seed
+    gives a different model with another count. A fixed default (1) keeps results equal across machines
+    of one kind, and small multimodal models gain little from a second thread while a shared machine's
+    other jobs make every extra one wait.
+    """
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 class Federation:
     """The parts of a round over one model instance (memory does not grow with clients)."""
 
@@ -54,6 +67,7 @@ class Federation:
         self.cfg = cfg
         self.data = data
         self.partition = partition
+        self.threads = use_threads(cfg.threads)
         self.device = device or resolve_device(cfg.device)
         self.strategy: Strategy = get_strategy(cfg)
         self.model = build_model(cfg, data.spec).to(self.device)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 import numpy as np
+import torch
 from torch import nn
 
 from fedcmi.algorithms import ClientUpdate, Strategy, UpdateRejected, check_update
@@ -164,6 +165,7 @@ class RoundPolicy:
         if metrics is not None:
             rec.update(metrics)
         rec["seconds"] = round(seconds, 4)
+        rec["threads"] = torch.get_num_threads()  # part of the result: another count gives another model
         return rec
 
 

@@ -18,7 +18,7 @@ from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.config import Config
 from fedcmi.data import DataModule
 from fedcmi.evaluation import evaluate_model
-from fedcmi.federation import Federation, resolve_device
+from fedcmi.federation import Federation, resolve_device, use_threads
 from fedcmi.io import ModelFileError, load_state, save_state, write_json
 from fedcmi.partition import load_partition
 
@@ -113,6 +113,7 @@ def evaluate_step(cfg: Config, model: str | Path, out: str | Path | None = None,
 
     Needs the prepared data and the model, not the partition.
     """
+    use_threads(cfg.threads)
     data = DataModule(cfg.data.prepared_dir)
     device = resolve_device(cfg.device)
     net = load_model(cfg, model, data).to(device)

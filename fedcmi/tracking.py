@@ -17,12 +17,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable
 
 from fedcmi.config import Config
+
+if TYPE_CHECKING:
+    from fedcmi.data import DataModule
+    from fedcmi.serving import ModelPackage
 
 log = logging.getLogger("fedcmi")
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -79,17 +80,56 @@ def data_hash(cfg: Config) -> str:
     return "meta:" + hashlib.sha256(meta.read_bytes()).hexdigest()[:16] if meta.is_file() else "unknown"
 
 
-class Predictor(nn.Module):
-    """The logged MLflow model: a batch dict holding one or both modalities -> class logits."""
+#: Evaluation figures of a round (see :mod:`fedcmi.evaluation`), grouped as ``eval/...`` in MLflow.
+EVAL_KEYS = ("mm_", "uni_acc_", "path_acc_", "probe_acc_", "worst_class_acc", "class_acc_spread",
+             "imbalance_ratio", "pred_top_frac")
+ROUND_KEYS = ("seconds", "threads")
 
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.modalities = tuple(net.modalities)  # type: ignore[arg-type]
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = {m: v for m, v in batch.items() if m in self.modalities}
-        return self.net(x).mm_logits
+def metric_name(key: str, algorithm: str) -> str:
+    """The MLflow name of a round record's figure: grouped by prefix, so the run page shows sections
+    (``eval/``, ``eval_per_class/``, ``train/``, ``round/``, and the algorithm's own, e.g. ``fedcmi/``)
+    instead of one alphabetical list; history.json keeps the flat keys that DVC plots read."""
+    if key.startswith("train_"):
+        return "train/" + key[len("train_"):]
+    if key.startswith("class_acc_") and key[len("class_acc_"):].isdigit():
+        return "eval_per_class/acc_" + key[len("class_acc_"):]
+    if key.startswith(EVAL_KEYS):
+        return "eval/" + key
+    if key in ROUND_KEYS:
+        return "round/" + key
+    return f"{algorithm}/{key}"
+
+
+def round_metrics(rec: dict, algorithm: str) -> dict[str, float]:
+    """A round record's numbers under their MLflow names, with the round's client counts."""
+    out = {metric_name(k, algorithm): float(v) for k, v in rec.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "round"}
+    out["round/accepted_clients"] = float(len(rec.get("accepted", [])))
+    out["round/rejected_clients"] = float(len(rec.get("rejected", {})))
+    return out
+
+
+def dataset_input(cfg: Config, data: "DataModule") -> Any:
+    """The prepared data as an MLflow dataset input (context ``training``): its digest is the data hash
+    the run is tagged with (DVC's when DVC prepared it), its schema the modalities' shapes and dtypes."""
+    import warnings
+
+    import numpy as np
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+
+    spec = data.spec
+    schema = Schema([TensorSpec(np.dtype(spec.dtype(m)), (-1, *spec.shapes[m]), m) for m in spec.modalities]
+                    + [TensorSpec(np.dtype("int64"), (-1,), "label")])
+    with warnings.catch_warnings():  # the local-file source is registered twice in MLflow; either fits
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(Path(cfg.data.prepared_dir).resolve()))
+    sizes = "-".join(f"{name}{len(split)}" for name, split in sorted(data.splits.items()))
+    ds = MetaDataset(source, name=f"{cfg.data.name}-{sizes}", digest=data_hash(cfg)[:36], schema=schema)
+    return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
 
 
 class RunTracker:
@@ -105,8 +145,10 @@ class RunTracker:
     """
 
     def __init__(self, cfg: Config, run_name: str | None = None, probe_every: float = 30.0,
-                 uri: str | None = None, run_id: str | None = None, tags: dict[str, str] | None = None) -> None:
-        """Open a new run (params logged flat, tags set), or attach to ``run_id`` to log more into it.
+                 uri: str | None = None, run_id: str | None = None, tags: dict[str, str] | None = None,
+                 data: "DataModule | None" = None) -> None:
+        """Open a new run (the settings that apply logged flat, tags set, ``data`` logged as its input), or
+        attach to ``run_id`` to log more into it.
 
         ``uri`` overrides :func:`tracking_uri` (a pipeline passes its own).
         """
@@ -133,12 +175,14 @@ class RunTracker:
         if commit:
             all_tags["mlflow.source.git.commit"] = commit
             all_tags["git_commit"] = commit
-        experiment_id = _experiment_id(self.client, cfg.tracking.experiment)
+        experiment_id = _experiment_id(self.client, cfg.tracking.experiment, cfg.tracking.registered_model)
         run = self.client.create_run(experiment_id, run_name=run_name or f"{cfg.algorithm.name}-seed{cfg.seed}",
                                      tags=all_tags)
         self.run_id = run.info.run_id
-        params = [Param(k, str(v)[:500]) for k, v in cfg.flat().items()]
+        params = [Param(k, str(v)[:500]) for k, v in cfg.applicable().items()]
         self._safe("params", lambda: self.client.log_batch(self.run_id, params=params))
+        if data is not None:
+            self.log_dataset(data)
 
     # -- the safety net -------------------------------------------------------
     def _reachable(self) -> bool:
@@ -189,9 +233,7 @@ class RunTracker:
     # -- what a run logs ----------------------------------------------------------
     def log_round(self, rec: dict) -> None:
         step = int(rec["round"])
-        metrics = {k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and k != "round"}
-        metrics["rejected_clients"] = float(len(rec.get("rejected", {})))
-        self.log_metrics(metrics, step=step, what=f"round {step} metrics")
+        self.log_metrics(round_metrics(rec, self.cfg.algorithm.name), step=step, what=f"round {step} metrics")
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, what: str = "metrics") -> None:
         from mlflow.entities import Metric
@@ -200,38 +242,24 @@ class RunTracker:
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         self._safe(what, lambda: self.client.log_batch(self.run_id, metrics=batch))
 
-    def log_outcome(self, final: dict[str, float], files: list[Path], net: nn.Module) -> list[str]:
-        """What a finished training leaves: its final metrics, its files (and the partition with its
-        stats), its model; then the run ends. Returns what was not logged."""
+    def log_outcome(self, files: list[Path], model: "ModelPackage") -> list[str]:
+        """What a finished training leaves: its files (and the partition with its stats) and its model; then
+        the run ends. Returns what was not logged. The final figures are the last round's, already logged."""
         stats = self.cfg.partition.file.with_name("partition_stats.json")
-        self.log_final(final)
         self.log_artifacts([*files, stats, self.cfg.partition.file])
-        self.log_model(net)
+        self.log_model(model)
         return self.close()
 
-    def log_final(self, metrics: dict[str, float], prefix: str = "final_") -> None:
-        self.log_metrics({prefix + k: float(v) for k, v in metrics.items()}, what="final metrics")
+    def log_dataset(self, data: "DataModule") -> None:
+        """The prepared data as the run's training input, named by its DVC hash (the tag ``data_hash``)."""
+        self._safe("dataset", lambda: self.client.log_inputs(self.run_id, datasets=[dataset_input(self.cfg, data)]))
 
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
         for p in paths:
             if Path(p).exists():
                 self._safe(f"artifact {p}", lambda p=p: self.client.log_artifact(self.run_id, str(p), artifact_path))
 
-    @staticmethod
-    def log_model_to_active_run(net: nn.Module) -> str:
-        """Log ``net`` as an MLflow model of the active run; returns its URI."""
-        import mlflow.pytorch
-
-        # pickle, not pt2: the model takes a dict of modalities, which torch.export cannot trace by example.
-        # The fedcmi package travels with the model, so it loads where fedcmi is not installed.
-        info = mlflow.pytorch.log_model(
-            Predictor(net).eval(), name="model", serialization_format="pickle",
-            code_paths=[str(Path(__file__).resolve().parent)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic", "pyyaml"],
-        )
-        return info.model_uri
-
-    def log_model(self, net: nn.Module) -> str | None:
+    def log_model(self, model: "ModelPackage") -> str | None:
         """Log the model; its URI is in :attr:`model_uri` once logged (after a replay too)."""
 
         def log() -> str:
@@ -240,7 +268,7 @@ class RunTracker:
             mlflow.set_tracking_uri(self.uri)
             # The model API logs to the fluent active run; open it for this call alone.
             with mlflow.start_run(run_id=self.run_id):
-                self.model_uri = self.log_model_to_active_run(net)
+                self.model_uri = model.log()
             return self.model_uri
 
         return self._safe("model", log)
@@ -260,20 +288,29 @@ class RunTracker:
         return self.errors
 
 
-def _experiment_id(client: Any, name: str) -> str:
-    """The id of experiment ``name``, created if missing (another process may create it first)."""
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's "model training" view, not the GenAI one
+
+
+def _experiment_id(client: Any, name: str, registered_model: str | None = None) -> str:
+    """The id of experiment ``name``, created if missing (another process may create it first), marked as
+    a model-training experiment whose description links the registered model."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            exp = client.get_experiment(client.create_experiment(name))
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+    if registered_model and "mlflow.note.content" not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, "mlflow.note.content",
+                                  f"Federated multimodal training (fedcmi). Registered model: "
+                                  f"[{registered_model}](#/models/{registered_model})")
+    return str(exp.experiment_id)
 
 
 def register(cfg: Config, run_id: str, model_uri: str, headline: float, data_id: str) -> dict:
@@ -331,7 +368,8 @@ def log_to_run(cfg: Config, run_info: Path, metrics: dict[str, float], artifacts
         check_reachable(info["tracking_uri"])
         client = MlflowClient(info["tracking_uri"])
         ts = int(time.time() * 1000)
-        client.log_batch(info["run_id"], metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
+        if metrics:
+            client.log_batch(info["run_id"], metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()])
         for a in artifacts:
             if Path(a).exists():
                 client.log_artifact(info["run_id"], str(a), "evaluation")
@@ -402,7 +440,9 @@ def open_federation_run(cfg: Config, store: Path, uri: str, run_name: str, tags:
     run_id = reopen_run(info_file, uri)
     if run_id is not None:
         return run_id
-    tracker = RunTracker(cfg, run_name=run_name, uri=uri, tags=tags)
+    from fedcmi.data import DataModule
+
+    tracker = RunTracker(cfg, run_name=run_name, uri=uri, tags=tags, data=DataModule(cfg.data.prepared_dir))
     write_json(info_file, {"run_id": tracker.run_id, "tracking_uri": uri, "experiment": cfg.tracking.experiment})
     if tracker.errors:
         raise TrackingUnavailable(f"the run's parameters could not be logged to {uri}: {tracker.errors[0]}")
@@ -414,15 +454,16 @@ def finish_federation_run(cfg: Config, store: Path, uri: str, run_id: str, model
     """Log the final metrics, files and model of a complete federation, register the model and end the run
     FINISHED; done once per federation (the registration is kept in the store, so a retry registers nothing
     twice). Returns the registration."""
-    from fedcmi.io import read_json, write_json
-    from fedcmi.steps import load_model
+    from fedcmi.data import DataModule
+    from fedcmi.io import load_state, read_json, write_json
+    from fedcmi.serving import ModelPackage
 
     reg_file = Path(store) / "register.json"
     if reg_file.is_file():
         return read_json(reg_file)
     tracker = RunTracker(cfg, uri=uri, run_id=run_id)
-    errors = tracker.log_outcome(final, [Path(store) / "history.json", Path(store) / "metrics.json"],
-                                 load_model(cfg, model_file))
+    package = ModelPackage.of(cfg, load_state(model_file)[0], DataModule(cfg.data.prepared_dir))
+    errors = tracker.log_outcome([Path(store) / "history.json", Path(store) / "metrics.json"], package)
     if tracker.model_uri is None:
         raise TrackingUnavailable(f"the final model could not be logged to {uri}: {errors}")
     os.environ["MLFLOW_TRACKING_URI"] = uri

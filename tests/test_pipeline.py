@@ -209,8 +209,8 @@ def test_a_chained_local_run_with_a_failing_client_and_a_lost_run_equals_the_eng
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["runner"] == "kubeflow"
     assert "ended FAILED" in run.data.tags["last_failed_run"]  # the exit handler of the failed run
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "mm_acc")) == [2, 3]
-    rejected = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "rejected_clients")}
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/mm_acc")) == [2, 3]
+    rejected = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "round/rejected_clients")}
     assert rejected == {1: 0.0, 2: 1.0, 3: 0.0}
     champion = client.get_model_version_by_alias(cfg.tracking.registered_model, "champion")
     assert champion.run_id == run.info.run_id

@@ -91,12 +91,30 @@ def test_run_model_and_registry_over_http(project, tmp_path_factory):
         run = get(uri, f"/api/2.0/mlflow/runs/get?run_id={info['run_id']}")["run"]
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
         assert params["algorithm.name"] == "fedcmi" and params["federation.rounds"] == "2"
+        assert params["threads"] == "1" and "algorithm.fedcmi.w_uni" in params
+        # only the settings that apply: no other dataset's section, no other algorithm's, no other generator's
+        assert not [k for k in params if k.startswith(("data.cremad.", "data.ave.", "data.crisismmd.",
+                                                       "algorithm.ogm.", "algorithm.modality"))]
+        assert "data.synthetic.weak_noise" in params and "data.synthetic.strong_confusion" not in params
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
         assert tags["data_hash"] and tags["algorithm"] == "fedcmi"
-        hist = get(uri, f"/api/2.0/mlflow/metrics/get-history?run_id={info['run_id']}&metric_key=uni_acc_visual")
+        # the prepared data is the run's input, named by the hash the run is tagged with
+        inputs = run["inputs"]["dataset_inputs"]
+        assert len(inputs) == 1 and inputs[0]["dataset"]["digest"] == tags["data_hash"][:36]
+        assert {"key": "mlflow.data.context", "value": "training"} in inputs[0]["tags"]
+        # metrics grouped by prefix, the headline once (no final_/test_ copies of the last round)
+        latest = {m["key"]: m for m in run["data"]["metrics"]}
+        assert {"eval/mm_acc", "eval/uni_acc_visual", "train/loss", "round/seconds", "round/threads",
+                "fedcmi/dominant_frac_audio", "eval_per_class/acc_0", "round/rejected_clients"} <= set(latest)
+        assert not [k for k in latest if "/" not in k], sorted(latest)
+        hist = get(uri, f"/api/2.0/mlflow/metrics/get-history?run_id={info['run_id']}&metric_key=eval/uni_acc_visual")
         assert [m["step"] for m in hist["metrics"]] == [1, 2]
         assert get(uri, f"/api/2.0/mlflow/metrics/get-history?run_id={info['run_id']}"
-                        "&metric_key=dominant_frac_audio")["metrics"][0]["step"] == 2
+                        "&metric_key=fedcmi/dominant_frac_audio")["metrics"][0]["step"] == 2
+        exp = get(uri, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny")["experiment"]
+        exp_tags = {t["key"]: t["value"] for t in exp["tags"]}
+        assert exp_tags["mlflow.experimentKind"] == "custom_model_development"
+        assert "#/models/tiny-model" in exp_tags["mlflow.note.content"]
         arts = get(uri, f"/api/2.0/mlflow/artifacts/list?run_id={info['run_id']}")
         assert {"history.json", "curves.png", "partition_stats.json"} <= {f["path"] for f in arts["files"]}
 
@@ -118,21 +136,61 @@ def test_run_model_and_registry_over_http(project, tmp_path_factory):
         champ = get(uri, "/api/2.0/mlflow/registered-models/alias?name=tiny-model&alias=champion")
         assert cand["model_version"]["version"] == "2" and champ["model_version"]["version"] == "1"
 
-        # the registered model loads back and predicts from one or both modalities
-        import mlflow.pytorch
+        # the registered model loads back as a pyfunc over named modality arrays, with its signature;
+        # its torch network also predicts from one modality
+        import mlflow.pyfunc
+        import numpy as np
 
         os.environ["MLFLOW_TRACKING_URI"] = uri
         try:
-            model = mlflow.pytorch.load_model("models:/tiny-model@champion")
+            model = mlflow.pyfunc.load_model("models:/tiny-model@champion")
         finally:
             del os.environ["MLFLOW_TRACKING_URI"]
+        assert model.metadata.get_input_schema().input_names() == ["audio", "visual"]
         shapes = {"audio": (1, 8, 8), "visual": (1, 3, 8, 8)}
-        both = {m: torch.randn(3, *s) for m, s in shapes.items()}
-        assert model(both).shape == (3, 6)
-        assert model({"visual": both["visual"]}).shape == (3, 6)
+        both = {m: np.random.default_rng(0).standard_normal((3, *s)).astype(np.float32) for m, s in shapes.items()}
+        pred = model.predict(both)
+        assert list(pred.columns[:2]) == ["class_index", "class_name"] and len(pred) == 3
+        assert np.allclose(pred.filter(like="p_").sum(axis=1), 1.0, atol=1e-5)
+        net = model.unwrap_python_model().network
+        assert net({m: torch.from_numpy(v) for m, v in both.items()}).shape == (3, 6)
+        assert net({"visual": torch.from_numpy(both["visual"])}).shape == (3, 6)
+        assert (net({m: torch.from_numpy(v) for m, v in both.items()}).argmax(1).numpy()
+                == pred["class_index"].to_numpy()).all()
+        _served_model_answers(uri, "models:/tiny-model@champion", both, pred, tmp_path_factory.mktemp("serve"))
 
         with urllib.request.urlopen(uri + "/", timeout=10) as page:
             assert page.status == 200 and b"<html" in page.read().lower()
+    finally:
+        stop(proc)
+
+
+def _served_model_answers(uri: str, model_uri: str, inputs: dict, expected, tmp: Path) -> None:
+    """`mlflow models serve` on loopback answers a REST prediction equal to the loaded model's."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp / "serve.log", "w"), env=env, start_new_session=True)
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                assert proc.poll() is None, (tmp / "serve.log").read_text()[-3000:]
+                time.sleep(0.5)
+        else:
+            raise AssertionError("mlflow models serve did not start: " + (tmp / "serve.log").read_text()[-3000:])
+        body = json.dumps({"inputs": {m: v.tolist() for m, v in inputs.items()}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())["predictions"]
+        assert [a["class_index"] for a in answer] == expected["class_index"].tolist()
+        assert [a["class_name"] for a in answer] == expected["class_name"].tolist()
     finally:
         stop(proc)
 
@@ -154,7 +212,7 @@ def test_a_resumed_training_continues_its_run_and_a_finished_one_logs_nothing(pr
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert [x.info.run_id for x in runs] == [first["run_id"]] and runs[0].info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(first["run_id"], "mm_acc")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(first["run_id"], "eval/mm_acc")] == [1, 2, 3]
     models = client.search_logged_models([client.get_experiment_by_name("tiny").experiment_id])
     assert len(models) == 2  # rounds 1-2, then round 3; the third call trained nothing and logged nothing
     # starting over (--resume never) is a new training: a new run
@@ -226,7 +284,7 @@ def test_server_lost_mid_run_and_back_gets_every_round_replayed(project, tmp_pat
             project, uri, {1: lambda: stop(procs[0]), 3: restart}, probe_every=0.0)
         assert errors == [] and tracker.unlogged == []
         assert tracker.replayed == ["round 2 metrics", "round 3 metrics"]
-        hist = get(uri, f"/api/2.0/mlflow/metrics/get-history?run_id={tracker.run_id}&metric_key=mm_acc")["metrics"]
+        hist = get(uri, f"/api/2.0/mlflow/metrics/get-history?run_id={tracker.run_id}&metric_key=eval/mm_acc")["metrics"]
         by_step = {m["step"]: m["value"] for m in hist}
         assert sorted(by_step) == [1, 2, 3, 4]
         assert all(by_step[r["round"]] == pytest.approx(r["mm_acc"]) for r in res.history)

@@ -1,0 +1,128 @@
+"""The logged MLflow model: a pyfunc that takes a dict of named modality arrays.
+
+``mlflow.pyfunc.load_model`` and ``mlflow models serve`` both run
+:class:`ModalityClassifier`: each modality arrives as an array in the prepared
+data's layout and dtype (``uint8`` frames are normalised here, as in
+training), and the answer is a table with the predicted class index and name
+and one probability column per class. The torch network stays reachable for
+research use through ``unwrap_python_model().network``, which also takes a
+dict holding one modality only.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import torch
+from torch import nn
+
+from fedcmi.algorithms.aggregation import StateDict
+from fedcmi.config import Config
+from fedcmi.data import DataModule
+from fedcmi.data.base import DatasetSpec, _to_tensor
+from fedcmi.io import load_state, save_state, write_json
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class Network(nn.Module):
+    """A trained network as a classifier: a dict holding one or both modalities -> class logits."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.modalities = tuple(net.modalities)  # type: ignore[arg-type]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = {m: v for m, v in batch.items() if m in self.modalities}
+        return self.net(x).mm_logits
+
+
+class ModalityClassifier(mlflow.pyfunc.PythonModel):
+    """Batches of named modality arrays -> class index, class name and class probabilities."""
+
+    network: Network
+    spec: DatasetSpec
+
+    def load_context(self, context: Any) -> None:
+        from fedcmi.models import build_model
+
+        cfg = Config.model_validate(json.loads(Path(context.artifacts["config"]).read_text()))
+        self.spec = DatasetSpec.from_json(json.loads(Path(context.artifacts["spec"]).read_text()))
+        state, _ = load_state(context.artifacts["weights"])
+        net = build_model(cfg, self.spec)
+        net.load_state_dict(state)
+        self.network = Network(net).eval()
+
+    def predict(self, context, model_input, params=None) -> Any:  # no hints: MLflow would read them as a schema
+        import pandas as pd
+
+        missing = [m for m in self.spec.modalities if m not in model_input]
+        if missing:
+            raise ValueError(f"the input lacks modality {missing}; it needs {list(self.spec.modalities)}")
+        x = {m: _to_tensor(np.asarray(model_input[m]), self.spec.normalize.get(m)) for m in self.spec.modalities}
+        with torch.no_grad():
+            probs = torch.softmax(self.network(x).float(), dim=-1).numpy()
+        names = self.class_names
+        out = pd.DataFrame({"class_index": probs.argmax(axis=1).astype(np.int64)})
+        out["class_name"] = [names[i] for i in out["class_index"]]
+        for i, name in enumerate(names):
+            out[f"p_{name}"] = probs[:, i].astype(np.float64)
+        return out
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.spec.class_names) or [str(i) for i in range(self.spec.num_classes)]
+
+
+def signature(spec: DatasetSpec) -> Any:
+    """Named tensor inputs (one per modality, any batch size) and the prediction table."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    inputs = Schema([TensorSpec(np.dtype(spec.dtype(m)), (-1, *spec.shapes[m]), m) for m in spec.modalities])
+    names = list(spec.class_names) or [str(i) for i in range(spec.num_classes)]
+    outputs = Schema([ColSpec("long", "class_index"), ColSpec("string", "class_name"),
+                      *[ColSpec("double", f"p_{n}") for n in names]])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+@dataclass
+class ModelPackage:
+    """What the logged model holds: the settings that build the network, the data spec, the weights and
+    an input example (the first test sample)."""
+
+    config: dict
+    spec: DatasetSpec
+    state: StateDict
+    example: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, cfg: Config, state: StateDict, data: DataModule) -> "ModelPackage":
+        first = np.arange(1)
+        example = {m: np.ascontiguousarray(data.test.features[m][first]) for m in data.spec.modalities}
+        return cls(cfg.to_dict(), data.spec, state, example)
+
+    def log(self, name: str = "model") -> str:
+        """Log as a pyfunc model of the active MLflow run; returns its URI."""
+        with tempfile.TemporaryDirectory(prefix="fedcmi-model-") as tmp:
+            root = Path(tmp)
+            artifacts = {
+                "config": str(write_json(root / "config.json", self.config)),
+                "spec": str(write_json(root / "spec.json", self.spec.to_json())),
+                "weights": str(save_state(root / "model.safetensors", self.state, {"kind": "global"})),
+            }
+            # The fedcmi package travels with the model, so it loads where fedcmi is not installed.
+            info = mlflow.pyfunc.log_model(
+                name=name, python_model=ModalityClassifier(), artifacts=artifacts,
+                code_paths=[str(PACKAGE_DIR)], signature=signature(self.spec), input_example=self.example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "safetensors",
+                                  "pydantic", "pyyaml", f"mlflow=={mlflow.__version__}"],
+            )
+        return str(info.model_uri)
