@@ -29,6 +29,7 @@ SPEED_SETTING = [
     "federation.local_epochs=1", "federation.batch_size=32", "optim.lr=0.05", "algorithm.mu=0.01",
     "algorithm.fedcmi.warmup_epochs=null", "algorithm.fedcmi.dominance=round",
     "data.synthetic.generator=templates", "data.synthetic.weak_snr=1.5",
+    "threads=0",  # torch's own count (2 here), as these figures were measured and as their bare loops run
 ]
 
 

@@ -176,6 +176,17 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plots_template(cfg: Config, args: argparse.Namespace) -> int:
+    from fedcmi.plots import write_page_template
+
+    try:
+        print(write_page_template(args.out))
+    except ModuleNotFoundError as exc:
+        print(f"fedcmi: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
 def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.steps import init_step
 
@@ -240,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", action="store_true", help="also fit a ridge probe on each frozen encoder")
     p.add_argument("--plots", help="write the confusion matrix (JSON for dvc plots, and PNG) into this folder")
     p.add_argument("--log", action="store_true", help="log the metrics into the training run's MLflow run")
+    p = add("plots-template", cmd_plots_template, "Write an HTML page template that shows plots offline "
+            "(Vega inlined): dvc plots show --html-template FILE.")
+    p.add_argument("out", nargs="?", default="plots-offline.html", help="the template file to write")
     p = add("init", cmd_init, "Write the seeded initial global model.")
     p.add_argument("--out", required=True, help="model file to write")
     p = add("client-train", cmd_client_train, "One client's local training for one round, file to file.")

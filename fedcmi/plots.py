@@ -95,3 +95,36 @@ def confusion_records(cm: Sequence[Sequence[int]], class_names: Sequence[str]) -
     names = list(class_names) or [str(i) for i in range(len(cm))]
     return [{"actual": names[i], "predicted": names[j]}
             for i, row in enumerate(cm) for j, n in enumerate(row) for _ in range(int(n))]
+
+
+#: The Vega-Lite major version whose specs the page renders (DVC's plot templates are Vega-Lite 5).
+PAGE_VEGA_LITE = "5.21"
+PAGE_TEMPLATE = """<!DOCTYPE html>
+<html>
+<head>
+<meta charset="utf-8">
+<title>fedcmi plots</title>
+<script type="text/javascript">
+{bundle}
+</script>
+<style>body {{ font-family: sans-serif; }} table {{ border-spacing: 15px; }}</style>
+</head>
+<body>
+{{plot_divs}}
+</body>
+</html>
+"""
+
+
+def write_page_template(path: str | Path) -> Path:
+    """An HTML page template that renders Vega-Lite plots with no network: Vega, Vega-Lite and Vega-Embed
+    are inlined (bundled by vl-convert), and the plots go where ``{plot_divs}`` stands (the slot that
+    ``dvc plots show/diff --html-template`` fills; DVC's own page loads these libraries from a CDN)."""
+    try:
+        import vl_convert
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("the offline plots page needs vl-convert-python: pip install 'fedcmi[plots]'",
+                                  name="vl_convert") from None
+    bundle = vl_convert.javascript_bundle(vl_version=PAGE_VEGA_LITE).replace("</script", "<\\/script")
+    page = PAGE_TEMPLATE.format(bundle=bundle)
+    return write_with(Path(path), lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))

@@ -118,9 +118,10 @@ class ModelPackage:
                 "spec": str(write_json(root / "spec.json", self.spec.to_json())),
                 "weights": str(save_state(root / "model.safetensors", self.state, {"kind": "global"})),
             }
-            # The fedcmi package travels with the model, so it loads where fedcmi is not installed.
+            # Models from code: the model is this package's serving_model.py, not a pickle. The fedcmi
+            # package travels with the model, so it loads where fedcmi is not installed.
             info = mlflow.pyfunc.log_model(
-                name=name, python_model=ModalityClassifier(), artifacts=artifacts,
+                name=name, python_model=str(PACKAGE_DIR / "serving_model.py"), artifacts=artifacts,
                 code_paths=[str(PACKAGE_DIR)], signature=signature(self.spec), input_example=self.example,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "safetensors",
                                   "pydantic", "pyyaml", f"mlflow=={mlflow.__version__}"],

@@ -113,6 +113,14 @@ def test_dvc_exp_run_compares_algorithms(repo):
     page = (repo / "dvc_plots" / "index.html").read_text()
     assert "Test accuracy per round" in page or "curves.json" in page
     assert sh(["git", "check-ignore", "dvc_plots/index.html"], repo).returncode == 0
+    # the offline page: the same comparison with Vega inlined, so it loads nothing from the network
+    sh(["fedcmi", "plots-template", "offline.html"], repo)
+    sh(DVC + ["plots", "diff", *[e["revs"][0]["name"] for e in exps], "--html-template", "offline.html",
+              "-o", "offline_plots"], repo)
+    offline = (repo / "offline_plots" / "index.html").read_text()
+    assert "window.vegaEmbed=" in offline and "<script src" not in offline.replace(" ", "")
+    assert "cdn.jsdelivr" not in offline and offline.count("vegaEmbed('#") >= 2
+    assert all(name in offline for name in (e["revs"][0]["name"] for e in exps))
 
 
 def test_a_params_typo_stops_dvc_repro_with_one_clear_error(repo):
