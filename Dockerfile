@@ -36,7 +36,7 @@ COPY fedcmi ./fedcmi
 COPY components ./components
 COPY pipelines ./pipelines
 RUN pip install --no-deps --no-build-isolation . \
-    && python -c "import fedcmi, components, pipelines, kfp, torchvision, av; print('fedcmi image ok')"
+    && python -c "import fedcmi, fedcmi_components, fedcmi_pipelines, kfp, torchvision, av; print('fedcmi image ok')"
 
 RUN useradd --create-home --uid 1000 fedcmi
 USER fedcmi

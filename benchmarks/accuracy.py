@@ -47,10 +47,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from common import RESULTS, ROOT, ensure_data, save_results
-
 import torch
 import yaml
+from common import RESULTS, ROOT, ensure_data, save_results
 
 # Imported before the pool forks its workers, so a benchmark that runs for an hour keeps the code it started with.
 from fedcmi.config import apply_overrides, config_from_dict, load_config
@@ -207,7 +206,7 @@ def table(results: dict, setting: str, names: list[str], lr_of: dict[str, float]
         if name == BASELINE:
             cells += ["–", "–"]
         else:
-            diffs = [f["mm_acc"] - b for f, b in zip(finals, base)]
+            diffs = [f["mm_acc"] - b for f, b in zip(finals, base, strict=False)]
             cells += [f"{statistics.mean(diffs):+.3f} ± {statistics.stdev(diffs):.3f}",
                       f"{sum(d > 0 for d in diffs)}/{len(diffs)}"]
         gains = [late_gain(results[run_key(setting, name, lr_of[name], s)]["history"]) for s in seeds]
@@ -225,7 +224,7 @@ def imbalance_table(results: dict, lr_of: dict[str, float], seeds: list[int], ra
     strong_joint = [results[run_key("iid", "FedAvg", lr_of["FedAvg"], s)]["test"]["probe_acc_audio"] for s in seeds]
     strong_alone = [results[run_key("iid", "FedAvg audio only", lr_of["FedAvg audio only"], s)]["test"]
                     ["probe_acc_audio"] for s in seeds]
-    gaps = [a - j for a, j in zip(alone, joint)]
+    gaps = [a - j for a, j in zip(alone, joint, strict=False)]
     lines = [
         "| encoder | random init | trained jointly (FedAvg) | trained alone | alone − joint (paired) |",
         "|---|---|---|---|---|",
@@ -234,7 +233,7 @@ def imbalance_table(results: dict, lr_of: dict[str, float], seeds: list[int], ra
         f"(min {min(gaps):+.3f}) |",
         f"| audio (strong) | {mean_std([rand[s]['probe_acc_audio'] for s in seeds])} | {mean_std(strong_joint)} | "
         f"{mean_std(strong_alone)} | "
-        f"{statistics.mean([a - j for a, j in zip(strong_alone, strong_joint)]):+.3f} |",
+        f"{statistics.mean([a - j for a, j in zip(strong_alone, strong_joint, strict=False)]):+.3f} |",
         "",
         f"Bayes ceilings of the generator (ideal classifier on the template weights, white noise and jitter "
         f"ignored): strong (audio) alone {bayes['strong']:.3f}, weak (visual) alone {bayes['weak']:.3f}, "
@@ -256,7 +255,7 @@ def plot_imbalance(results: dict, lr_of: dict[str, float], seeds: list[int], ran
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     groups = [("visual (weak)", "visual", "FedAvg visual only"), ("audio (strong)", "audio", "FedAvg audio only")]
     kinds = ("random init", "jointly (FedAvg)", "alone")
-    for gi, (label, m, alone_run) in enumerate(groups):
+    for gi, (_label, m, alone_run) in enumerate(groups):
         vals = [[rand[s][f"probe_acc_{m}"] for s in seeds],
                 [results[run_key("iid", "FedAvg", lr_of["FedAvg"], s)]["test"][f"probe_acc_{m}"] for s in seeds],
                 [results[run_key("iid", alone_run, lr_of[alone_run], s)]["test"][f"probe_acc_{m}"] for s in seeds]]
@@ -322,13 +321,13 @@ def plot(results: dict, setting: str, names: list[str], lr_of: dict[str, float],
             continue
         rounds = [h["round"] for h in hist[0] if "mm_acc" in h]
         style = "-" if name.startswith(("FedCMI", "FedAvg", "FedProx")) and "only" not in name else "--"
-        for ax, key in zip(axes, keys):
+        for ax, key in zip(axes, keys, strict=False):
             if key not in hist[0][-1]:
                 continue
             mean = [statistics.mean(h[i][key] for h in hist) for i in range(len(rounds))]
             ax.plot(rounds, mean, style, color=plt.get_cmap("tab20")(i % 20), label=f"{name} (lr {lr:g})",
                     lw=2.2 if name == "FedCMI" else 1.2)  # one colour per method in every panel
-    for ax, title in zip(axes, titles):
+    for ax, title in zip(axes, titles, strict=False):
         ax.set_title(f"{title} (test), mean of seeds {seeds}", fontsize=9)
         ax.set_xlabel("round")
         ax.set_ylim(0, 1)
@@ -336,7 +335,7 @@ def plot(results: dict, setting: str, names: list[str], lr_of: dict[str, float],
         ax.xaxis.get_major_locator().set_params(integer=True)
     handles: dict = {}
     for ax in axes:  # one legend for every method, whichever panels it appears in
-        for h, label in zip(*ax.get_legend_handles_labels()):
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=False):
             handles.setdefault(label, h)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(f"{SETTING_TITLES[setting]}; each method at its validation-selected learning rate", fontsize=10)

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from common import RESULTS, ROOT, SPEED_SETTING, ensure_data, save_results
 
 from fedcmi.algorithms.base import derive_seed

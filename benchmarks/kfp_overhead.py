@@ -18,10 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, SPEED_SETTING, save_results  # noqa: E402  (puts the project on the path)
-
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from common import ROOT, SPEED_SETTING, save_results  # noqa: E402  (puts the project on the path)
 
 from fedcmi.config import load_config  # noqa: E402
 from fedcmi.data import DataModule, prepare  # noqa: E402

@@ -18,9 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
-from common import ROOT, save_results  # noqa: E402  (puts the project on the path)
-
 import numpy as np  # noqa: E402
+from common import ROOT, save_results  # noqa: E402  (puts the project on the path)
 
 from fedcmi.algorithms import get_strategy  # noqa: E402
 from fedcmi.config import load_config  # noqa: E402

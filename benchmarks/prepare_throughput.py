@@ -23,7 +23,6 @@ import wave
 from pathlib import Path
 
 import numpy as np
-
 from common import RESULTS, save_results
 
 from fedcmi.config import config_from_dict
@@ -89,7 +88,8 @@ def main() -> None:
             rows.append(row)
             print(f"frames {frames}, workers {workers}: {row['clips_per_second']} clips/s, "
                   f"{row['cache_bytes_per_clip'] / 1024:.0f} KiB per clip -> 7442 clips: "
-                  f"{row['extrapolated_minutes_for_7442_clips']} min, {row['extrapolated_cache_gib_for_7442_clips']} GiB",
+                  f"{row['extrapolated_minutes_for_7442_clips']} min, "
+                  f"{row['extrapolated_cache_gib_for_7442_clips']} GiB",
                   flush=True)
     save_results(Path(args.out), {"clips": args.clips, "rows": rows})
 

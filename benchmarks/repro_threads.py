@@ -60,7 +60,7 @@ def finish(proc: subprocess.Popen, t0: float, repo: Path) -> dict:
 def measure(threads: int, jobs: int, work: Path) -> list[dict]:
     repos = [clone(work / f"t{threads}-j{jobs}-{i}", threads) for i in range(jobs)]
     running = [start(r) for r in repos]
-    return [finish(p, t0, r) for (p, t0), r in zip(running, repos)]
+    return [finish(p, t0, r) for (p, t0), r in zip(running, repos, strict=False)]
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from common import RESULTS, save_results
 
 from fedcmi.config import config_from_dict
@@ -68,7 +67,7 @@ class GpuPoll:
                 self.samples.append(float(out.stdout.strip().splitlines()[0]))
             self._stop.wait(0.2)
 
-    def __enter__(self) -> "GpuPoll":
+    def __enter__(self) -> GpuPoll:
         if self.on:
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._run, daemon=True)

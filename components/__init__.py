@@ -7,6 +7,6 @@ format. The full config travels as one JSON string, ``params_json``; each
 component points the config's data paths at its input artifacts.
 """
 
-from components.steps import make_components
+from fedcmi_components.tasks import make_components
 
 __all__ = ["make_components"]

@@ -13,8 +13,8 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fedcmi.config import Config, ConfigError, load_config
 from fedcmi.divergence import Diverged
@@ -122,10 +122,9 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
         tracker.close()
         summary["mlflow"] = {**info, "note": "all rounds were done; nothing new to log"}
     elif tracker is not None:
-        from fedcmi.tracking import write_run_info
-
         from fedcmi.data import DataModule
         from fedcmi.serving import ModelPackage
+        from fedcmi.tracking import write_run_info
 
         package = ModelPackage.of(cfg, result.state, DataModule(cfg.data.prepared_dir))
         errors = tracker.log_outcome([paths["history"], paths["metrics"], paths["curves"]], package)
@@ -271,39 +270,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Entry-point group of command-line extensions: each is ``add_commands(subparsers, common_parser)``. The
+#: Kubeflow layer adds ``fedcmi pipeline`` through it, so this package never imports that layer.
+COMMANDS_GROUP = "fedcmi.commands"
+
+
+class CommandError(RuntimeError):
+    """An error a command reports in one line (an extension's errors derive from it)."""
+
+
 def _extend(sub, common) -> None:
-    """Subcommands of the tracking and pipeline layers, where installed."""
-    for modname in ("fedcmi.tracking_cli", "pipelines.cli"):
-        try:
-            mod = __import__(modname, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != modname:
-                raise
-            continue
-        mod.register(sub, common)
+    """Subcommands of the tracking layer, and of the extensions installed (see :data:`COMMANDS_GROUP`)."""
+    from importlib.metadata import entry_points
+
+    from fedcmi import tracking_cli
+
+    tracking_cli.add_commands(sub, common)
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        ep.load()(sub, common)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from fedcmi.data import DataError
+    from fedcmi.data.text import TextError
     from fedcmi.engine import ResumeError
     from fedcmi.federation import RoundFailed
     from fedcmi.io import ModelFileError
     from fedcmi.models import EncoderError
     from fedcmi.partition import PartitionError
-
     from fedcmi.tracking import TrackingUnavailable
 
-    from fedcmi.data.text import TextError
-
-    known = [DataError, TextError, ResumeError, RoundFailed, ModelFileError, EncoderError, PartitionError,
-             TrackingUnavailable, OSError]
-    try:
-        from pipelines.cli import PipelineError
-
-        known.append(PipelineError)
-    except ModuleNotFoundError:
-        pass
-    return tuple(known)
+    return (DataError, TextError, ResumeError, RoundFailed, ModelFileError, EncoderError, PartitionError,
+            TrackingUnavailable, CommandError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

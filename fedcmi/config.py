@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails
 
-ENCODERS = ("mlp", "cnn", "clip", "resnet18", "text")
 DATASET_MODALITIES = {"cremad": ("audio", "visual"), "ave": ("audio", "visual"), "crisismmd": ("image", "text")}
-ALGORITHMS = ("fedavg", "fedprox", "unimodal", "ogm_ge", "fedcmi")
 
 
 class ConfigError(ValueError):
@@ -93,7 +92,7 @@ class AudioVisualConfig(_Section):
     video_dir: str = "VideoFlash"
 
     @model_validator(mode="after")
-    def _overlap(self) -> "AudioVisualConfig":
+    def _overlap(self) -> AudioVisualConfig:
         if self.noverlap >= self.nperseg:
             raise ValueError(f"noverlap ({self.noverlap}) must be below nperseg ({self.nperseg})")
         if int(self.audio_seconds * self.sample_rate) < self.nperseg:
@@ -139,7 +138,7 @@ class CrisisMMDConfig(_Section):
     max_tokens: int = Field(48, ge=1, le=1024)
     min_token_count: int = Field(2, ge=1, description="training-split count a token needs to enter the vocabulary")
     max_vocab: int = Field(20000, ge=10)
-    text_model: Optional[Path] = Field(None, description="word vectors stored locally, one 'word v1 v2 ...' per line "
+    text_model: Path | None = Field(None, description="word vectors stored locally, one 'word v1 v2 ...' per line "
                                        "(GloVe, word2vec or fastText text format), for text: vectors")
 
 
@@ -150,7 +149,8 @@ class DataConfig(_Section):
     path: Path = Path("data/raw")
     prepared_dir: Path = Path("data/prepared")
     modalities: tuple[str, str] = ("audio", "visual")
-    workers: int = Field(0, ge=0, le=256, description="processes decoding files in prepare; 0: one per CPU but one, at most 8")
+    workers: int = Field(0, ge=0, le=256,
+                         description="processes decoding files in prepare; 0: one per CPU but one, at most 8")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="unreadable or unlabelled samples prepare "
                                     "skips and reports; above this fraction of all samples it stops")
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -175,7 +175,7 @@ class PartitionConfig(_Section):
     num_clients: int = Field(10, ge=1, le=100_000)
     scheme: Literal["iid", "dirichlet"] = "dirichlet"
     alpha: float = Field(1.0, gt=0)
-    max_samples_per_client: Optional[float] = Field(
+    max_samples_per_client: float | None = Field(
         1.1, gt=1.0, description="cap as a multiple of N/num_clients (1.1 in the reference code); null for none"
     )
     multimodal_fraction: float = Field(0.5, ge=0, le=1)
@@ -217,48 +217,63 @@ class OptimConfig(_Section):
         "32", description="local training precision: 32, or mixed with bfloat16 / float16 (loss scaling) autocast")
 
 
-class FedCMIConfig(_Section):
-    """FedCMI switches; each ablation in the method file is one of these."""
-
-    w_uni: float = Field(2.0, ge=0)
-    lambda_inf: float = Field(1.0, ge=0)
-    infiltration: bool = True
-    warmup_rounds: int = Field(1, ge=0, description="rounds without distillation, when warmup_epochs is null")
-    warmup_epochs: Optional[int] = Field(
-        10, ge=0, le=1_000_000, description="no distillation until the federation has run this many local epochs "
-        "(rounds x federation.local_epochs), as the reference code counts its warm-up; null: warmup_rounds")
-    dominance: Literal["round", "batch"] = Field(
-        "batch", description="batch: the distillation direction per batch on the local model, the class "
-        "temperatures once per round on the received model (the reference code); round: both once per round")
-    class_temperature: bool = True
-    beta: float = Field(2.0, ge=0)
-    temperature: float = Field(1.0, gt=0)
-    min_temperature: float = Field(0.05, gt=0, le=1)
-    t_squared: bool = False
-
-    def first_distillation_round(self, local_epochs: int) -> int:
-        """The first (0-based) round that distils, after the warm-up."""
-        if self.warmup_epochs is None:
-            return self.warmup_rounds
-        return -(-self.warmup_epochs // local_epochs)
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
-class OGMConfig(_Section):
-    """OGM-GE (Peng et al., CVPR 2022) gradient modulation."""
+def _algorithms() -> dict[str, Any]:
+    """The registered strategies (imported when a config is validated, so importing this module stays light)."""
+    from fedcmi.algorithms import STRATEGIES
 
-    alpha: float = Field(0.8, ge=0)
-    noise: bool = True
+    return dict(STRATEGIES)
 
 
-class AlgorithmConfig(_Section):
-    """Which algorithm trains, and its settings."""
+class AlgorithmConfig(BaseModel):
+    """Which algorithm trains, the settings algorithms share, and each algorithm's own section
+    (``algorithm.<section>``, declared by its strategy: ``fedcmi``, ``ogm``, ...)."""
 
-    name: Literal["fedavg", "fedprox", "unimodal", "ogm_ge", "fedcmi"] = "fedcmi"
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = Field("fedcmi", description="a registered algorithm (fedcmi.algorithms.STRATEGIES)")
     mu: float = Field(0.0, ge=0, description="proximal weight for fedprox and fedcmi; 0 turns it off")
-    modality: Optional[str] = Field(None, description="the modality trained by 'unimodal'")
+    modality: str | None = Field(None, description="the modality trained by 'unimodal'")
     aggregation: Literal["auto", "plain", "modality_aware"] = "auto"
-    fedcmi: FedCMIConfig = FedCMIConfig()
-    ogm: OGMConfig = OGMConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        known = _algorithms()
+        if v not in known:
+            raise ValueError(f"unknown algorithm {v!r}; known: {', '.join(known)}")
+        return v
+
+    @model_validator(mode="after")
+    def _sections(self) -> AlgorithmConfig:
+        """Every registered strategy's section, validated (defaults where absent); anything else is unknown."""
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        sections = {s.options_key(): s.Options for s in _algorithms().values() if s.Options is not None}
+        errors = []
+        for key in sorted(set(extra) - set(sections)):
+            errors.append(InitErrorDetails(type="extra_forbidden", loc=(key,), input=extra[key]))
+        for key, options in sections.items():
+            raw = extra.get(key, {})
+            if isinstance(raw, options):
+                continue
+            try:
+                extra[key] = options.model_validate(raw)
+            except ValidationError as err:
+                errors += [InitErrorDetails(type=e["type"], loc=(key, *e["loc"]), input=e["input"],
+                                            ctx=e.get("ctx", {})) for e in err.errors()]
+        if errors:
+            raise ValidationError.from_exception_data("AlgorithmConfig", errors)
+        self.__pydantic_extra__ = extra
+        return self
+
+    def options(self, cls: type[OptionsT]) -> OptionsT:
+        """The validated section of type ``cls``."""
+        for value in (self.__pydantic_extra__ or {}).values():
+            if isinstance(value, cls):
+                return value
+        raise KeyError(f"no algorithm section of type {cls.__name__}")
 
 
 class EvaluationConfig(_Section):
@@ -276,10 +291,22 @@ class TrackingConfig(_Section):
     """MLflow tracking and the model registry."""
 
     enabled: bool = True
-    tracking_uri: Optional[str] = Field(None, description="MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db")
+    tracking_uri: str | None = Field(None, description="MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db")
     experiment: str = Field("fedcmi", min_length=1)
     registered_model: str = Field("fedcmi-synthetic", min_length=1)
     headline_metric: str = "mm_acc"
+
+
+class LoaderConfig(_Section):
+    """How batches reach the model (never what they hold: the order is the seed's alone)."""
+
+    workers: int = Field(0, ge=0, le=64, description="processes reading batches (0: the training process); "
+                         "raise for real datasets on a GPU")
+    pin_memory: bool | Literal["auto"] = Field(
+        "auto", description="page-locked batches for asynchronous copies to the GPU (auto: on CUDA)")
+
+    def pinned(self, device_type: str) -> bool:
+        return device_type == "cuda" if self.pin_memory == "auto" else bool(self.pin_memory)
 
 
 class OutputConfig(_Section):
@@ -289,14 +316,8 @@ class OutputConfig(_Section):
 
 #: Dataset sections of ``data``, each used only when ``data.name`` names it.
 DATASET_SECTIONS = ("synthetic", "cremad", "ave", "crisismmd")
-#: Keys of ``algorithm`` that an algorithm does not read.
-UNUSED_ALGORITHM_KEYS: dict[str, tuple[str, ...]] = {
-    "fedavg": ("mu", "modality", "fedcmi", "ogm"),
-    "fedprox": ("modality", "fedcmi", "ogm"),
-    "unimodal": ("mu", "fedcmi", "ogm"),
-    "ogm_ge": ("mu", "modality", "fedcmi"),
-    "fedcmi": ("modality", "ogm"),
-}
+#: Settings of ``algorithm`` every algorithm reads.
+SHARED_ALGORITHM_KEYS = ("name", "aggregation")
 #: Keys of ``data.synthetic`` that one generator reads and the other does not.
 SYNTHETIC_ONLY: dict[str, tuple[str, ...]] = {
     "latent": ("strong_blind", "intensity", "weak_noise", "weak_clutter"),
@@ -315,13 +336,14 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     federation: FederationConfig = FederationConfig()
     optim: OptimConfig = OptimConfig()
-    algorithm: AlgorithmConfig = AlgorithmConfig()
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)  # validated lazily: it reads the registry
+    loader: LoaderConfig = LoaderConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Config":
+    def _cross_checks(self) -> Config:
         mods = self.data.modalities
         if set(self.model.encoders) != set(mods):
             raise ValueError(
@@ -329,12 +351,11 @@ class Config(_Section):
             )
         fixed = DATASET_MODALITIES.get(self.data.name)
         if fixed is not None and tuple(mods) != fixed:
-            raise ValueError(f"data.modalities must be {list(fixed)} for data.name {self.data.name!r}, got {list(mods)}")
+            raise ValueError(
+                f"data.modalities must be {list(fixed)} for data.name {self.data.name!r}, got {list(mods)}")
         if self.data.name == "synthetic" and self.data.synthetic.strong_modality not in mods:
             raise ValueError(f"data.synthetic.strong_modality must be one of {list(mods)}")
-        if self.algorithm.name == "unimodal":
-            if self.algorithm.modality not in mods:
-                raise ValueError(f"algorithm.modality must be one of {list(mods)} when algorithm.name is 'unimodal'")
+        _algorithms()[self.algorithm.name].check(self)
         if self.federation.clients_per_round > self.partition.num_clients:
             raise ValueError(
                 f"federation.clients_per_round ({self.federation.clients_per_round}) exceeds "
@@ -347,15 +368,15 @@ class Config(_Section):
     # -- derived values -------------------------------------------------
     @property
     def aggregation(self) -> str:
-        """The aggregation rule in force: FedCMI is modality-aware, the baselines plain."""
+        """The aggregation rule in force: the algorithm's own (FedCMI's is modality-aware) unless set."""
         if self.algorithm.aggregation != "auto":
             return self.algorithm.aggregation
-        return "modality_aware" if self.algorithm.name == "fedcmi" else "plain"
+        return str(_algorithms()[self.algorithm.name].aggregation)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def with_data_paths(self, prepared_dir: str | Path, partition_file: str | Path) -> "Config":
+    def with_data_paths(self, prepared_dir: str | Path, partition_file: str | Path) -> Config:
         """The same config reading its prepared data and partition from other paths."""
         raw = self.to_dict()
         raw["data"]["prepared_dir"], raw["partition"]["file"] = str(prepared_dir), str(partition_file)
@@ -379,7 +400,9 @@ class Config(_Section):
         """:meth:`flat` without the settings this run does not use: the sections of other datasets, of
         the other synthetic generator, and of algorithms other than this one (what MLflow shows)."""
         unused = {f"data.{name}." for name in DATASET_SECTIONS if name != self.data.name}
-        unused |= {f"algorithm.{key}" for key in UNUSED_ALGORITHM_KEYS.get(self.algorithm.name, ())}
+        strategy = _algorithms()[self.algorithm.name]
+        used = {*SHARED_ALGORITHM_KEYS, *strategy.reads, strategy.options_key()}
+        unused |= {f"algorithm.{key}" for key in self.algorithm.model_dump() if key not in used}
         if self.data.name == "synthetic":
             other = "templates" if self.data.synthetic.generator == "latent" else "latent"
             unused |= {f"data.synthetic.{key}" for key in SYNTHETIC_ONLY[other]}

@@ -12,16 +12,17 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from fedcmi.algorithms.aggregation import StateDict
+from fedcmi.checkpoint import Checkpointer, ResumeError
 from fedcmi.config import Config
 from fedcmi.data import DataModule
 from fedcmi.divergence import DivergenceGuard, chance_accuracy
 from fedcmi.federation import Federation
-from fedcmi.checkpoint import Checkpointer, ResumeError
 from fedcmi.io import check_writable, remove_stale_temporaries, save_state, write_json
 from fedcmi.partition import load_partition
 from fedcmi.rounds import Ledger
@@ -40,7 +41,6 @@ class TrainResult:
     confusion: list[list[int]]
     resumed_from: int = 0
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def run_fingerprint(cfg: Config, partition_file: Path, data_meta: dict) -> str:

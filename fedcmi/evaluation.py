@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedcmi.data import DataModule
+from fedcmi.models.networks import MultimodalNet
 
 
 @dataclass
@@ -69,22 +69,22 @@ def _metrics_from_logits(logits: dict[str, np.ndarray], y: np.ndarray, k: int, m
 
 
 @torch.no_grad()
-def _collect(model: nn.Module, batches, device: torch.device) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _collect(model: MultimodalNet, batches, device: torch.device) -> tuple[dict[str, np.ndarray], np.ndarray]:
     chunks: dict[str, list[np.ndarray]] = {}
     ys = []
     for x, y in batches:
-        x = {m: v.to(device) for m, v in x.items() if m in model.modalities}  # type: ignore[operator]
-        for name, lg in model.eval_logits(x).items():  # type: ignore[operator]
+        x = {m: v.to(device) for m, v in x.items() if m in model.modalities}
+        for name, lg in model.eval_logits(x).items():
             chunks.setdefault(name, []).append(lg.float().cpu().numpy())
         ys.append(y.numpy())
     return {k: np.concatenate(v) for k, v in chunks.items()}, np.concatenate(ys)
 
 
 @torch.no_grad()
-def _features(model: nn.Module, batches, m: str, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def _features(model: MultimodalNet, batches, m: str, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     feats, ys = [], []
     for x, y in batches:
-        feats.append(model.encoders[m](x[m].to(device)).double().cpu().numpy())  # type: ignore[index]
+        feats.append(model.encoders[m](x[m].to(device)).double().cpu().numpy())
         ys.append(y.numpy())
     return np.concatenate(feats), np.concatenate(ys)
 
@@ -102,7 +102,7 @@ def ridge_probe_accuracy(
 
 
 def evaluate_model(
-    model: nn.Module, data: DataModule, batch_size: int, device: torch.device, probe: bool = False,
+    model: MultimodalNet, data: DataModule, batch_size: int, device: torch.device, probe: bool = False,
     split: str = "test",
 ) -> EvalResult:
     """Every metric on ``split`` (the test set by default); with ``probe``, also a ridge probe per encoder
@@ -111,7 +111,7 @@ def evaluate_model(
     logits, y = _collect(model, data.split_batches(split, batch_size), device)
     res = _metrics_from_logits(logits, y, data.spec.num_classes, data.spec.modalities)
     if probe:
-        for m in model.modalities:  # type: ignore[union-attr]
+        for m in model.modalities:
             tx, ty = _features(model, data.split_batches("train", batch_size), m, device)
             ex, ey = _features(model, data.split_batches(split, batch_size), m, device)
             res.metrics[f"probe_acc_{m}"] = ridge_probe_accuracy(tx, ty, ex, ey, data.spec.num_classes)

@@ -10,7 +10,7 @@ call them one at a time.
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -96,8 +96,12 @@ class Federation:
         bs = self.cfg.federation.batch_size
         seed = self.cfg.seed
 
+        loader = self.cfg.loader
+        pin = loader.pinned(self.device.type)
+
         def batches(epoch: int):
-            return self.data.client_batches(shard.indices, mods, bs, derive_seed(seed, rnd, cid, epoch))
+            return self.data.client_batches(shard.indices, mods, bs, derive_seed(seed, rnd, cid, epoch),
+                                            loader.workers, pin)
 
         return ClientContext(self.cfg, rnd, cid, shard.modalities, shard.num_examples, batches, self.device)
 

@@ -12,14 +12,14 @@ import contextlib
 import json
 import os
 import secrets
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as save_bytes
-from safetensors import safe_open
 
 StateDict = dict[str, torch.Tensor]
 FORMAT = "fedcmi-state/1"

@@ -9,9 +9,9 @@ leaves a client below the minimum size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -97,7 +97,7 @@ class Partition:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> "Partition":
+    def from_json(cls, d: dict) -> Partition:
         if d.get("format") != FORMAT:
             raise PartitionError(f"not a partition file (format {d.get('format')!r}, expected {FORMAT!r})")
         clients = tuple(
@@ -170,7 +170,7 @@ class DirichletPartitioner:
             p = p * open_
             p = p / p.sum()
             cuts = (np.cumsum(p) * len(idx)).astype(int)[:-1]
-            for share, part in zip(shares, np.split(idx, cuts)):
+            for share, part in zip(shares, np.split(idx, cuts), strict=True):
                 share.extend(part.tolist())
         return [np.sort(np.asarray(s, dtype=np.int64)) for s in shares]
 

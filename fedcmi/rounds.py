@@ -16,13 +16,13 @@ the same way on both paths and the same seed gives the same model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedcmi.algorithms import ClientUpdate, Strategy, UpdateRejected, check_update
 from fedcmi.algorithms.aggregation import NonFiniteUpdate, StateDict
@@ -30,6 +30,7 @@ from fedcmi.algorithms.base import derive_seed
 from fedcmi.checkpoint import Checkpointer, ResumeError
 from fedcmi.config import Config
 from fedcmi.divergence import Diverged, DivergenceGuard, lr_advice
+from fedcmi.models.networks import MultimodalNet
 
 log = logging.getLogger("fedcmi")
 
@@ -107,7 +108,7 @@ class RoundPolicy:
         """Whether round ``rnd``'s evaluation includes the linear probes (the run's final evaluation)."""
         return rnd + 1 == self.rounds and self.cfg.evaluation.linear_probe
 
-    def conclude(self, strategy: Strategy, model: nn.Module, global_state: StateDict,
+    def conclude(self, strategy: Strategy, model: MultimodalNet, global_state: StateDict,
                  producers: Iterable[tuple[int, Producer]], rnd: int) -> RoundResult:
         """Fold (client id, producer) pairs in the order given into the next global model.
 

@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from fedcmi.algorithms import ClientUpdate
 from fedcmi.algorithms.aggregation import StateDict
+from fedcmi.checkpoint import STATE_FILE, Checkpointer
 from fedcmi.config import Config
 from fedcmi.data import DataModule
 from fedcmi.divergence import Diverged
-from fedcmi.checkpoint import STATE_FILE, Checkpointer
 from fedcmi.engine import make_ledger
 from fedcmi.federation import Federation
 from fedcmi.io import ModelFileError, load_state, read_json, save_state, write_json

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import mlflow.pyfunc
 import numpy as np
 import torch
+from mlflow.pyfunc import PythonModel
 from torch import nn
 
 from fedcmi.algorithms.aggregation import StateDict
@@ -27,6 +29,7 @@ from fedcmi.config import Config
 from fedcmi.data import DataModule
 from fedcmi.data.base import DatasetSpec, _to_tensor
 from fedcmi.io import load_state, save_state, write_json
+from fedcmi.models.networks import MultimodalNet
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -34,17 +37,17 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 class Network(nn.Module):
     """A trained network as a classifier: a dict holding one or both modalities -> class logits."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: MultimodalNet) -> None:
         super().__init__()
         self.net = net
-        self.modalities = tuple(net.modalities)  # type: ignore[arg-type]
+        self.modalities = tuple(net.modalities)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x = {m: v for m, v in batch.items() if m in self.modalities}
         return self.net(x).mm_logits
 
 
-class ModalityClassifier(mlflow.pyfunc.PythonModel):
+class ModalityClassifier(PythonModel):
     """Batches of named modality arrays -> class index, class name and class probabilities."""
 
     network: Network
@@ -104,7 +107,7 @@ class ModelPackage:
     example: dict[str, np.ndarray]
 
     @classmethod
-    def of(cls, cfg: Config, state: StateDict, data: DataModule) -> "ModelPackage":
+    def of(cls, cfg: Config, state: StateDict, data: DataModule) -> ModelPackage:
         first = np.arange(1)
         example = {m: np.ascontiguousarray(data.test.features[m][first]) for m in data.spec.modalities}
         return cls(cfg.to_dict(), data.spec, state, example)

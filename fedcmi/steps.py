@@ -8,10 +8,8 @@ methods without the files in between, so both give the same model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-
-from torch import nn
 
 from fedcmi.algorithms import ClientUpdate
 from fedcmi.algorithms.aggregation import StateDict
@@ -20,6 +18,7 @@ from fedcmi.data import DataModule
 from fedcmi.evaluation import evaluate_model
 from fedcmi.federation import Federation, resolve_device, use_threads
 from fedcmi.io import ModelFileError, load_state, save_state, write_json
+from fedcmi.models.networks import MultimodalNet
 from fedcmi.partition import load_partition
 
 
@@ -39,7 +38,7 @@ def _load_global(fed: Federation, path: str | Path):
     return state, meta
 
 
-def load_model(cfg: Config, state: StateDict | str | Path, data: DataModule | None = None) -> nn.Module:
+def load_model(cfg: Config, state: StateDict | str | Path, data: DataModule | None = None) -> MultimodalNet:
     """The network of these params holding ``state`` (a state dict or a model file), in eval mode."""
     from fedcmi.models import build_model
 

@@ -16,8 +16,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from fedcmi.config import Config
 
@@ -110,7 +111,7 @@ def round_metrics(rec: dict, algorithm: str) -> dict[str, float]:
     return out
 
 
-def dataset_input(cfg: Config, data: "DataModule") -> Any:
+def dataset_input(cfg: Config, data: DataModule) -> Any:
     """The prepared data as an MLflow dataset input (context ``training``): its digest is the data hash
     the run is tagged with (DVC's when DVC prepared it), its schema the modalities' shapes and dtypes."""
     import warnings
@@ -122,13 +123,15 @@ def dataset_input(cfg: Config, data: "DataModule") -> Any:
     from mlflow.types import Schema, TensorSpec
 
     spec = data.spec
-    schema = Schema([TensorSpec(np.dtype(spec.dtype(m)), (-1, *spec.shapes[m]), m) for m in spec.modalities]
-                    + [TensorSpec(np.dtype("int64"), (-1,), "label")])
+    columns: list[Any] = [TensorSpec(np.dtype(spec.dtype(m)), (-1, *spec.shapes[m]), m) for m in spec.modalities]
+    schema = Schema([*columns, TensorSpec(np.dtype("int64"), (-1,), "label")])
     with warnings.catch_warnings():  # the local-file source is registered twice in MLflow; either fits
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(str(Path(cfg.data.prepared_dir).resolve()))
     sizes = "-".join(f"{name}{len(split)}" for name, split in sorted(data.splits.items()))
-    ds = MetaDataset(source, name=f"{cfg.data.name}-{sizes}", digest=data_hash(cfg)[:36], schema=schema)
+    # MetaDataset's profile is a property MLflow provides; its stubs leave it abstract
+    ds = MetaDataset(  # type: ignore[abstract]
+        source, name=f"{cfg.data.name}-{sizes}", digest=data_hash(cfg)[:36], schema=schema)
     return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
 
 
@@ -146,7 +149,7 @@ class RunTracker:
 
     def __init__(self, cfg: Config, run_name: str | None = None, probe_every: float = 30.0,
                  uri: str | None = None, run_id: str | None = None, tags: dict[str, str] | None = None,
-                 data: "DataModule | None" = None) -> None:
+                 data: DataModule | None = None) -> None:
         """Open a new run (the settings that apply logged flat, tags set, ``data`` logged as its input), or
         attach to ``run_id`` to log more into it.
 
@@ -242,7 +245,7 @@ class RunTracker:
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         self._safe(what, lambda: self.client.log_batch(self.run_id, metrics=batch))
 
-    def log_outcome(self, files: list[Path], model: "ModelPackage") -> list[str]:
+    def log_outcome(self, files: list[Path], model: ModelPackage) -> list[str]:
         """What a finished training leaves: its files (and the partition with its stats) and its model; then
         the run ends. Returns what was not logged. The final figures are the last round's, already logged."""
         stats = self.cfg.partition.file.with_name("partition_stats.json")
@@ -250,16 +253,19 @@ class RunTracker:
         self.log_model(model)
         return self.close()
 
-    def log_dataset(self, data: "DataModule") -> None:
+    def log_dataset(self, data: DataModule) -> None:
         """The prepared data as the run's training input, named by its DVC hash (the tag ``data_hash``)."""
         self._safe("dataset", lambda: self.client.log_inputs(self.run_id, datasets=[dataset_input(self.cfg, data)]))
 
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
         for p in paths:
             if Path(p).exists():
-                self._safe(f"artifact {p}", lambda p=p: self.client.log_artifact(self.run_id, str(p), artifact_path))
+                self._safe(f"artifact {p}", self._artifact_logger(Path(p), artifact_path))
 
-    def log_model(self, model: "ModelPackage") -> str | None:
+    def _artifact_logger(self, path: Path, artifact_path: str | None) -> Callable[[], Any]:
+        return lambda: self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_model(self, model: ModelPackage) -> str | None:
         """Log the model; its URI is in :attr:`model_uri` once logged (after a replay too)."""
 
         def log() -> str:
@@ -313,7 +319,7 @@ def _experiment_id(client: Any, name: str, registered_model: str | None = None) 
     return str(exp.experiment_id)
 
 
-def register(cfg: Config, run_id: str, model_uri: str, headline: float, data_id: str) -> dict:
+def register_model(cfg: Config, run_id: str, model_uri: str, headline: float, data_id: str) -> dict:
     """Register a new version with alias ``candidate``; move ``champion`` only if it beats the champion.
 
     Versions carry their headline metric and the hash of the test data it was
@@ -346,7 +352,8 @@ def register(cfg: Config, run_id: str, model_uri: str, headline: float, data_id:
         same_data = champ.tags.get("data_hash") == data_id
         champ_score = float(champ.tags.get(metric, "nan"))
         if not same_data:
-            reason = f"champion v{champ.version} was measured on other test data; kept (compare it with `fedcmi evaluate`)"
+            reason = (f"champion v{champ.version} was measured on other test data; kept "
+                      "(compare it with `fedcmi evaluate`)")
         elif headline > champ_score:
             promoted, reason = True, f"{metric} {headline:.4f} > champion v{champ.version}'s {champ_score:.4f}"
         else:
@@ -467,7 +474,7 @@ def finish_federation_run(cfg: Config, store: Path, uri: str, run_id: str, model
     if tracker.model_uri is None:
         raise TrackingUnavailable(f"the final model could not be logged to {uri}: {errors}")
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    result = register(cfg, run_id, tracker.model_uri, float(final[cfg.tracking.headline_metric]), data_hash(cfg))
+    result = register_model(cfg, run_id, tracker.model_uri, float(final[cfg.tracking.headline_metric]), data_hash(cfg))
     write_json(reg_file, result)
     return result
 

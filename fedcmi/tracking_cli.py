@@ -11,7 +11,7 @@ from fedcmi.config import Config, ConfigError
 
 def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.io import read_json, write_json
-    from fedcmi.tracking import data_hash, read_run_info, register
+    from fedcmi.tracking import data_hash, read_run_info, register_model
 
     train_dir = cfg.output.dir / "train"
     info_path = train_dir / "mlflow_run.json"
@@ -30,15 +30,16 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
     metrics = read_json(Path(args.metrics) if args.metrics else cfg.output.dir / "eval" / "metrics.json")
     metric = cfg.tracking.headline_metric
     if metric not in metrics:
-        raise ConfigError(f"tracking.headline_metric: {metric!r} is not among the evaluation metrics {sorted(metrics)[:8]}...")
-    result = register(cfg, info["run_id"], info["model_uri"], float(metrics[metric]), data_hash(cfg))
+        raise ConfigError(
+            f"tracking.headline_metric: {metric!r} is not among the evaluation metrics {sorted(metrics)[:8]}...")
+    result = register_model(cfg, info["run_id"], info["model_uri"], float(metrics[metric]), data_hash(cfg))
     if args.out:
         write_json(args.out, result)
     print(json.dumps(result, indent=2))
     return 0
 
 
-def register(sub, common) -> None:
+def add_commands(sub, common) -> None:
     p = sub.add_parser("register", parents=[common], help="Register the trained model in the MLflow registry: "
                        "alias 'candidate' always, 'champion' only when it beats the champion on the same test data.")
     p.add_argument("--metrics", help="evaluation metrics JSON (default: <output.dir>/eval/metrics.json)")

@@ -1,1 +1,1 @@
-"""Kubeflow pipelines built from params.yaml (see :mod:`pipelines.federated`)."""
+"""Kubeflow pipelines built from params.yaml (see :mod:`fedcmi_pipelines.federated`)."""

@@ -7,10 +7,11 @@ import re
 import sys
 from pathlib import Path
 
+from fedcmi.cli import CommandError
 from fedcmi.config import Config
 
 
-class PipelineError(RuntimeError):
+class PipelineError(CommandError):
     """A pipeline that cannot be compiled, submitted or driven; the message says why."""
 
 
@@ -56,7 +57,7 @@ def _env(text: str) -> tuple[str, str]:
 
 
 def _options(args: argparse.Namespace):
-    from pipelines.federated import PipelineOptions
+    from fedcmi_pipelines.federated import PipelineOptions
 
     return PipelineOptions(image=args.image, accelerator_type=args.accelerator_type,
                            accelerator_count=args.accelerator_count, cpu=args.cpu, memory=args.memory,
@@ -74,12 +75,12 @@ def _arguments(cfg: Config, args: argparse.Namespace) -> dict:
 
 
 def cmd_compile(cfg: Config, args: argparse.Namespace) -> int:
-    from pipelines.federated import compile_pipeline, spec_figures
+    from fedcmi_pipelines.federated import compile_pipeline, spec_figures
 
     opts = _options(args)
     out = compile_pipeline(cfg, opts, args.out)
     fig = spec_figures(out)
-    from pipelines.driver import Plan
+    from fedcmi_pipelines.driver import Plan
 
     runs = Plan({}, cfg.federation.rounds, opts.slots(cfg)).runs_needed
     print(f"wrote {out}: {fig['bytes']:,} bytes, {fig['dag_tasks']} DAG tasks; {opts.slots(cfg)} rounds per run, "
@@ -98,7 +99,7 @@ def _client(args: argparse.Namespace):
 
 
 def _unreachable(host: str, exc: Exception) -> str:
-    from pipelines.driver import first_line
+    from fedcmi_pipelines.driver import first_line
 
     return f"could not submit to Kubeflow Pipelines at {host}: {first_line(exc)}"
 
@@ -107,7 +108,7 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     """One run: up to --rounds-per-run rounds from where the federation's store stands."""
     import tempfile
 
-    from pipelines.federated import compile_pipeline
+    from fedcmi_pipelines.federated import compile_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(cfg, _options(args), Path(tmp) / "pipeline.yaml")
@@ -125,7 +126,7 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _plan(cfg: Config, args: argparse.Namespace):
-    from pipelines.driver import Plan
+    from fedcmi_pipelines.driver import Plan
 
     return Plan(_arguments(cfg, args), cfg.federation.rounds, _options(args).slots(cfg))
 
@@ -140,8 +141,8 @@ def cmd_drive(cfg: Config, args: argparse.Namespace) -> int:
     """Submit runs until the federation is complete; restartable (the state file keeps the run in flight)."""
     import tempfile
 
-    from pipelines.driver import DriveError, KfpExecutor, drive
-    from pipelines.federated import compile_pipeline
+    from fedcmi_pipelines.driver import DriveError, KfpExecutor, drive
+    from fedcmi_pipelines.federated import compile_pipeline
 
     plan = _plan(cfg, args)
     state_file = Path(args.state or f"outputs/drive/{plan.arguments['run_name']}.json")
@@ -161,8 +162,8 @@ def cmd_run_local(cfg: Config, args: argparse.Namespace) -> int:
     """The whole federation with kfp.local, run after run, as `drive` would on a cluster."""
     from fedcmi.io import load_state, save_state
     from fedcmi.segments import MODEL, resolve_store, status
-    from pipelines.driver import DriveError, LocalExecutor, drive
-    from pipelines.federated import local_runner, run_local
+    from fedcmi_pipelines.driver import DriveError, LocalExecutor, drive
+    from fedcmi_pipelines.federated import local_runner, run_local
 
     root = Path(args.data_root).resolve()
     args.data_root = str(root)
@@ -199,8 +200,8 @@ def cmd_run_local(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub, common) -> None:
-    from pipelines.federated import DEFAULT_IMAGE
+def add_commands(sub, common) -> None:
+    from fedcmi_pipelines.federated import DEFAULT_IMAGE
 
     p = sub.add_parser("pipeline", help="Kubeflow Pipelines: compile, submit, drive, or run locally.",
                        description="Kubeflow Pipelines built from params.yaml. A run continues the federation's "

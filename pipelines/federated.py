@@ -7,7 +7,7 @@ checkpoint folder on the data volume) for at most ``rounds_per_run`` rounds:
       └─ exit handler: close_run (ends the MLflow run FAILED when the run fails)
 
 The number of rounds a spec holds is fixed at compile time, so its size does not
-grow with ``federation.rounds``; :mod:`pipelines.driver` submits runs until the
+grow with ``federation.rounds``; :mod:`fedcmi_pipelines.driver` submits runs until the
 federation is complete, and a run that fails or is lost is resubmitted without
 losing or repeating a round (each round is committed to the store atomically).
 The training settings users compare (seed, algorithm, lr, mu, rounds,
@@ -22,18 +22,18 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from kfp import compiler, dsl
 from kfp.dsl import Input, Model
 
-from components import make_components
 from fedcmi import __version__
 from fedcmi.config import Config
 from fedcmi.rounds import RoundPolicy
+from fedcmi_components import make_components
 
 DEFAULT_IMAGE = f"fedcmi:{__version__}"
 

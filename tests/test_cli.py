@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from conftest import TINY, merge
 
 ROOT = Path(__file__).resolve().parents[1]

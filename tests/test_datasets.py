@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import json
 
+import layouts
 import numpy as np
 import pytest
 import torch
-
-import layouts
 from conftest import merge
 from faults import ROOT, run_cli
+
 from fedcmi.config import config_from_dict
 from fedcmi.data import DataError, DataModule, prepare
-from fedcmi.data.media import (audio_features, fit_length, log_spectrogram, natural_key, pick_evenly, read_wav,
-                               resample, spectrogram_shape)
+from fedcmi.data.media import (
+    audio_features,
+    fit_length,
+    log_spectrogram,
+    natural_key,
+    pick_evenly,
+    read_wav,
+    resample,
+    spectrogram_shape,
+)
 from fedcmi.data.text import Vocabulary, WordVectors, clean, tokenize
 
 # -- the pieces ----------------------------------------------------------------------------------------

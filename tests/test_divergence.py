@@ -6,11 +6,10 @@ import math
 
 import numpy as np
 import pytest
+from test_cli import _params, fedcmi
 
 from fedcmi.divergence import Diverged, DivergenceGuard, chance_accuracy
 from fedcmi.engine import train
-
-from test_cli import _params, fedcmi
 
 
 def test_chance_is_the_most_frequent_class():

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import TINY, merge
 from faults import ROOT, run_cli
+
 from fedcmi.config import load_config
 from fedcmi.federation import sample_clients
 from fedcmi.io import load_state, write_bytes

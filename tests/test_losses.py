@@ -104,7 +104,7 @@ def test_directed_dominance_takes_the_ratios_the_way_it_is_told():
 
 
 def test_warm_up_counts_local_epochs_as_the_reference_does():
-    from fedcmi.config import FedCMIConfig
+    from fedcmi.algorithms.fedcmi import FedCMIOptions as FedCMIConfig
 
     assert FedCMIConfig(warmup_epochs=10).first_distillation_round(local_epochs=10) == 1
     assert FedCMIConfig(warmup_epochs=10).first_distillation_round(local_epochs=3) == 4

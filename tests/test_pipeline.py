@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import TINY, merge
-from fedcmi.config import config_from_dict
+
 from fedcmi import __version__ as fedcmi_version
+from fedcmi.config import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -272,7 +272,7 @@ def test_driving_an_unreachable_host_is_a_clear_error_and_leaves_no_state(tmp_pa
 def test_the_driver_waits_for_its_run_in_flight_and_keeps_to_its_federation(tmp_path):
     """A driver restarted while a run was in flight waits for that run (here: lost with the old driver,
     so resubmitted) and never drives a second federation from the same state file."""
-    from pipelines.driver import IN_FLIGHT, DriveError, LocalExecutor, Plan, drive
+    from fedcmi_pipelines.driver import IN_FLIGHT, DriveError, LocalExecutor, Plan, drive
 
     ran: list[dict] = []
 

@@ -3,7 +3,6 @@ the model, and it is recorded with the run and part of the checkpoint's identity
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import TINY, merge
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ one running sum, not every client's model.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -48,7 +48,8 @@ def check_update(global_state: Mapping[str, torch.Tensor], update: ClientUpdate)
     for k, g in global_state.items():
         u = update.state[k]
         if u.shape != g.shape:
-            raise UpdateRejected(f"client {update.client_id}: {k} has shape {tuple(u.shape)}, expected {tuple(g.shape)}")
+            raise UpdateRejected(
+                f"client {update.client_id}: {k} has shape {tuple(u.shape)}, expected {tuple(g.shape)}")
         if u.is_floating_point() and not torch.isfinite(u).all():
             raise NonFiniteUpdate(f"client {update.client_id}: {k} holds NaN or Inf")
 

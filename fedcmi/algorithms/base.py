@@ -1,24 +1,35 @@
-"""The strategy interface: a client update and a server aggregation.
+"""The strategy interface: one algorithm, one file.
 
-A strategy never owns data or files. The engine (or a Kubeflow component)
-loads the global state into a model, hands it a :class:`ClientContext` and
-gets a :class:`ClientUpdate` back; then it hands the round's updates to
-:meth:`Strategy.aggregate`.
+A strategy declares its settings (:attr:`Strategy.Options`, found at
+``algorithm.<section>`` in params), the shared algorithm settings it reads,
+the network it trains, how a client trains and how the server aggregates
+(:attr:`Strategy.aggregation` names the rule ``algorithm.aggregation: auto``
+takes). It is registered in :mod:`fedcmi.algorithms`, and nothing else
+branches on its name. A strategy never owns data or files: the engine (or a
+Kubeflow component) loads the global state into a model, hands it a
+:class:`ClientContext` and gets a :class:`ClientUpdate` back.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
-from torch import nn
+from pydantic import BaseModel
 
 from fedcmi.algorithms.aggregation import Accumulator, ClientUpdate, StateDict
 from fedcmi.algorithms.losses import proximal_term
 from fedcmi.config import Config
+from fedcmi.models.networks import FusionNet, MultimodalNet
+
+if TYPE_CHECKING:
+    from fedcmi.data.base import DatasetSpec
+
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
@@ -37,7 +48,7 @@ class ClientContext:
     client_id: int
     modalities: tuple[str, ...]
     num_examples: int
-    batches: Callable[[int], Iterator[Batch]]  # epoch -> shuffled batches of this client's data
+    batches: Callable[[int], Iterable[Batch]]  # epoch -> shuffled batches of this client's data
     device: torch.device
 
     @property
@@ -50,16 +61,18 @@ class ClientContext:
         return o.lr * o.lr_decay ** (self.round // o.lr_decay_every)
 
     def device_batches(self, epoch: int) -> Iterator[Batch]:
+        asynchronous = self.cfg.loader.pinned(self.device.type)  # non_blocking only helps from pinned memory
         for x, y in self.batches(epoch):
-            yield {m: v.to(self.device, non_blocking=True) for m, v in x.items()}, y.to(self.device, non_blocking=True)
+            yield ({m: v.to(self.device, non_blocking=asynchronous) for m, v in x.items()},
+                   y.to(self.device, non_blocking=asynchronous))
 
 
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
-GradHook = Callable[[nn.Module, dict[str, float]], None]
+LossFn = Callable[[MultimodalNet, dict[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+GradHook = Callable[[MultimodalNet, dict[str, float]], None]
 
 
 def local_sgd(
-    model: nn.Module,
+    model: MultimodalNet,
     ctx: ClientContext,
     loss_fn: LossFn,
     mu: float = 0.0,
@@ -105,18 +118,47 @@ def local_sgd(
     return out
 
 
-def snapshot(model: nn.Module) -> StateDict:
+def snapshot(model: MultimodalNet) -> StateDict:
     """A CPU copy of the model's state, fit to send to the server."""
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 class Strategy(ABC):
-    """One federated algorithm: how a client trains and how the server aggregates."""
+    """One federated algorithm: its settings, its network, how a client trains, how the server aggregates."""
 
-    name: str = ""
+    #: ``algorithm.name`` of this algorithm.
+    name: ClassVar[str] = ""
+    #: Its own settings (a pydantic model), at ``algorithm.<section>``; None when it has none.
+    Options: ClassVar[type[BaseModel] | None] = None
+    #: Where :attr:`Options` live under ``algorithm`` (default: :attr:`name`).
+    section: ClassVar[str | None] = None
+    #: The shared ``algorithm`` settings it reads besides ``name`` and ``aggregation`` (``mu``, ``modality``).
+    reads: ClassVar[tuple[str, ...]] = ()
+    #: The server rule ``algorithm.aggregation: auto`` means for it.
+    aggregation: ClassVar[Literal["plain", "modality_aware"]] = "plain"
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+
+    @classmethod
+    def options_key(cls) -> str | None:
+        return (cls.section or cls.name) if cls.Options is not None else None
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Raise ValueError (naming the field) when ``cfg`` cannot run this algorithm."""
+        return None  # most algorithms run under any valid config
+
+    @classmethod
+    def build_network(cls, cfg: Config, spec: DatasetSpec) -> MultimodalNet:
+        """The network it trains (built under the caller's seed): the plain fusion network by default."""
+        m = cfg.model
+        return FusionNet(spec.modalities, spec.shapes, m.encoders, spec.num_classes, m.embed_dim, m.width, m.fusion,
+                         spec.vocab_sizes)
+
+    def options(self, cls: type[OptionsT]) -> OptionsT:
+        """This algorithm's validated settings."""
+        return self.cfg.algorithm.options(cls)
 
     def participates(self, modalities: Sequence[str]) -> bool:
         """Whether a client holding ``modalities`` has anything to train."""
@@ -127,18 +169,13 @@ class Strategy(ABC):
         return tuple(modalities)
 
     @abstractmethod
-    def train_client(self, model: nn.Module, ctx: ClientContext) -> ClientUpdate:
+    def train_client(self, model: MultimodalNet, ctx: ClientContext) -> ClientUpdate:
         """Train ``model`` (holding the global state) on one client; return its update."""
 
-    def accumulator(self, model: nn.Module, global_state: StateDict) -> Accumulator:
-        owner = model.owner if self.cfg.aggregation == "modality_aware" else None  # type: ignore[attr-defined]
+    def accumulator(self, model: MultimodalNet, global_state: StateDict) -> Accumulator:
+        """The server's running aggregate for one round (updates are folded in client-id order)."""
+        owner = model.owner if self.cfg.aggregation == "modality_aware" else None
         return Accumulator(global_state, owner)
-
-    def aggregate(self, model: nn.Module, global_state: StateDict, updates: Sequence[ClientUpdate]) -> StateDict:
-        acc = self.accumulator(model, global_state)
-        for u in sorted(updates, key=lambda u: u.client_id):
-            acc.add(u)
-        return acc.result()
 
     def round_summary(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         """Round-level figures from the clients' metrics (mean loss and such)."""
@@ -150,3 +187,12 @@ class Strategy(ABC):
             vals = [u.metrics[k] for u in updates if isinstance(u.metrics.get(k), (int, float))]
             out[f"train_{k}"] = float(np.mean(vals))
         return out
+
+
+def cross_entropy(model: MultimodalNet, x: dict[str, torch.Tensor], y: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The multimodal head's cross-entropy: the loss of FedAvg and of the methods built on it."""
+    import torch.nn.functional as F
+
+    loss = F.cross_entropy(model(x).mm_logits, y)
+    return loss, {"ce": loss.item()}

@@ -15,16 +15,18 @@ once per round on the received model over the client's data. No
 distillation during the warm-up (``warmup_epochs`` local epochs).
 A client holding only m trains CE(F(z_mm, z_mn), y) (+ the proximal term).
 The server aggregates modality-aware. Every ablation in the method file is a
-switch in :class:`fedcmi.config.FedCMIConfig` or ``model.projectors``.
+switch in :class:`FedCMIOptions` (``algorithm.fedcmi``) or ``model.projectors``.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from pydantic import BaseModel, ConfigDict, Field
 
 from fedcmi.algorithms.aggregation import ClientUpdate
 from fedcmi.algorithms.base import ClientContext, Strategy, local_sgd, snapshot
@@ -36,14 +38,56 @@ from fedcmi.algorithms.losses import (
     infiltration_loss,
     true_class_probs,
 )
-from fedcmi.models.networks import FedCMINet
+from fedcmi.config import Config
+from fedcmi.models.networks import FedCMINet, MultimodalNet
+
+if TYPE_CHECKING:
+    from fedcmi.data.base import DatasetSpec
+
+
+class FedCMIOptions(BaseModel):
+    """FedCMI's switches (``algorithm.fedcmi``); each ablation in the method file is one of these."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    w_uni: float = Field(2.0, ge=0, description="weight of the two uni-modal cross-entropies")
+    lambda_inf: float = Field(1.0, ge=0, description="weight of the infiltration (distillation) loss")
+    infiltration: bool = True
+    warmup_rounds: int = Field(1, ge=0, description="rounds without distillation, when warmup_epochs is null")
+    warmup_epochs: int | None = Field(
+        10, ge=0, le=1_000_000, description="no distillation until the federation has run this many local epochs "
+        "(rounds x federation.local_epochs), as the reference code counts its warm-up; null: warmup_rounds")
+    dominance: Literal["round", "batch"] = Field(
+        "batch", description="batch: the distillation direction per batch on the local model, the class "
+        "temperatures once per round on the received model (the reference code); round: both once per round")
+    class_temperature: bool = True
+    beta: float = Field(2.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    min_temperature: float = Field(0.05, gt=0, le=1)
+    t_squared: bool = False
+
+    def first_distillation_round(self, local_epochs: int) -> int:
+        """The first (0-based) round that distils, after the warm-up."""
+        if self.warmup_epochs is None:
+            return self.warmup_rounds
+        return -(-self.warmup_epochs // local_epochs)
 
 
 class FedCMI(Strategy):
     name = "fedcmi"
+    Options = FedCMIOptions
+    reads = ("mu",)
+    aggregation = "modality_aware"
+
+    @classmethod
+    def build_network(cls, cfg: Config, spec: DatasetSpec) -> MultimodalNet:
+        m = cfg.model
+        a, b = spec.modalities
+        return FedCMINet((a, b), spec.shapes, m.encoders, spec.num_classes, m.embed_dim, m.width, m.projector,
+                         m.projectors, m.fusion, spec.vocab_sizes)
 
     def _temperatures(self, dom: Dominance) -> torch.Tensor:
-        c = self.cfg.algorithm.fedcmi
+        c = self.options(FedCMIOptions)
         if c.class_temperature:
             return class_temperatures(dom, c.beta, c.min_temperature)
         return torch.full_like(dom.rho, c.temperature)
@@ -66,11 +110,12 @@ class FedCMI(Strategy):
         model.train(was_training)
         return (sums[0], sums[1]), counts
 
-    def train_client(self, model: nn.Module, ctx: ClientContext) -> ClientUpdate:
-        assert isinstance(model, FedCMINet), "FedCMI trains a FedCMINet"
-        c = self.cfg.algorithm.fedcmi
+    def train_client(self, model: MultimodalNet, ctx: ClientContext) -> ClientUpdate:
+        if not isinstance(model, FedCMINet):
+            raise TypeError(f"FedCMI trains a FedCMINet, not a {type(model).__name__}")
+        c = self.options(FedCMIOptions)
         mods = model.modalities
-        num_classes = model.classifiers[mods[0]].out_features
+        num_classes = model.num_classes
         multimodal = len(ctx.modalities) == 2
         first = c.first_distillation_round(ctx.cfg.federation.local_epochs)
         use_inf = multimodal and c.infiltration and c.lambda_inf > 0 and ctx.round >= first
@@ -94,13 +139,15 @@ class FedCMI(Strategy):
                 temps_by_direction = [self._temperatures(directed_dominance(*confidence, d)) for d in (0, 1)]
         dom_counts = {m: 0 for m in mods}
 
-        def loss_fn(m: nn.Module, x: dict[str, torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        def loss_fn(m: MultimodalNet, x: dict[str, torch.Tensor], y: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+            assert isinstance(m, FedCMINet)
             out = m(x)
             loss = F.cross_entropy(out.mm_logits, y)
             terms = {"ce": loss.item()}
             if not multimodal:
                 return loss, terms
-            uni = sum(F.cross_entropy(out.uni_logits[k], y) for k in mods)
+            uni = F.cross_entropy(out.uni_logits[mods[0]], y) + F.cross_entropy(out.uni_logits[mods[1]], y)
             loss = loss + c.w_uni * uni
             terms["uni"] = uni.item()
             if use_inf:
@@ -127,7 +174,7 @@ class FedCMI(Strategy):
             metrics["dominant"] = max(dom_counts, key=lambda k: dom_counts[k])
         return ClientUpdate(ctx.client_id, snapshot(model), ctx.num_examples, ctx.modalities, metrics)
 
-    def round_summary(self, updates):  # type: ignore[override]
+    def round_summary(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         out = super().round_summary(updates)
         mods = self.cfg.data.modalities
         decided = [u.metrics["dominant"] for u in updates if "dominant" in u.metrics]

@@ -7,8 +7,8 @@ weak one, T_c the class-wise temperature.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,8 @@ def infiltration_loss(
     return per_sample.mean()
 
 
-def proximal_term(params: Iterable[tuple[str, torch.Tensor]], anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+def proximal_term(params: Iterable[tuple[str, torch.Tensor]], anchor: dict[str, torch.Tensor],
+                  mu: float) -> torch.Tensor:
     """(mu / 2) * ||w - w_G||^2 over the named trainable parameters."""
     total = None
     for name, p in params:

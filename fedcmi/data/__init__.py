@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedcmi.config import Config
-from fedcmi.data.base import DataError, DatasetSpec, Split, iterate_batches, read_prepared, write_prepared
+from fedcmi.data.base import DataError, DatasetSpec, Split, batch_loader, read_prepared, write_prepared
 from fedcmi.data.cache import RecordSource, build_cache
 from fedcmi.data.npz import NpzSource
 from fedcmi.data.synthetic import SyntheticSource
@@ -47,7 +48,7 @@ def prepare(cfg: Config, progress: bool = False) -> dict:
     """Turn the configured source into the prepared folder (whole or not at all); returns a summary."""
     t0 = time.perf_counter()
     source = make_source(cfg)
-    info = {"name": cfg.data.name, "seed": cfg.seed}
+    info: dict[str, Any] = {"name": cfg.data.name, "seed": cfg.seed}
     if isinstance(source, RecordSource):
         return build_cache(source, cfg.data.prepared_dir, cfg.data.workers, cfg.data.max_bad_fraction, info,
                            progress=progress)
@@ -93,11 +94,15 @@ class DataModule:
         return self.splits[name]
 
     def client_batches(
-        self, indices: np.ndarray, modalities: Sequence[str], batch_size: int, seed: int
-    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        return iterate_batches(self.train, indices, modalities, batch_size, shuffle_seed=seed)
+        self, indices: np.ndarray, modalities: Sequence[str], batch_size: int, seed: int, workers: int = 0,
+        pin_memory: bool = False,
+    ) -> Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """A client's rows of the training split, shuffled by ``seed``."""
+        return batch_loader(self.train, indices, modalities, batch_size, seed, workers, pin_memory)
 
-    def split_batches(self, name: str, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    def split_batches(self, name: str, batch_size: int, workers: int = 0, pin_memory: bool = False
+                      ) -> Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """Every sample of split ``name``, in order, with both modalities."""
         split = self.split(name)
-        return iterate_batches(split, np.arange(len(split)), self.spec.modalities, batch_size)
+        return batch_loader(split, np.arange(len(split)), self.spec.modalities, batch_size, None, workers,
+                            pin_memory)

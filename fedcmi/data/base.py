@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -74,7 +74,7 @@ class DatasetSpec:
     @classmethod
     def from_json(cls, d: Mapping) -> "DatasetSpec":
         return cls(
-            modalities=tuple(d["modalities"]),  # type: ignore[arg-type]
+            modalities=tuple(d["modalities"]),
             shapes={k: tuple(v) for k, v in d["shapes"].items()},
             num_classes=int(d["num_classes"]),
             class_names=tuple(d.get("class_names", ())),
@@ -120,19 +120,66 @@ class Split:
         return x, y
 
 
-def iterate_batches(
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+class SplitDataset(torch.utils.data.Dataset):
+    """A split's rows as a torch dataset of batches: :meth:`__getitems__` reads a whole batch with one
+    fancy index per modality (memory-mapped arrays are read once per batch, not per sample)."""
+
+    def __init__(self, split: Split, modalities: Sequence[str]) -> None:
+        self.split = split
+        self.modalities = tuple(modalities)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.split.batch(np.asarray([index], dtype=np.int64), self.modalities)
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        return self.split.batch(np.asarray(indices, dtype=np.int64), self.modalities)
+
+
+class SeededBatches(torch.utils.data.Sampler[list[int]]):
+    """``indices`` in a permutation drawn from ``seed`` (as given when None), cut into batches: the order
+    depends on the seed alone, not on workers, so every executor feeds the same batches."""
+
+    def __init__(self, indices: np.ndarray, batch_size: int, seed: int | None = None) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.indices
+        if self.seed is not None:
+            order = order[np.random.default_rng(self.seed).permutation(len(order))]
+        for start in range(0, len(order), self.batch_size):
+            yield order[start : start + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+
+def _whole_batch(batch: Any) -> Any:
+    """The collate step of a loader whose dataset already returns whole batches."""
+    return batch
+
+
+def batch_loader(
     split: Split,
     indices: np.ndarray,
     modalities: Sequence[str],
     batch_size: int,
     shuffle_seed: int | None = None,
-) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """Yield batches over ``indices``; shuffled by a seed of their own when given."""
-    order = np.asarray(indices, dtype=np.int64)
-    if shuffle_seed is not None:
-        order = order[np.random.default_rng(shuffle_seed).permutation(len(order))]
-    for start in range(0, len(order), batch_size):
-        yield split.batch(order[start : start + batch_size], modalities)
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    """Batches over ``indices`` (shuffled by a seed of their own when given), read by ``workers``
+    processes (0: in this one), into pinned memory when asked (for asynchronous copies to a GPU)."""
+    return torch.utils.data.DataLoader(
+        SplitDataset(split, modalities), batch_sampler=SeededBatches(indices, batch_size, shuffle_seed),
+        collate_fn=_whole_batch, num_workers=workers, pin_memory=pin_memory)
 
 
 def _shrink_npy(path: Path, rows: int) -> None:
@@ -211,12 +258,12 @@ class PreparedWriter:
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
         self.count = {s: 0 for s in capacity}
-        self.arrays: dict[str, dict[str, np.ndarray]] = {}
+        self.arrays: dict[str, dict[str, np.memmap]] = {}
         for split, cap in capacity.items():
             if split not in SPLITS + OPTIONAL_SPLITS:
                 raise ValueError(f"unknown split {split!r}")
             (self.tmp / split).mkdir()
-            arrs = {}
+            arrs: dict[str, np.memmap] = {}
             shapes = {**{m: (np.dtype(spec.dtype(m)), (cap, *spec.shapes[m])) for m in spec.modalities},
                       "label": (np.dtype(np.int64), (cap,))}
             for name, (dtype, shape) in shapes.items():

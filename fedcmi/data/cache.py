@@ -151,7 +151,7 @@ def build_cache(source: RecordSource, out_dir: Path, workers: int = 0, max_bad_f
                         writer.add(split, out, rec.label)
                     if bar is not None:
                         bar.update(1)
-            report = {
+            report: dict[str, Any] = {
                 "samples": total,
                 "kept": dict(writer.count),
                 "skipped": len(skipped),

@@ -48,7 +48,7 @@ class CremaDSource(RecordSource):
     # -- which clips, in which split ------------------------------------------------------------------
     def _read_list(self, name: str) -> list[tuple[str, str]]:
         path = self.require(self.root / name, "the CREMA-D split list")
-        rows = []
+        rows: list[tuple[str, str]] = []
         with open(path, newline="", encoding="utf-8") as fh:
             for row in csv.reader(fh):
                 if not row or not row[0].strip():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -115,7 +116,7 @@ class CrisisMMDSource(RecordSource):
                            self.classes, dtypes=dtypes, normalize={"image": IMAGENET_NORM}, vocab_sizes=vocab)
 
     def info(self) -> dict:
-        out = {"root": str(self.root), "crisismmd": self.cfg.model_dump(mode="json")}
+        out: dict[str, Any] = {"root": str(self.root), "crisismmd": self.cfg.model_dump(mode="json")}
         if self.vocab is not None:
             out["vocabulary_size"] = len(self.vocab)
         return out

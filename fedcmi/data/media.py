@@ -124,7 +124,7 @@ def image_to_array(img, size: int) -> np.ndarray:
     """A PIL image -> uint8 3 x size x size."""
     from PIL import Image
 
-    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+    img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 

@@ -152,7 +152,7 @@ class SyntheticSource:
 
     def spec(self) -> DatasetSpec:
         c = self.cfg
-        shapes = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         for m, kind in self._kinds().items():
             shapes[m] = (1, *c.spectrogram) if kind == "spectrogram" else (c.frames, 3, c.frame_size, c.frame_size)
         names = tuple(f"class_{i}" for i in range(c.num_classes))

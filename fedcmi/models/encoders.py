@@ -115,7 +115,8 @@ def build_encoder(kind: str, shape: tuple[int, ...], dim: int, width: int, modal
         return CNNEncoder(shape[0], dim, width)
     if kind == "clip":
         if len(shape) != 4:
-            raise EncoderError(f"model.encoders.{modality}: 'clip' needs T x C x H x W frames, {modality} has shape {shape}")
+            raise EncoderError(
+                f"model.encoders.{modality}: 'clip' needs T x C x H x W frames, {modality} has shape {shape}")
         return ClipEncoder(CNNEncoder(shape[1], dim, width))
     if kind == "resnet18":
         if len(shape) == 3:

@@ -8,7 +8,9 @@ aggregation relies on it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,8 +38,15 @@ class Output:
     z_inf: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class _Base(nn.Module):
+class MultimodalNet(nn.Module):
+    """What every network a strategy trains offers: its modalities, an encoder per modality, which
+    modality owns a parameter, a forward pass to :class:`Output` and the evaluation's views."""
+
     modalities: tuple[str, ...]
+    encoders: nn.ModuleDict
+
+    if TYPE_CHECKING:  # nn.Module.__call__ runs forward; this tells the type checker what it returns
+        def __call__(self, x: dict[str, torch.Tensor]) -> Output: ...
 
     def owner(self, name: str) -> str | None:
         """The modality a parameter belongs to, or None for shared ones."""
@@ -47,10 +56,17 @@ class _Base(nn.Module):
         return None
 
     def encode(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {m: self.encoders[m](x[m]) for m in self.modalities if m in x}  # type: ignore[index]
+        return {m: self.encoders[m](x[m]) for m in self.modalities if m in x}
+
+    def forward(self, x: dict[str, torch.Tensor]) -> Output:
+        raise NotImplementedError
+
+    def eval_logits(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every view the evaluation reports (``mm``, ``uni/<m>``, ``path/<m>``), from one batch."""
+        raise NotImplementedError
 
 
-class FedCMINet(_Base):
+class FedCMINet(MultimodalNet):
     """Encoders, self and infiltration projectors, a classifier per modality, fusion.
 
     Fan et al., "Balanced Multi-modal Federated Learning via Cross-Modal
@@ -63,7 +79,7 @@ class FedCMINet(_Base):
         self,
         modalities: tuple[str, str],
         shapes: dict[str, tuple[int, ...]],
-        encoders: dict[str, str],
+        encoders: Mapping[str, str],
         num_classes: int,
         dim: int,
         width: int,
@@ -74,6 +90,7 @@ class FedCMINet(_Base):
     ) -> None:
         super().__init__()
         self.modalities = tuple(modalities)
+        self.num_classes = num_classes
         self.shared_projector = projectors == "one"
         vocab = vocab_sizes or {}
         self.encoders = nn.ModuleDict({m: build_encoder(encoders[m], shapes[m], dim, width, m, vocab.get(m))
@@ -119,7 +136,7 @@ class FedCMINet(_Base):
         return logits
 
 
-class FusionNet(_Base):
+class FusionNet(MultimodalNet):
     """Encoders and a fusion head, nothing else: the model FedAvg, FedProx and OGM-GE train.
 
     With one modality it is that modality's encoder and a linear classifier
@@ -131,7 +148,7 @@ class FusionNet(_Base):
         self,
         modalities: tuple[str, ...],
         shapes: dict[str, tuple[int, ...]],
-        encoders: dict[str, str],
+        encoders: Mapping[str, str],
         num_classes: int,
         dim: int,
         width: int,
