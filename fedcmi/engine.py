@@ -22,6 +22,7 @@ from fedcmi.checkpoint import Checkpointer, ResumeError
 from fedcmi.config import Config
 from fedcmi.data import DataModule
 from fedcmi.divergence import DivergenceGuard, chance_accuracy
+from fedcmi.evaluation import report_order
 from fedcmi.federation import Federation
 from fedcmi.io import check_writable, remove_stale_temporaries, save_state, write_json
 from fedcmi.partition import load_partition
@@ -143,7 +144,7 @@ def write_outputs(result: TrainResult, cfg: Config, out_dir: Path | None = None)
         "model": save_state(out_dir / "model.safetensors", result.state,
                             {"kind": "global", "round": cfg.federation.rounds, "algorithm": cfg.algorithm.name}),
         "history": write_json(out_dir / "history.json", result.history),
-        "metrics": write_json(out_dir / "metrics.json", result.final),
+        "metrics": write_json(out_dir / "metrics.json", report_order(result.final), sort_keys=False),
         "curves_json": write_json(out_dir / "curves.json", curve_rows(result.history)),
     }
     return paths

@@ -9,7 +9,9 @@ independent of the heads on top of it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +68,24 @@ def _metrics_from_logits(logits: dict[str, np.ndarray], y: np.ndarray, k: int, m
     if len(uni) == 2:
         out["imbalance_ratio"] = max(uni) / max(min(uni), 1e-6)
     return EvalResult(out, cm.tolist())
+
+
+#: The order of a metrics file: the headline and the per-modality figures first, so that a table of runs
+#: (`dvc exp show`, `dvc metrics diff`) shows what they are compared by before the per-class detail.
+REPORT_ORDER = ("mm_acc", "uni_acc_", "worst_class_acc", "mm_f1", "path_acc_", "probe_acc_", "imbalance_ratio",
+                "class_acc_spread", "pred_top_frac", "mm_logit_spread", "class_acc_")
+
+
+def report_order(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` with keys in :data:`REPORT_ORDER` (classes by number); anything else last, by name."""
+    def rank(key: str) -> tuple[int, int, str]:
+        for i, prefix in enumerate(REPORT_ORDER):
+            if key == prefix or (prefix.endswith("_") and key.startswith(prefix)):
+                tail = key[len(prefix):]
+                return i, int(tail) if tail.isdigit() else -1, key
+        return len(REPORT_ORDER), 0, key
+
+    return {k: metrics[k] for k in sorted(metrics, key=rank)}
 
 
 @torch.no_grad()

@@ -109,8 +109,9 @@ def write_text(target: str | Path, text: str) -> Path:
     return write_bytes(target, text.encode())
 
 
-def write_json(target: str | Path, obj: Any) -> Path:
-    return write_text(target, json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n")
+def write_json(target: str | Path, obj: Any, sort_keys: bool = True) -> Path:
+    """``obj`` as indented JSON, atomically; keys sorted unless the caller's order is the point."""
+    return write_text(target, json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=True) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

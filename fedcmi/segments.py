@@ -36,6 +36,7 @@ from fedcmi.config import Config
 from fedcmi.data import DataModule
 from fedcmi.divergence import Diverged
 from fedcmi.engine import make_ledger
+from fedcmi.evaluation import report_order
 from fedcmi.federation import Federation
 from fedcmi.io import ModelFileError, load_state, read_json, save_state, write_json
 from fedcmi.partition import load_partition
@@ -219,5 +220,5 @@ def finish(cfg: Config, store: Path, out_model: Path) -> dict | None:
     save_state(Path(store) / MODEL, state, meta)
     save_state(out_model, state, meta)
     write_json(Path(store) / "history.json", ledger.history)
-    write_json(Path(store) / "metrics.json", final["metrics"])
+    write_json(Path(store) / "metrics.json", report_order(final["metrics"]), sort_keys=False)
     return {**final, "history": ledger.history, "class_names": list(fed.data.spec.class_names)}

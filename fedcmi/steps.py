@@ -15,7 +15,7 @@ from fedcmi.algorithms import ClientUpdate
 from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.config import Config
 from fedcmi.data import DataModule
-from fedcmi.evaluation import evaluate_model
+from fedcmi.evaluation import evaluate_model, report_order
 from fedcmi.federation import Federation, resolve_device, use_threads
 from fedcmi.io import ModelFileError, load_state, save_state, write_json
 from fedcmi.models.networks import MultimodalNet
@@ -118,5 +118,5 @@ def evaluate_step(cfg: Config, model: str | Path, out: str | Path | None = None,
     net = load_model(cfg, model, data).to(device)
     res = evaluate_model(net, data, cfg.evaluation.batch_size, device, probe=probe, split=split)
     if out is not None:
-        write_json(out, {**res.metrics, "confusion": res.confusion})
+        write_json(out, {**report_order(res.metrics), "confusion": res.confusion}, sort_keys=False)
     return {**res.metrics, "confusion": res.confusion}
