@@ -27,7 +27,7 @@ COPY pyproject.toml ./
 RUN --mount=type=secret,id=pip_ca \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
     python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(d['dependencies'] + d['optional-dependencies']['video'] + ['setuptools>=68']))" > /tmp/requirements.txt \
+print('\n'.join(d['dependencies'] + d['optional-dependencies']['video'] + ['setuptools>=77']))" > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
     && rm /tmp/requirements.txt
 

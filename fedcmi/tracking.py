@@ -68,17 +68,19 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 
 def data_hash(cfg: Config) -> str:
-    """DVC's hash of the prepared data when ``dvc.lock`` has it, else a hash of its meta file."""
-    lock = Path("dvc.lock")
-    if lock.is_file():
-        import yaml
-
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        for out in stages.get("prepare", {}).get("outs", []):
-            if Path(out.get("path", "")) == Path(cfg.data.prepared_dir) and out.get("md5"):
-                return f"dvc:{out['md5']}"
+    """The prepared data's identity: the SHA-256 of its arrays, recorded by ``fedcmi prepare`` in its
+    meta.json (the same in `dvc repro`, in a pipeline's pods and on any machine); a hash of the meta file
+    for a folder prepared before the content hash was recorded."""
     meta = Path(cfg.data.prepared_dir) / "meta.json"
-    return "meta:" + hashlib.sha256(meta.read_bytes()).hexdigest()[:16] if meta.is_file() else "unknown"
+    if not meta.is_file():
+        return "unknown"
+    try:
+        content = json.loads(meta.read_text()).get("content_sha256")
+    except (ValueError, OSError):
+        content = None
+    if isinstance(content, str) and content:
+        return "sha256:" + content[:32]
+    return "meta:" + hashlib.sha256(meta.read_bytes()).hexdigest()[:16]
 
 
 #: Evaluation figures of a round (see :mod:`fedcmi.evaluation`), grouped as ``eval/...`` in MLflow.
@@ -113,7 +115,7 @@ def round_metrics(rec: dict, algorithm: str) -> dict[str, float]:
 
 def dataset_input(cfg: Config, data: DataModule) -> Any:
     """The prepared data as an MLflow dataset input (context ``training``): its digest is the data hash
-    the run is tagged with (DVC's when DVC prepared it), its schema the modalities' shapes and dtypes."""
+    the run is tagged with (the content hash of its arrays), its schema the modalities' shapes and dtypes."""
     import warnings
 
     import numpy as np
@@ -254,7 +256,7 @@ class RunTracker:
         return self.close()
 
     def log_dataset(self, data: DataModule) -> None:
-        """The prepared data as the run's training input, named by its DVC hash (the tag ``data_hash``)."""
+        """The prepared data as the run's training input, named by its content hash (the tag ``data_hash``)."""
         self._safe("dataset", lambda: self.client.log_inputs(self.run_id, datasets=[dataset_input(self.cfg, data)]))
 
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:

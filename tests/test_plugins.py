@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY, merge
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +47,7 @@ class SignStep(Strategy):
 
 def _plugin(root: Path) -> Path:
     """The toy as an installed distribution: one module and its dist-info, on a path of its own."""
+    root.mkdir(parents=True)
     (root / "toy_signstep.py").write_text(TOY)
     info = root / "toy_signstep-0.1.dist-info"
     info.mkdir()

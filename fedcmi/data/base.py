@@ -17,6 +17,7 @@ normalised float32 per batch (``DatasetSpec.normalize``), so a cache of
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -309,7 +310,7 @@ class PreparedWriter:
                     _shrink_npy(self.tmp / split / f"{name}.npy", self.count[split])
         self.arrays = {}
         meta = {"format": FORMAT, **self.spec.to_json(), "sizes": dict(self.count), "source": dict(source),
-                "report": dict(report or {})}
+                "report": dict(report or {}), "content_sha256": content_hash(self.tmp)}
         for name, content in (extra_files or {}).items():
             write_json(self.tmp / name, content)
         write_json(self.tmp / META, meta)  # last: a folder holding meta.json is complete
@@ -326,6 +327,18 @@ class PreparedWriter:
         self.arrays = {}
         if self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def content_hash(folder: Path) -> str:
+    """SHA-256 over every array file of a prepared folder, in sorted order with their relative paths: the
+    data's own identity, the same wherever it was prepared and whatever versions it (DVC or none)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*.npy")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_prepared(out_dir: Path, spec: DatasetSpec, splits: Mapping[str, Split], source: Mapping,
