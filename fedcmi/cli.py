@@ -275,10 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS_GROUP = "fedcmi.commands"
 
 
-class CommandError(RuntimeError):
-    """An error a command reports in one line (an extension's errors derive from it)."""
-
-
 def _extend(sub, common) -> None:
     """Subcommands of the tracking layer, and of the extensions installed (see :data:`COMMANDS_GROUP`)."""
     from importlib.metadata import entry_points
@@ -294,6 +290,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from fedcmi.data import DataError
     from fedcmi.data.text import TextError
     from fedcmi.engine import ResumeError
+    from fedcmi.errors import CommandError
     from fedcmi.federation import RoundFailed
     from fedcmi.io import ModelFileError
     from fedcmi.models import EncoderError

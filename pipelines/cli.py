@@ -7,8 +7,8 @@ import re
 import sys
 from pathlib import Path
 
-from fedcmi.cli import CommandError
 from fedcmi.config import Config
+from fedcmi.errors import CommandError
 
 
 class PipelineError(CommandError):
