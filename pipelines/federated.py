@@ -211,10 +211,10 @@ def _quiet(log_file: Path, echo: Callable[[str], str]):
         sys.stderr.flush()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
+        done.set()  # the follower drains what is left, writing to saved[1]: close it only after the join
+        thread.join(timeout=10)
         os.close(saved[0])
         os.close(saved[1])
-        done.set()
-        thread.join(timeout=10)
 
 
 def local_runner(kind: str, data_root: Path, environment: dict | None = None):
