@@ -407,3 +407,42 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(project, basel
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["resumed_from_round"] == 2
     assert_same_as_baseline(project, "damaged", baseline)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["data", "notes", "."])
+def test_prepare_never_replaces_a_folder_that_is_not_its_prepared_data(tmp_path, target):
+    """A typo such as data.prepared_dir=data (which holds data/raw) or a folder of notes: one clear error
+    before any decoding, every file left as it was. (It renamed such a folder aside and removed it.)"""
+    raw = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    for name, text in {"data/raw/README": "the raw data", "notes/todo.txt": "keep me"}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    before = _files(tmp_path)
+    r = run_cli(["prepare", "--set", f"data.prepared_dir={target}"], tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "data.prepared_dir" in r.stderr and ("left untouched" in r.stderr or "must never replace" in r.stderr)
+    assert _files(tmp_path) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".old"))]
+
+
+def test_prepare_at_the_file_system_root_is_a_clear_error(tmp_path):
+    raw = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    r = run_cli(["prepare", "--set", "data.prepared_dir=/"], tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "must never replace" in r.stderr, r.stderr
+
+
+def test_prepare_replaces_its_own_prepared_folder_and_an_empty_one(tmp_path):
+    raw = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "data" / "prepared").mkdir(parents=True)  # empty: nothing to lose
+    assert run_cli(["prepare"], tmp_path).returncode == 0
+    r = run_cli(["prepare", "--set", "seed=4"], tmp_path)  # its own: replaced whole
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "data" / "prepared" / "meta.json").read_text())
+    assert meta["source"]["seed"] == 4

@@ -16,7 +16,15 @@ import numpy as np
 import torch
 
 from fedcmi.config import Config
-from fedcmi.data.base import DataError, DatasetSpec, Split, batch_loader, read_prepared, write_prepared
+from fedcmi.data.base import (
+    DataError,
+    DatasetSpec,
+    Split,
+    batch_loader,
+    check_replaceable,
+    read_prepared,
+    write_prepared,
+)
 from fedcmi.data.cache import RecordSource, build_cache
 from fedcmi.data.npz import NpzSource
 from fedcmi.data.synthetic import SyntheticSource
@@ -47,6 +55,7 @@ def make_source(cfg: Config):
 def prepare(cfg: Config, progress: bool = False) -> dict:
     """Turn the configured source into the prepared folder (whole or not at all); returns a summary."""
     t0 = time.perf_counter()
+    check_replaceable(cfg.data.prepared_dir)  # before any decoding: never replace what is not ours
     source = make_source(cfg)
     info: dict[str, Any] = {"name": cfg.data.name, "seed": cfg.seed}
     if isinstance(source, RecordSource):

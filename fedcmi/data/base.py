@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -228,6 +229,33 @@ def _siblings(out_dir: Path) -> tuple[Path, Path]:
     return out_dir.with_name(f".{out_dir.name}.tmp"), out_dir.with_name(f".{out_dir.name}.old")
 
 
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse to write over anything but a prepared-data folder: a missing or empty folder, or one whose
+    meta.json says it is fedcmi's prepared data, may be replaced; anything else (a typo pointing at the raw
+    data, a home folder, ``/``) is a :class:`DataError`, and nothing in it is touched."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise DataError(f"data.prepared_dir {out_dir} exists and is not a folder; fedcmi replaces only a prepared-data "
+                        "folder it wrote: choose another path")
+    where = out_dir.resolve()
+    if where == Path(where.anchor) or where == Path.cwd().resolve() or where == Path.home().resolve():
+        raise DataError(f"data.prepared_dir {out_dir} is {where}, a folder fedcmi must never replace; choose a "
+                        "folder of its own, such as data/prepared")
+    if not any(out_dir.iterdir()):
+        return
+    meta_path = out_dir / META
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    except (OSError, ValueError):
+        meta = None
+    if not (isinstance(meta, dict) and str(meta.get("format", "")).startswith("fedcmi-prepared/")):
+        raise DataError(f"data.prepared_dir {out_dir} exists and holds something other than fedcmi's prepared data "
+                        f"(no {META} of format fedcmi-prepared/...); it is left untouched. Choose another path, or "
+                        "remove the folder yourself if it is meant to be replaced")
+
+
 def recover_interrupted_swap(out_dir: Path) -> None:
     """Finish a swap that a crash cut between its two renames: the complete new copy wins, else the old."""
     out_dir = Path(out_dir)
@@ -253,6 +281,7 @@ class PreparedWriter:
     def __init__(self, out_dir: Path, spec: DatasetSpec, capacity: Mapping[str, int]) -> None:
         self.out_dir = Path(out_dir)
         self.spec = spec
+        check_replaceable(self.out_dir)
         recover_interrupted_swap(self.out_dir)
         self.tmp, self.old = _siblings(self.out_dir)
         if self.tmp.exists():
