@@ -224,7 +224,7 @@ def _algorithms() -> dict[str, Any]:
     """The registered strategies (imported when a config is validated, so importing this module stays light)."""
     from fedcmi.algorithms import STRATEGIES
 
-    return dict(STRATEGIES)
+    return STRATEGIES
 
 
 class AlgorithmConfig(BaseModel):
@@ -399,15 +399,16 @@ class Config(_Section):
     def applicable(self) -> dict[str, Any]:
         """:meth:`flat` without the settings this run does not use: the sections of other datasets, of
         the other synthetic generator, and of algorithms other than this one (what MLflow shows)."""
-        unused = {f"data.{name}." for name in DATASET_SECTIONS if name != self.data.name}
+        unused = {f"data.{name}" for name in DATASET_SECTIONS if name != self.data.name}
         strategy = _algorithms()[self.algorithm.name]
         used = {*SHARED_ALGORITHM_KEYS, *strategy.reads, strategy.options_key()}
         unused |= {f"algorithm.{key}" for key in self.algorithm.model_dump() if key not in used}
         if self.data.name == "synthetic":
             other = "templates" if self.data.synthetic.generator == "latent" else "latent"
             unused |= {f"data.synthetic.{key}" for key in SYNTHETIC_ONLY[other]}
-        return {k: v for k, v in self.flat().items() if not any(k == u or k.startswith(u if u.endswith(".")
-                                                                                      else u + ".") for u in unused)}
+        # a key is left out when it is an unused setting or lies inside an unused section
+        return {k: v for k, v in self.flat().items()
+                if not any(k == u or k.startswith(u + ".") for u in unused)}
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named top-level sections (all when none named)."""

@@ -67,7 +67,7 @@ class Federation:
         self.cfg = cfg
         self.data = data
         self.partition = partition
-        self.threads = use_threads(cfg.threads)
+        use_threads(cfg.threads)
         self.device = device or resolve_device(cfg.device)
         self.strategy: Strategy = get_strategy(cfg)
         self.model = build_model(cfg, data.spec).to(self.device)

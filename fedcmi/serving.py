@@ -72,28 +72,34 @@ class ModalityClassifier(PythonModel):
         x = {m: _to_tensor(np.asarray(model_input[m]), self.spec.normalize.get(m)) for m in self.spec.modalities}
         with torch.no_grad():
             probs = torch.softmax(self.network(x).float(), dim=-1).numpy()
-        names = self.class_names
+        names = class_labels(self.spec)
         out = pd.DataFrame({"class_index": probs.argmax(axis=1).astype(np.int64)})
         out["class_name"] = [names[i] for i in out["class_index"]]
         for i, name in enumerate(names):
             out[f"p_{name}"] = probs[:, i].astype(np.float64)
         return out
 
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.spec.class_names) or [str(i) for i in range(self.spec.num_classes)]
+
+def class_labels(spec: DatasetSpec) -> list[str]:
+    """The classes' names, or their numbers when the data has none."""
+    return list(spec.class_names) or [str(i) for i in range(spec.num_classes)]
+
+
+def modality_tensor_specs(spec: DatasetSpec) -> list[Any]:
+    """One named tensor per modality, in the prepared data's dtype and shape, any batch size."""
+    from mlflow.types import TensorSpec
+
+    return [TensorSpec(np.dtype(spec.dtype(m)), (-1, *spec.shapes[m]), m) for m in spec.modalities]
 
 
 def signature(spec: DatasetSpec) -> Any:
     """Named tensor inputs (one per modality, any batch size) and the prediction table."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, Schema
 
-    inputs = Schema([TensorSpec(np.dtype(spec.dtype(m)), (-1, *spec.shapes[m]), m) for m in spec.modalities])
-    names = list(spec.class_names) or [str(i) for i in range(spec.num_classes)]
     outputs = Schema([ColSpec("long", "class_index"), ColSpec("string", "class_name"),
-                      *[ColSpec("double", f"p_{n}") for n in names]])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+                      *[ColSpec("double", f"p_{n}") for n in class_labels(spec)]])
+    return ModelSignature(inputs=Schema(modality_tensor_specs(spec)), outputs=outputs)
 
 
 @dataclass

@@ -113,7 +113,7 @@ def round_metrics(rec: dict, algorithm: str) -> dict[str, float]:
     return out
 
 
-def dataset_input(cfg: Config, data: DataModule) -> Any:
+def dataset_input(cfg: Config, data: DataModule, digest: str) -> Any:
     """The prepared data as an MLflow dataset input (context ``training``): its digest is the data hash
     the run is tagged with (the content hash of its arrays), its schema the modalities' shapes and dtypes."""
     import warnings
@@ -124,16 +124,16 @@ def dataset_input(cfg: Config, data: DataModule) -> Any:
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.types import Schema, TensorSpec
 
-    spec = data.spec
-    columns: list[Any] = [TensorSpec(np.dtype(spec.dtype(m)), (-1, *spec.shapes[m]), m) for m in spec.modalities]
-    schema = Schema([*columns, TensorSpec(np.dtype("int64"), (-1,), "label")])
+    from fedcmi.serving import modality_tensor_specs
+
+    schema = Schema([*modality_tensor_specs(data.spec), TensorSpec(np.dtype("int64"), (-1,), "label")])
     with warnings.catch_warnings():  # the local-file source is registered twice in MLflow; either fits
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(str(Path(cfg.data.prepared_dir).resolve()))
     sizes = "-".join(f"{name}{len(split)}" for name, split in sorted(data.splits.items()))
     # MetaDataset's profile is a property MLflow provides; its stubs leave it abstract
     ds = MetaDataset(  # type: ignore[abstract]
-        source, name=f"{cfg.data.name}-{sizes}", digest=data_hash(cfg)[:36], schema=schema)
+        source, name=f"{cfg.data.name}-{sizes}", digest=digest[:36], schema=schema)
     return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
 
 
@@ -174,7 +174,8 @@ class RunTracker:
         if run_id is not None:
             self.run_id = run_id
             return
-        all_tags = {"algorithm": cfg.algorithm.name, "data_hash": data_hash(cfg),
+        data_id = data_hash(cfg)
+        all_tags = {"algorithm": cfg.algorithm.name, "data_hash": data_id,
                     "config_fingerprint": cfg.fingerprint(), **(tags or {})}
         commit = git_commit()
         if commit:
@@ -187,7 +188,7 @@ class RunTracker:
         params = [Param(k, str(v)[:500]) for k, v in cfg.applicable().items()]
         self._safe("params", lambda: self.client.log_batch(self.run_id, params=params))
         if data is not None:
-            self.log_dataset(data)
+            self.log_dataset(data, data_id)
 
     # -- the safety net -------------------------------------------------------
     def _reachable(self) -> bool:
@@ -255,9 +256,10 @@ class RunTracker:
         self.log_model(model)
         return self.close()
 
-    def log_dataset(self, data: DataModule) -> None:
-        """The prepared data as the run's training input, named by its content hash (the tag ``data_hash``)."""
-        self._safe("dataset", lambda: self.client.log_inputs(self.run_id, datasets=[dataset_input(self.cfg, data)]))
+    def log_dataset(self, data: DataModule, data_id: str) -> None:
+        """The prepared data as the run's training input, named by ``data_id`` (the run's tag ``data_hash``)."""
+        self._safe("dataset", lambda: self.client.log_inputs(
+            self.run_id, datasets=[dataset_input(self.cfg, data, data_id)]))
 
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
         for p in paths:
