@@ -217,6 +217,27 @@ class OptimConfig(_Section):
         "32", description="local training precision: 32, or mixed with bfloat16 / float16 (loss scaling) autocast")
 
 
+class ServerConfig(_Section):
+    """What the server admits into a round and how it combines what it admits.
+
+    Every update is checked against the round first (sampled client, this round, once, the global model's
+    keys, dtypes and shapes, finite values, a sample count within the client's shard, the client's own
+    modalities); then a change larger than ``max_change_ratio`` times the global model's norm is refused.
+    ``rule`` combines the admitted updates: ``mean`` is FedAvg's sample-weighted mean (one running sum,
+    memory flat in the number of clients); ``median`` and ``trimmed_mean`` are coordinate-wise and
+    unweighted (Yin et al., ICML 2018), robust to a minority of lying clients, and hold every admitted
+    update of a round in memory. ``clip_norm`` scales each client's change down to that L2 norm first.
+    """
+
+    rule: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: share of the clients dropped at "
+                                 "each end of every coordinate (rounded down)")
+    clip_norm: float | None = Field(None, gt=0, allow_inf_nan=False, description="L2 norm each client's change "
+                                    "is scaled down to before it is combined; null: no clipping")
+    max_change_ratio: float = Field(10.0, gt=0, allow_inf_nan=False, description="an update whose change is "
+                                    "larger than this times max(1, norm of the global model) is refused")
+
+
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
@@ -336,6 +357,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     federation: FederationConfig = FederationConfig()
     optim: OptimConfig = OptimConfig()
+    server: ServerConfig = ServerConfig()
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)  # validated lazily: it reads the registry
     loader: LoaderConfig = LoaderConfig()
     evaluation: EvaluationConfig = EvaluationConfig()

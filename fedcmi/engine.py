@@ -49,7 +49,8 @@ def run_fingerprint(cfg: Config, partition_file: Path, data_meta: dict) -> str:
     d = cfg.to_dict()
     fed = dict(d["federation"])
     fed.pop("rounds")
-    keep = {k: d[k] for k in ("seed", "device", "threads", "data", "partition", "model", "optim", "algorithm")}
+    keep = {k: d[k] for k in ("seed", "device", "threads", "data", "partition", "model", "optim", "server",
+                             "algorithm")}
     keep["federation"] = fed
     keep["partition_file"] = hashlib.sha256(Path(partition_file).read_bytes()).hexdigest()
     keep["data_meta"] = data_meta

@@ -22,7 +22,7 @@ from fedcmi.data import DataModule
 from fedcmi.evaluation import EvalResult, evaluate_model
 from fedcmi.models import build_model
 from fedcmi.partition import Partition
-from fedcmi.rounds import RoundDiverged, RoundFailed, RoundPolicy, RoundResult, sample_clients
+from fedcmi.rounds import Producer, RoundDiverged, RoundFailed, RoundPolicy, RoundResult, sample_clients
 
 __all__ = ["Federation", "RoundDiverged", "RoundFailed", "RoundResult", "resolve_device", "sample_clients"]
 
@@ -119,6 +119,11 @@ class Federation:
         ordered = sorted(updates, key=lambda u: u.client_id)
         return self._fold(global_state, ((u.client_id, lambda u=u: u) for u in ordered), rnd)
 
+    def aggregate_outcomes(self, global_state: StateDict, outcomes: Iterable[tuple[int, Producer]],
+                           rnd: int) -> RoundResult:
+        """Fold (client id, producer) pairs, sorted by client id: the outcomes of a round read from files."""
+        return self._fold(global_state, sorted(outcomes, key=lambda t: t[0]), rnd)
+
     def run_round(self, global_state: StateDict, rnd: int) -> RoundResult:
         """Sample, train each client in turn (folding as it goes, so memory holds one update), aggregate."""
         clients = self.sample_clients(rnd)
@@ -128,7 +133,7 @@ class Federation:
         return res
 
     def _fold(self, global_state: StateDict, producers, rnd: int) -> RoundResult:
-        return self.policy.conclude(self.strategy, self.model, global_state, producers, rnd)
+        return self.policy.conclude(self.strategy, self.model, global_state, producers, rnd, self.partition)
 
     def evaluate(self, state: StateDict, probe: bool = False, split: str = "test") -> EvalResult:
         self.load(state)

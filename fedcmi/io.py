@@ -2,13 +2,15 @@
 
 Every file fedcmi writes goes to a temporary sibling first, is fsynced and then
 renamed over the target, so a crash leaves either the old file or the new one,
-never half of one. Model states are safetensors; legacy torch files are read
-only with ``weights_only=True``.
+never half of one. Model states are safetensors with a content checksum
+checked on every load; legacy torch files are read only with
+``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -17,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 StateDict = dict[str, torch.Tensor]
-FORMAT = "fedcmi-state/1"
+FORMAT = "fedcmi-state/2"  # /2: a content checksum in the metadata
+OLD_FORMATS = ("fedcmi-state/1",)
+MAX_HEADER = 100_000_000  # safetensors' own limit on a header
 TMP_SUFFIX = ".tmp"
 
 
@@ -132,26 +136,75 @@ def write_with(target: str | Path, writer: Callable[[Path], None]) -> Path:
 
 
 def save_state(target: str | Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
-    """Save a state dict as safetensors with JSON metadata, atomically."""
+    """Save a state dict as safetensors with JSON metadata and a content checksum, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    metadata = {"format": FORMAT, "meta": json.dumps(dict(meta or {}), sort_keys=True)}
+    meta_json = json.dumps(dict(meta or {}), sort_keys=True)
+    header, data = _split(save_bytes(tensors, metadata={"format": FORMAT, "meta": meta_json}), "a new state")
+    header["__metadata__"]["sha256"] = _digest(header, data)
     # Serialised here and written by write_bytes, so a full disk is an OSError like every other write failure.
-    return write_bytes(target, canonical_safetensors(save_bytes(tensors, metadata=metadata)))
+    return write_bytes(target, _assemble(header, data))
 
 
-def canonical_safetensors(raw: bytes) -> bytes:
-    """``raw`` with its JSON header's keys sorted: safetensors writes its metadata map in an order that
-    changes between processes, so the same state would give other bytes (and DVC a changed output)."""
+def _split(raw: bytes, where: object) -> tuple[dict[str, Any], memoryview]:
+    """A safetensors file's JSON header and its data section; ModelFileError when the frame is damaged."""
+    if len(raw) < 8:
+        raise ModelFileError(f"{where} is not a safetensors file (only {len(raw)} bytes)")
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    canon = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    if len(canon) > n:  # the same members in another order are never longer; keep the original if they were
-        return raw
-    return raw[:8] + canon + b" " * (n - len(canon)) + raw[8 + n:]
+    if n > min(len(raw) - 8, MAX_HEADER):
+        raise ModelFileError(f"{where} is damaged: its header claims {n} bytes and the file holds {len(raw) - 8}")
+    try:
+        header = json.loads(bytes(raw[8:8 + n]))
+    except (ValueError, RecursionError) as exc:
+        raise ModelFileError(f"{where} is damaged: its header is not JSON ({exc.__class__.__name__})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise ModelFileError(f"{where} is damaged: its header is not a safetensors header")
+    header.setdefault("__metadata__", {})
+    return header, memoryview(raw)[8 + n:]
+
+
+def _digest(header: Mapping[str, Any], data: memoryview | bytes) -> str:
+    """SHA-256 over what a file means: every tensor's dtype, shape and offsets, the metadata but the
+    checksum itself, and the data bytes. Another key order gives the same digest."""
+    described = {k: v for k, v in header.items() if k != "__metadata__"}
+    metadata = {k: v for k, v in header["__metadata__"].items() if k != "sha256"}
+    h = hashlib.sha256(json.dumps([described, metadata], sort_keys=True, separators=(",", ":")).encode())
+    h.update(data)
+    return h.hexdigest()
+
+
+def _assemble(header: Mapping[str, Any], data: memoryview | bytes) -> bytes:
+    """A safetensors file from a header and its data: keys sorted (safetensors writes its metadata map in
+    an order that changes between processes, so the same state would give other bytes and DVC a changed
+    output), padded with spaces to 8 bytes as safetensors aligns it."""
+    blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob + bytes(data)
+
+
+def read_state_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta`` of a state file, from its header alone (no checksum check: for listing, not for use)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= MAX_HEADER:
+                return {}
+            header = json.loads(fh.read(n))
+        meta = json.loads(header["__metadata__"]["meta"])
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def load_state(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
-    """Load a state written by :func:`save_state` (or a torch file, weights only)."""
+    """Load a state written by :func:`save_state` (or a torch file, weights only).
+
+    A file of this format must match its checksum: a changed byte anywhere (a dtype or shape in the
+    header, the metadata, the data) is a :class:`ModelFileError`, never a model that loads with other
+    numbers. Files of the first format (``fedcmi-state/1``, no checksum) and plain safetensors files
+    load without one.
+    """
     p = Path(path)
     if not p.is_file():
         raise ModelFileError(f"model file {p} not found")
@@ -164,10 +217,25 @@ def load_state(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
             raise ModelFileError(f"{p} does not hold a flat state dict of tensors")
         return dict(obj), {}
     try:
-        with safe_open(str(p), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-        state = load_file(str(p))
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ModelFileError(f"{p} cannot be read ({exc.strerror or exc})") from None
+    header, data = _split(raw, p)
+    metadata = header["__metadata__"]
+    fmt = metadata.get("format")
+    if fmt == FORMAT or "sha256" in metadata:
+        if metadata.get("sha256") != _digest(header, data):
+            raise ModelFileError(f"{p} is damaged: its content does not match its checksum")
+    try:
+        state = load_bytes(raw)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{p} is not a readable safetensors file ({exc})") from None
-    meta = json.loads(metadata.get("meta", "{}")) if metadata.get("format") == FORMAT else {}
+    if fmt not in (FORMAT, *OLD_FORMATS):
+        return state, {}
+    try:
+        meta = json.loads(metadata.get("meta", "{}"))
+    except (ValueError, RecursionError):
+        raise ModelFileError(f"{p} is damaged: its metadata is not JSON") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{p} is damaged: its metadata is not a JSON object")
     return state, meta

@@ -24,13 +24,16 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fedcmi.algorithms import ClientUpdate, Strategy, UpdateRejected, check_update
+from fedcmi.admission import admission
+from fedcmi.algorithms import ClientUpdate, Strategy, UpdateRejected
 from fedcmi.algorithms.aggregation import NonFiniteUpdate, StateDict
 from fedcmi.algorithms.base import derive_seed
-from fedcmi.checkpoint import Checkpointer, ResumeError
+from fedcmi.checkpoint import Checkpointer, DamagedIndex, ResumeError, new_run_id
 from fedcmi.config import Config
 from fedcmi.divergence import Diverged, DivergenceGuard, lr_advice
 from fedcmi.models.networks import MultimodalNet
+from fedcmi.partition import Partition
+from fedcmi.update_files import ClientFailed
 
 log = logging.getLogger("fedcmi")
 
@@ -48,10 +51,6 @@ class RoundDiverged(RoundFailed, Diverged):
 
 class ForeignCheckpoint(ResumeError):
     """A checkpoint made with other settings or data than the run that was told to resume it."""
-
-
-class ClientFailed(RuntimeError):
-    """A client's training that failed where it ran (another process or pod); carries the reason."""
 
 
 def sample_clients(cfg: Config, rnd: int) -> list[int]:
@@ -109,15 +108,17 @@ class RoundPolicy:
         return rnd + 1 == self.rounds and self.cfg.evaluation.linear_probe
 
     def conclude(self, strategy: Strategy, model: MultimodalNet, global_state: StateDict,
-                 producers: Iterable[tuple[int, Producer]], rnd: int) -> RoundResult:
+                 producers: Iterable[tuple[int, Producer]], rnd: int, partition: Partition) -> RoundResult:
         """Fold (client id, producer) pairs in the order given into the next global model.
 
-        A producer may return None (nothing to train) or raise: a raised error, or an update that fails
-        :func:`check_update`, is a rejected update and the round goes on. A round needs
-        ``federation.min_clients`` valid updates, else :class:`RoundFailed` (or :class:`RoundDiverged` when
-        every rejection was NaN/Inf) and the global model stays. A round where no sampled client has
-        anything to train is idle: the global model stays, and the run goes on.
+        A producer may return None (nothing to train) or raise. Every outcome goes through the round's
+        :class:`~fedcmi.admission.Admission` (sampled, once, fits the model and the client's shard, within
+        the change bound); a raised error or a refused outcome is a rejected update and the round goes on.
+        A round needs ``federation.min_clients`` admitted updates, else :class:`RoundFailed` (or
+        :class:`RoundDiverged` when every rejection was NaN/Inf) and the global model stays. A round where
+        no sampled client has anything to train is idle: the global model stays, and the run goes on.
         """
+        gate = admission(rnd, self.clients(rnd), partition, strategy, self.cfg.server, global_state)
         acc = strategy.accumulator(model, global_state)
         accepted: list[int] = []
         idle: list[int] = []
@@ -128,9 +129,10 @@ class RoundPolicy:
             try:
                 u = produce()
                 if u is None:
+                    gate.idle(cid)
                     idle.append(cid)
                     continue
-                check_update(global_state, u)
+                u = gate.admit(cid, u)
             except UpdateRejected as exc:
                 rejected[cid] = str(exc)
                 if isinstance(exc, NonFiniteUpdate):
@@ -157,7 +159,10 @@ class RoundPolicy:
                 f"round {rnd + 1}: {len(accepted)} valid update(s), federation.min_clients is {need}; "
                 f"rejected: {rejected or 'none'}"
             )
-        return RoundResult(acc.result(), [], accepted, rejected, strategy.round_summary(kept), idle)
+        summary = strategy.round_summary(kept)
+        if self.cfg.server.clip_norm is not None:
+            summary["clipped"] = float(len(gate.clipped))
+        return RoundResult(acc.result(), [], accepted, rejected, summary, idle)
 
     def record(self, rnd: int, res: RoundResult, metrics: dict[str, float] | None, seconds: float) -> dict:
         """The round's line in ``history.json`` and in the tracking run."""
@@ -184,30 +189,46 @@ class Ledger:
         self.guard = guard
         self.history: list[dict] = []
         self.completed = 0
+        self.run_id = new_run_id()
 
     def open(self, resume: Literal["auto", "never", "must"], rounds: int) -> StateDict | None:
         """The committed global model to continue from, or None to start at round 0; a checkpoint with more
-        than ``rounds`` rounds committed cannot be continued."""
-        meta = self.ckpt.load() if resume != "never" else None
-        if meta is not None and meta["fingerprint"] != self.fingerprint:
-            if resume == "must":
-                raise ForeignCheckpoint(f"the checkpoint in {self.ckpt.folder} was made with other settings or "
-                                        "data; cannot resume it")
-            log.warning("checkpoint in %s was made with other settings; starting from round 0", self.ckpt.folder)
-            meta = None
-        if meta is None:
+        than ``rounds`` rounds committed cannot be continued.
+
+        A damaged ``state.json`` is replaced by the newest good round file of these settings; a damaged
+        round file by the one before it.
+        """
+        found = None
+        if resume != "never":
+            try:
+                index = self.ckpt.index()
+            except DamagedIndex as exc:
+                log.warning("%s; looking for the newest good checkpoint of these settings", exc)
+                index = None
+            if index is not None and index.fingerprint != self.fingerprint:
+                if resume == "must":
+                    raise ForeignCheckpoint(f"the checkpoint in {self.ckpt.folder} was made with other settings "
+                                            "or data; cannot resume it")
+                log.warning("checkpoint in %s was made with other settings; starting from round 0",
+                            self.ckpt.folder)
+            else:
+                found = self.ckpt.restore(self.fingerprint, index)
+        if found is None:
             if resume == "must":
                 raise ResumeError(f"no checkpoint to resume in {self.ckpt.folder}")
+            others = self.ckpt.others(self.fingerprint, self.run_id)
+            if others:
+                log.info("%d checkpoint file(s) of an earlier run stay in %s (never pruned by this run)",
+                         len(others), self.ckpt.folder)
             return None
-        state, meta = self.ckpt.load_model(meta)
-        self.completed, self.history = int(meta["completed_rounds"]), list(meta["history"])
+        self.completed, self.history, self.run_id = found.completed, found.history, found.run_id or self.run_id
         if self.completed > rounds:
             raise ResumeError(f"the checkpoint in {self.ckpt.folder} has {self.completed} rounds done, more than "
                               f"federation.rounds={rounds}")
         for rec in self.history:  # a resumed run remembers how far above chance it has been
             self.guard.check_round(rec)
         log.info("resuming after round %d", self.completed)
-        return state
+        return found.state
 
     def commit(self, state: StateDict, rec: dict, on_round: Callable[[dict], None] | None = None) -> None:
         """Commit round ``rec['round']``; a diverged round is reported, never committed (resuming starts
@@ -221,7 +242,7 @@ class Ledger:
                 on_round(rec)
             raise Diverged(reason)
         self.history.append(rec)
-        self.ckpt.save(state, self.completed + 1, self.fingerprint, self.history)
+        self.ckpt.save(state, self.completed + 1, self.fingerprint, self.history, self.run_id)
         self.completed += 1
         if on_round is not None:
             on_round(rec)

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from fedcmi.algorithms import ClientUpdate
 from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.checkpoint import STATE_FILE, Checkpointer
 from fedcmi.config import Config
@@ -38,9 +37,10 @@ from fedcmi.divergence import Diverged
 from fedcmi.engine import make_ledger
 from fedcmi.evaluation import report_order
 from fedcmi.federation import Federation
-from fedcmi.io import ModelFileError, load_state, read_json, save_state, write_json
+from fedcmi.io import load_state, read_json, save_state, write_json
 from fedcmi.partition import load_partition
-from fedcmi.rounds import ClientFailed, ForeignCheckpoint, Ledger, RoundPolicy, failure_reason
+from fedcmi.rounds import ForeignCheckpoint, Ledger, RoundPolicy, failure_reason
+from fedcmi.update_files import read_update, write_update
 
 log = logging.getLogger("fedcmi")
 FINAL = "final.json"
@@ -118,39 +118,33 @@ def train_worker(cfg: Config, global_model: Path, rnd: int, worker: int, per_wor
     state, _ = load_state(global_model)
     for cid in mine:
         t0 = time.perf_counter()
-        meta: dict = {"round": rnd, "client_id": cid}
+        path = out_dir / _client_file(cid)
         try:
             update = fed.train_client(state, cid, rnd)
         except Exception as exc:  # the round rejects it, exactly as the engine does; the worker goes on
             reason = failure_reason(cid, exc)
             log.warning("round %d: %s", rnd + 1, reason)
-            save_state(out_dir / _client_file(cid), {}, {**meta, "kind": "failed", "reason": reason})
+            write_update(path, rnd, cid, None, failure=reason)
             progress(f"round {rnd + 1}: client {cid} failed: {reason}")
             continue
+        write_update(path, rnd, cid, update)
         if update is None:
-            save_state(out_dir / _client_file(cid), {}, {**meta, "kind": "skipped"})
             print(f"round {rnd + 1}: client {cid} has nothing to train")
             continue
-        save_state(out_dir / _client_file(cid), update.state,
-                   {**meta, "kind": "update", "num_examples": update.num_examples,
-                    "modalities": list(update.modalities), "metrics": update.metrics})
         loss = update.metrics.get("loss")
         print(f"round {rnd + 1}: client {cid} trained in {time.perf_counter() - t0:.1f} s"
               + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
     return mine
 
 
-def _produce(path: Path) -> ClientUpdate | None:
-    state, meta = load_state(path)
-    kind = meta.get("kind")
-    if kind == "skipped":
-        return None
-    if kind == "failed":
-        raise ClientFailed(str(meta.get("reason", f"client {meta.get('client_id')}: training failed")))
-    if kind != "update":
-        raise ModelFileError(f"{path} is not a client update (kind {kind!r})")
-    return ClientUpdate(int(meta["client_id"]), state, int(meta["num_examples"]), tuple(meta["modalities"]),
-                        meta.get("metrics", {}))
+def _worker_files(worker_dirs: list[Path]) -> dict[int, list[Path]]:
+    """The workers' client files by the client id in their names (a name without one is kept under -1)."""
+    files: dict[int, list[Path]] = {}
+    for d in worker_dirs:
+        for p in sorted(Path(d).glob("client_*.safetensors")):
+            digits = p.name[len("client_"):-len(".safetensors")]
+            files.setdefault(int(digits) if digits.isdigit() and len(digits) < 10 else -1, []).append(p)
+    return files
 
 
 def conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: list[Path], rnd: int, out: Path,
@@ -174,14 +168,14 @@ def conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: list[Pat
                          "be concluded now (was another run writing to it?)")
     state, _ = load_state(global_model)
     policy = fed.policy
-    files = {int(p.name[len("client_"):-len(".safetensors")]): p
-             for d in worker_dirs for p in Path(d).glob("client_*.safetensors")}
+    files = _worker_files(worker_dirs)
     expected = policy.clients(rnd)
-    if sorted(files) != expected:
-        raise StoreError(f"round {rnd + 1}: the workers returned clients {sorted(files)}, expected {expected}")
+    if sorted(files) != expected or any(len(v) > 1 for v in files.values()):
+        raise StoreError(f"round {rnd + 1}: the workers returned files for clients "
+                         f"{sorted(c for c, v in files.items() for _ in v)}, expected {expected}")
     try:
-        producers = [(cid, partial(_produce, files[cid])) for cid in expected]
-        res = policy.conclude(fed.strategy, fed.model, state, producers, rnd)
+        producers = [(cid, partial(read_update, files[cid][0], rnd, cid)) for cid in expected]
+        res = policy.conclude(fed.strategy, fed.model, state, producers, rnd, fed.partition)
         res.clients = expected
         ev = fed.evaluate(res.state, probe=policy.probes(rnd)) if policy.evaluates(rnd) else None
         rec = policy.record(rnd, res, ev.metrics if ev else None, time.perf_counter() - t0)

@@ -9,9 +9,9 @@ methods without the files in between, so both give the same model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
-from fedcmi.algorithms import ClientUpdate
 from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.config import Config
 from fedcmi.data import DataModule
@@ -20,6 +20,7 @@ from fedcmi.federation import Federation, resolve_device, use_threads
 from fedcmi.io import ModelFileError, load_state, save_state, write_json
 from fedcmi.models.networks import MultimodalNet
 from fedcmi.partition import load_partition
+from fedcmi.update_files import claimed_client, read_update, write_update
 
 
 def _federation(cfg: Config) -> Federation:
@@ -69,38 +70,30 @@ def client_train_step(cfg: Config, global_model: str | Path, client_id: int, rnd
 
     A client with nothing to train (single-modality FedAvg on a client without
     that modality) gets a ``skipped`` marker file and None is returned, so a
-    pipeline always has its output and aggregation ignores it.
+    pipeline always has its output and aggregation checks it against the partition.
     """
     fed = _federation(cfg)
     state, _ = _load_global(fed, global_model)
     update = fed.train_client(state, client_id, rnd)
-    if update is None:
-        save_state(out, {}, {"kind": "skipped", "round": rnd, "client_id": client_id})
-        return None
-    meta = {"kind": "update", "round": rnd, "client_id": client_id, "num_examples": update.num_examples,
-            "modalities": list(update.modalities), "metrics": update.metrics}
-    return save_state(out, update.state, meta)
-
-
-def read_update(path: str | Path) -> ClientUpdate | None:
-    """A client update file; None for a ``skipped`` marker."""
-    state, meta = load_state(path)
-    if meta.get("kind") == "skipped":
-        return None
-    if meta.get("kind") != "update":
-        raise ModelFileError(f"{path} is not a client update (kind {meta.get('kind')!r})")
-    return ClientUpdate(int(meta["client_id"]), state, int(meta["num_examples"]), tuple(meta["modalities"]),
-                        meta.get("metrics", {}))
+    path = write_update(Path(out), rnd, client_id, update)
+    return path if update is not None else None
 
 
 def aggregate_step(
     cfg: Config, global_model: str | Path, updates: Sequence[str | Path], rnd: int, out: str | Path
 ) -> tuple[Path, dict]:
-    """Aggregate the round's update files into the next global model; returns it and the round summary."""
+    """Aggregate the round's update files into the next global model; returns it and the round summary.
+
+    Every file is checked against the round (see :mod:`fedcmi.admission`); a refused one is listed in the
+    summary's ``rejected`` with the reason, under the client id it claims (-1 when it claims none).
+    """
     fed = _federation(cfg)
     state, _ = _load_global(fed, global_model)
-    read = [read_update(p) for p in updates]
-    res = fed.aggregate(state, [u for u in read if u is not None], rnd)
+    outcomes = []
+    for p in updates:
+        cid = claimed_client(Path(p))
+        outcomes.append((cid if cid is not None else -1, partial(read_update, p, rnd)))
+    res = fed.aggregate_outcomes(state, outcomes, rnd)
     summary = {"round": rnd + 1, "accepted": res.accepted, "rejected": res.rejected, "idle": res.idle,
                **res.summary}
     return save_state(out, res.state, {"kind": "global", "round": rnd + 1}), summary

@@ -128,14 +128,15 @@ def test_file_steps_reproduce_the_engine_bitwise(tiny, tmp_path, algo):
 def test_aggregate_step_rejects_a_nan_update_and_keeps_the_round(tiny, tmp_path):
     cfg = tiny(federation={"rounds": 1, "clients_per_round": 2, "batch_size": 16, "min_clients": 1})
     g = init_step(cfg, tmp_path / "g0.safetensors")
-    good = client_train_step(cfg, g, 0, 0, tmp_path / "u0.safetensors")
-    bad_state, meta = load_state(client_train_step(cfg, g, 1, 0, tmp_path / "u1.safetensors"))
+    first, second = sample_step(cfg, 0)
+    good = client_train_step(cfg, g, first, 0, tmp_path / "u0.safetensors")
+    bad_state, meta = load_state(client_train_step(cfg, g, second, 0, tmp_path / "u1.safetensors"))
     key = next(iter(bad_state))
     bad_state[key] = torch.full_like(bad_state[key], float("nan"))
     save_state(tmp_path / "u1.safetensors", bad_state, meta)
     _, summary = aggregate_step(cfg, g, [good, tmp_path / "u1.safetensors"], 0, tmp_path / "g1.safetensors")
-    assert summary["accepted"] == [0]
-    assert "NaN" in summary["rejected"][1]
+    assert summary["accepted"] == [first]
+    assert "NaN" in summary["rejected"][second]
 
 
 def test_a_failing_client_is_rejected_and_too_few_valid_updates_fail_the_round(tiny, monkeypatch):

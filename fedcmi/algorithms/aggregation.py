@@ -38,15 +38,20 @@ class ClientUpdate:
 
 
 def check_update(global_state: Mapping[str, torch.Tensor], update: ClientUpdate) -> None:
-    """Raise :class:`UpdateRejected` if ``update`` is not fit to aggregate."""
-    if update.num_examples <= 0:
-        raise UpdateRejected(f"client {update.client_id}: zero samples")
+    """Raise :class:`UpdateRejected` if ``update`` does not fit the global model: its keys, each tensor's
+    dtype and shape, finite values and a positive sample count."""
+    n = update.num_examples
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise UpdateRejected(f"client {update.client_id}: num_examples must be a positive integer, got {n!r}")
     missing = sorted(set(global_state) - set(update.state))
     extra = sorted(set(update.state) - set(global_state))
     if missing or extra:
         raise UpdateRejected(f"client {update.client_id}: keys differ (missing {missing[:3]}, unexpected {extra[:3]})")
     for k, g in global_state.items():
         u = update.state[k]
+        if not isinstance(u, torch.Tensor) or u.dtype != g.dtype:
+            raise UpdateRejected(f"client {update.client_id}: {k} has dtype {getattr(u, 'dtype', type(u).__name__)}, "
+                                 f"expected {g.dtype}")
         if u.shape != g.shape:
             raise UpdateRejected(
                 f"client {update.client_id}: {k} has shape {tuple(u.shape)}, expected {tuple(g.shape)}")
@@ -102,6 +107,79 @@ class Accumulator:
             else:
                 out[key] = g.detach().cpu().clone()
         return out
+
+
+class RobustAccumulator(Accumulator):
+    """Coordinate-wise median or trimmed mean of the updates (Yin et al., "Byzantine-Robust Distributed
+    Learning: Towards Optimal Statistical Rates", ICML 2018), per modality group as :class:`Accumulator`.
+
+    Unweighted: a client's sample count cannot buy it more say, which is the point when counts may lie.
+    Holds every update's floating tensors until :meth:`result` (memory grows with the clients of a round).
+    """
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], owner: Owner | None = None,
+                 rule: str = "median", trim_fraction: float = 0.2) -> None:
+        super().__init__(global_state, owner)
+        if rule not in ("median", "trimmed_mean"):
+            raise ValueError(f"unknown robust rule {rule!r}")
+        self.rule = rule
+        self.trim_fraction = trim_fraction
+        self.values: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, update: ClientUpdate) -> None:
+        held = set(update.modalities)
+        for key, value in update.state.items():
+            if not value.is_floating_point():
+                continue
+            group = self._group(key)
+            if group is not None and group not in held:
+                continue
+            self.values.setdefault(key, []).append(value.detach().to("cpu", torch.float64))
+        self.count += 1
+
+    def result(self) -> StateDict:
+        out: StateDict = {}
+        for key, g in self.global_state.items():
+            vals = self.values.get(key)
+            if not vals:
+                out[key] = g.detach().cpu().clone()
+                continue
+            ordered = torch.stack(vals).sort(dim=0).values
+            n = len(vals)
+            if self.rule == "median":
+                mid = ordered[(n - 1) // 2:n // 2 + 1]  # one middle value, or the two around it
+            else:
+                k = min(int(self.trim_fraction * n), (n - 1) // 2)
+                mid = ordered[k:n - k]
+            out[key] = mid.mean(dim=0).to(g.dtype)
+        return out
+
+
+def change_norm(global_state: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of ``state - global_state`` over the floating tensors, in float64 (inf if it overflows)."""
+    total = 0.0
+    for k, g in global_state.items():
+        if g.is_floating_point() and k in state:
+            total += float((state[k].double() - g.double()).pow(2).sum())
+    return math.sqrt(total) if math.isfinite(total) else float("inf")
+
+
+def state_norm(state: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of a state's floating tensors, in float64."""
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in state.values() if v.is_floating_point()))
+
+
+def clip_change(global_state: Mapping[str, torch.Tensor], update: ClientUpdate, max_norm: float,
+                norm: float | None = None) -> ClientUpdate:
+    """``update`` with its change from ``global_state`` scaled down to L2 norm ``max_norm`` (unchanged when
+    already within it): norm clipping as in DP-FedAvg (McMahan et al., ICLR 2018)."""
+    norm = change_norm(global_state, update.state) if norm is None else norm
+    if norm <= max_norm:
+        return update
+    scale = max_norm / norm
+    state = {k: (g.double() + (update.state[k].double() - g.double()) * scale).to(g.dtype)
+             if g.is_floating_point() else update.state[k] for k, g in global_state.items()}
+    return ClientUpdate(update.client_id, state, update.num_examples, update.modalities, update.metrics)
 
 
 def fedavg(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> StateDict:

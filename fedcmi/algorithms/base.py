@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from fedcmi.algorithms.aggregation import Accumulator, ClientUpdate, StateDict
+from fedcmi.algorithms.aggregation import Accumulator, ClientUpdate, RobustAccumulator, StateDict
 from fedcmi.algorithms.losses import proximal_term
 from fedcmi.config import Config
 from fedcmi.models.networks import FusionNet, MultimodalNet
@@ -175,7 +175,10 @@ class Strategy(ABC):
     def accumulator(self, model: MultimodalNet, global_state: StateDict) -> Accumulator:
         """The server's running aggregate for one round (updates are folded in client-id order)."""
         owner = model.owner if self.cfg.aggregation == "modality_aware" else None
-        return Accumulator(global_state, owner)
+        server = self.cfg.server
+        if server.rule == "mean":
+            return Accumulator(global_state, owner)
+        return RobustAccumulator(global_state, owner, server.rule, server.trim_fraction)
 
     def round_summary(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         """Round-level figures from the clients' metrics (mean loss and such)."""
