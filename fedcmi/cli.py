@@ -58,14 +58,16 @@ def cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_partition(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.data import DataModule
     from fedcmi.io import write_json
+    from fedcmi.locks import beside, exclusive
     from fedcmi.partition import make_partition, save_partition
 
     dm = DataModule(cfg.data.prepared_dir)
     part = make_partition(cfg, dm.train.labels, dm.spec.modalities, dm.spec.num_classes)
-    save_partition(part, cfg.partition.file)
     stats = part.stats()
     stats_path = Path(args.stats) if args.stats else cfg.partition.file.with_name("partition_stats.json")
-    write_json(stats_path, stats)
+    with exclusive(beside(cfg.partition.file), f"the partition file {cfg.partition.file}"):
+        save_partition(part, cfg.partition.file)
+        write_json(stats_path, stats)
     print(f"wrote {cfg.partition.file} and {stats_path}: {stats['num_clients']} clients, "
           f"{stats['size_min']}-{stats['size_max']} samples each, {stats['clients_by_modalities']}")
     return 0
@@ -83,10 +85,17 @@ def _resume_fingerprint(cfg: Config) -> str | None:
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    from fedcmi.locks import exclusive, inside
+
+    out = Path(args.out) if args.out else cfg.output.dir / "train"
+    with exclusive(inside(out), f"the output folder {out}"):  # training, outputs and tracking: one writer
+        return _train(cfg, args, out)
+
+
+def _train(cfg: Config, args: argparse.Namespace, out: Path) -> int:
     from fedcmi.engine import train, write_outputs
     from fedcmi.plots import round_curves, run_title
 
-    out = Path(args.out) if args.out else cfg.output.dir / "train"
     tracker, run_id = None, None
     if cfg.tracking.enabled and not args.no_tracking:
         from fedcmi.tracking import RunTracker, check_reachable, continued_run, tracking_uri
@@ -293,12 +302,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from fedcmi.errors import CommandError
     from fedcmi.federation import RoundFailed
     from fedcmi.io import ModelFileError
+    from fedcmi.locks import Busy
     from fedcmi.models import EncoderError
     from fedcmi.partition import PartitionError
     from fedcmi.tracking import TrackingUnavailable
 
     return (DataError, TextError, ResumeError, RoundFailed, ModelFileError, EncoderError, PartitionError,
-            TrackingUnavailable, CommandError, OSError)
+            TrackingUnavailable, CommandError, Busy, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

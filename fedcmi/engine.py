@@ -25,6 +25,7 @@ from fedcmi.divergence import DivergenceGuard, chance_accuracy
 from fedcmi.evaluation import report_order
 from fedcmi.federation import Federation
 from fedcmi.io import check_writable, remove_stale_temporaries, save_state, write_json
+from fedcmi.locks import exclusive, inside
 from fedcmi.partition import load_partition
 from fedcmi.rounds import Ledger
 
@@ -80,9 +81,18 @@ def train(
     progress: bool = True,
     on_round: RoundCallback | None = None,
 ) -> TrainResult:
-    """Run ``cfg.federation.rounds`` rounds; resume from ``out_dir/checkpoints`` when it matches."""
-    t0 = time.perf_counter()
+    """Run ``cfg.federation.rounds`` rounds; resume from ``out_dir/checkpoints`` when it matches.
+
+    Holds ``out_dir``'s lock throughout: a second run on the same folder fails at once (:class:`Busy`).
+    """
     out_dir = Path(out_dir or cfg.output.dir / "train")
+    with exclusive(inside(out_dir), f"the output folder {out_dir}"):
+        return _train(cfg, out_dir, resume, progress, on_round)
+
+
+def _train(cfg: Config, out_dir: Path, resume: Literal["auto", "never", "must"], progress: bool,
+           on_round: RoundCallback | None) -> TrainResult:
+    t0 = time.perf_counter()
     data = DataModule(cfg.data.prepared_dir)
     partition = load_partition(cfg.partition.file)
     fed = Federation(cfg, data, partition)

@@ -38,6 +38,7 @@ from fedcmi.engine import make_ledger
 from fedcmi.evaluation import report_order
 from fedcmi.federation import Federation
 from fedcmi.io import load_state, read_json, save_state, write_json
+from fedcmi.locks import exclusive, inside
 from fedcmi.partition import load_partition
 from fedcmi.rounds import ForeignCheckpoint, Ledger, RoundPolicy, failure_reason
 from fedcmi.update_files import read_update, write_update
@@ -154,6 +155,12 @@ def conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: list[Pat
     if rnd >= cfg.federation.rounds:
         save_state(out, load_state(global_model)[0], {"kind": "global", "round": rnd})
         return None
+    with exclusive(inside(store), f"the federation store {store}"):  # one committer, even if a pod is retried
+        return _conclude(cfg, store, global_model, worker_dirs, rnd, out, on_round)
+
+
+def _conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: list[Path], rnd: int, out: Path,
+              on_round: Callable[[dict], None] | None) -> dict | None:
     t0 = time.perf_counter()
     _check_alive(store)
     fed = _federation(cfg)

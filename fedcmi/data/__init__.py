@@ -28,6 +28,7 @@ from fedcmi.data.base import (
 from fedcmi.data.cache import RecordSource, build_cache
 from fedcmi.data.npz import NpzSource
 from fedcmi.data.synthetic import SyntheticSource
+from fedcmi.locks import beside, exclusive
 
 __all__ = ["DataError", "DatasetSpec", "Split", "DataModule", "prepare", "make_source"]
 
@@ -54,6 +55,11 @@ def make_source(cfg: Config):
 
 def prepare(cfg: Config, progress: bool = False) -> dict:
     """Turn the configured source into the prepared folder (whole or not at all); returns a summary."""
+    with exclusive(beside(cfg.data.prepared_dir), f"the prepared data {cfg.data.prepared_dir}"):
+        return _prepare(cfg, progress)
+
+
+def _prepare(cfg: Config, progress: bool) -> dict:
     t0 = time.perf_counter()
     check_replaceable(cfg.data.prepared_dir)  # before any decoding: never replace what is not ours
     source = make_source(cfg)

@@ -1,0 +1,112 @@
+"""What one lying client does to accuracy under each server rule.
+
+One client of ten (client 0) lies in every round it is sampled, in one of two ways:
+
+- ``flip``: it sends the global model minus ``--scale`` times its honest change (a sign-flipped, boosted
+  update, within ``server.max_change_ratio`` so that admission lets it through: the case robust rules
+  are for), claiming its whole shard;
+- ``samples``: it sends its honest model but claims 1e12 samples (admission refuses it; before admission
+  existed, this update took over the global model).
+
+Each rule trains the project's default setting (``params.yaml``: FedCMI, Dirichlet partition, half the
+clients multimodal) for ``--rounds`` rounds, once without the liar and once with it, through the engine
+(the same admission and aggregation the Kubeflow step runs). ``mean+clip`` clips every change to
+``--clip``, by default the 90th percentile of the honest change norms of the run without the liar.
+
+    python benchmarks/hostile_client.py --rounds 30 --out benchmarks/results/hostile_client.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, ensure_data, save_results  # noqa: E402
+
+from fedcmi.algorithms.aggregation import ClientUpdate, change_norm  # noqa: E402
+from fedcmi.config import load_config  # noqa: E402
+from fedcmi.engine import train  # noqa: E402
+from fedcmi.federation import Federation  # noqa: E402
+
+LIAR = 0
+RULES = {
+    "mean": [],
+    "median": ["server.rule=median"],
+    "trimmed_mean": ["server.rule=trimmed_mean", "server.trim_fraction=0.2"],
+}
+
+
+def liar(attack: str, scale: float, norms: list[float]):
+    """Federation.train_client with client ``LIAR`` lying; every honest change norm goes to ``norms``."""
+    honest = Federation.train_client
+
+    def train_client(self: Federation, global_state, cid: int, rnd: int) -> ClientUpdate | None:
+        u = honest(self, global_state, cid, rnd)
+        if u is None:
+            return u
+        if cid != LIAR or attack == "none":
+            norms.append(change_norm(global_state, u.state))
+            return u
+        if attack == "samples":
+            return ClientUpdate(cid, u.state, 10**12, u.modalities, u.metrics)
+        state = {k: g - scale * (u.state[k] - g) if g.is_floating_point() else u.state[k]
+                 for k, g in global_state.items()}
+        return ClientUpdate(cid, state, u.num_examples, u.modalities, u.metrics)
+
+    return train_client
+
+
+def run(work: Path, rounds: int, extra: list[str], attack: str | None, scale: float) -> dict:
+    cfg = load_config(ROOT / "params.yaml", [
+        f"federation.rounds={rounds}", "tracking.enabled=false", "evaluation.linear_probe=false",
+        f"data.prepared_dir={work / 'prepared'}", f"partition.file={work / 'partition.json'}",
+        f"output.dir={work / 'out'}", *extra])
+    ensure_data(cfg)
+    norms: list[float] = []
+    t0 = time.perf_counter()
+    with mock.patch.object(Federation, "train_client", liar(attack or "none", scale, norms)):
+        res = train(cfg, work / "out" / "run", resume="never", progress=False)
+    rejected = sum(1 for r in res.history for c in r["rejected"] if int(c) == LIAR)
+    liar_rounds = sum(1 for r in res.history if LIAR in r["clients"])
+    norms.sort()
+    return {"mm_acc": round(res.final["mm_acc"], 4), "liar_sampled_rounds": liar_rounds,
+            "liar_rejected_rounds": rejected, "seconds": round(time.perf_counter() - t0, 1),
+            "honest_change_norm_median": round(norms[len(norms) // 2], 4) if norms else None,
+            "honest_change_norm_p90": round(norms[int(len(norms) * 0.9)], 4) if norms else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--scale", type=float, default=4.0, help="flip: the liar sends global - scale * change")
+    ap.add_argument("--clip", type=float, default=None,
+                    help="mean+clip: server.clip_norm (default: the 90th percentile of the honest change norms "
+                    "in the run without the liar)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "hostile_client.json")
+    args = ap.parse_args()
+    rows: list[dict] = []
+    clip = args.clip
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in [*RULES.items(), ("mean+clip", None)]:
+            if extra is None:
+                clip = clip if clip is not None else rows[0]["honest_change_norm_p90"]
+                extra = [f"server.clip_norm={clip}"]
+            for attack in (None, "flip", "samples"):
+                if attack == "samples" and name != "mean":
+                    continue  # refused at admission whatever the rule
+                r = run(Path(tmp), args.rounds, extra, attack, args.scale)
+                rows.append({"rule": name, "attack": attack or "none", **r})
+                print(f"{name:13s} {attack or 'none':8s} mm_acc {r['mm_acc']:.4f}  liar rejected "
+                      f"{r['liar_rejected_rounds']}/{r['liar_sampled_rounds']} rounds  {r['seconds']:.0f} s",
+                      flush=True)
+    save_results(args.out, {"rounds": args.rounds, "scale": args.scale, "clip_norm": clip,
+                            "liar": LIAR, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
