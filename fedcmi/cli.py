@@ -163,6 +163,12 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
 
     model = Path(args.model) if args.model else cfg.output.dir / "train" / "model.safetensors"
     out = Path(args.out) if args.out else None
+    run_info = model.parent / "mlflow_run.json"
+    logs = args.log and cfg.tracking.enabled and run_info.is_file()
+    if logs:  # a damaged run record is an error before anything is evaluated or written
+        from fedcmi.tracking import read_run_info
+
+        logs = bool(read_run_info(run_info).get("run_id"))
     metrics = evaluate_step(cfg, model, out, probe=args.probe, split=args.split)
     cm = metrics.pop("confusion")
     if args.plots:
@@ -170,8 +176,7 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
         names = DataModule(cfg.data.prepared_dir).spec.class_names
         write_json(plots / "confusion.json", confusion_records(cm, names))
         confusion(cm, names, plots / "confusion.png")
-    run_info = model.parent / "mlflow_run.json"
-    if args.log and cfg.tracking.enabled and run_info.is_file() and json.loads(run_info.read_text()).get("run_id"):
+    if logs:
         from fedcmi.tracking import log_to_run
 
         # the test split's figures are the last round's (the same model), already in the run as eval/...
@@ -301,14 +306,14 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from fedcmi.engine import ResumeError
     from fedcmi.errors import CommandError
     from fedcmi.federation import RoundFailed
-    from fedcmi.io import ModelFileError
+    from fedcmi.io import JsonFileError, ModelFileError
     from fedcmi.locks import Busy
     from fedcmi.models import EncoderError
     from fedcmi.partition import PartitionError
     from fedcmi.tracking import TrackingUnavailable
 
     return (DataError, TextError, ResumeError, RoundFailed, ModelFileError, EncoderError, PartitionError,
-            TrackingUnavailable, CommandError, Busy, OSError)
+            TrackingUnavailable, CommandError, Busy, JsonFileError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

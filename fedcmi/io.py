@@ -118,14 +118,25 @@ def write_json(target: str | Path, obj: Any, sort_keys: bool = True) -> Path:
     return write_text(target, json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=True) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
+class JsonFileError(ValueError):
+    """A JSON file that is damaged, nested past reason, or not the kind of value expected."""
+
+
+def read_json(path: str | Path, expect: type | None = None) -> Any:
+    """A JSON file's value (of type ``expect`` when given); :class:`JsonFileError` naming the file if not."""
     p = Path(path)
     try:
-        return json.loads(p.read_text())
+        value = json.loads(p.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{p} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{p} is not valid JSON: {exc}") from None
+        raise JsonFileError(f"{p} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise JsonFileError(f"{p} is nested too deeply to be one of fedcmi's files") from None
+    if expect is not None and not isinstance(value, expect):
+        raise JsonFileError(f"{p} holds a JSON {type(value).__name__}, expected a JSON "
+                            f"{'object' if expect is dict else expect.__name__}")
+    return value
 
 
 def write_with(target: str | Path, writer: Callable[[Path], None]) -> Path:

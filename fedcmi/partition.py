@@ -19,6 +19,11 @@ from fedcmi.config import Config
 from fedcmi.io import read_json, write_json
 
 FORMAT = "fedcmi-partition/1"
+MAX_SAMPLES = 10**9  # far above any dataset here, far below an allocation that would take the machine down
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class PartitionError(ValueError):
@@ -98,18 +103,39 @@ class Partition:
 
     @classmethod
     def from_json(cls, d: dict) -> Partition:
+        """A partition from its JSON form, every field checked before anything is allocated: a sample
+        count must match the clients' indices, every index is an integer in range (a float is never
+        truncated into one), so a damaged file is one :class:`PartitionError`."""
         if d.get("format") != FORMAT:
             raise PartitionError(f"not a partition file (format {d.get('format')!r}, expected {FORMAT!r})")
-        clients = tuple(
-            ClientShard(
-                int(c["id"]),
-                np.asarray(c["indices"], dtype=np.int64),
-                tuple(c["modalities"]),
-                tuple(int(h) for h in c["class_histogram"]),
-            )
-            for c in d["clients"]
-        )
-        return cls(clients, int(d["num_samples"]), int(d["num_classes"]), tuple(d["modalities"]), d.get("meta", {}))
+        n, k, mods, raw_clients = d.get("num_samples"), d.get("num_classes"), d.get("modalities"), d.get("clients")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_SAMPLES:
+            raise PartitionError(f"num_samples {n!r} is not a sample count")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 < k <= MAX_SAMPLES:
+            raise PartitionError(f"num_classes {k!r} is not a class count")
+        if not isinstance(mods, list) or len(mods) != 2 or not all(isinstance(m, str) for m in mods):
+            raise PartitionError(f"modalities {mods!r} are not two names")
+        if not isinstance(raw_clients, list) or not raw_clients:
+            raise PartitionError("clients must be a non-empty list")
+        total = sum(len(c.get("indices", ())) if isinstance(c, dict) else 0 for c in raw_clients)
+        if total != n:
+            raise PartitionError(f"the clients hold {total} indices, num_samples says {n}")
+        clients = []
+        for pos, c in enumerate(raw_clients):
+            if not isinstance(c, dict):
+                raise PartitionError(f"client #{pos} is not an object")
+            idx, cm, hist = c.get("indices"), c.get("modalities"), c.get("class_histogram")
+            if not isinstance(idx, list) or not all(_is_int(i) and 0 <= i < n for i in idx):
+                raise PartitionError(f"client #{pos}: indices must be integers in 0..{n - 1}")
+            if not isinstance(cm, list) or not all(isinstance(m, str) for m in cm):
+                raise PartitionError(f"client #{pos}: modalities must be a list of names")
+            if not isinstance(hist, list) or len(hist) != k or not all(_is_int(h) and h >= 0 for h in hist):
+                raise PartitionError(f"client #{pos}: class_histogram must be {k} counts")
+            if not _is_int(c.get("id")):
+                raise PartitionError(f"client #{pos}: id {c.get('id')!r} is not an integer")
+            clients.append(ClientShard(c["id"], np.asarray(idx, dtype=np.int64), tuple(cm), tuple(hist)))
+        meta = d.get("meta", {})
+        return cls(tuple(clients), n, k, (mods[0], mods[1]), meta if isinstance(meta, dict) else {})
 
     def stats(self) -> dict:
         """Per-client statistics, as logged and plotted."""
@@ -239,15 +265,13 @@ def load_partition(path: str | Path) -> Partition:
     if not p.is_file():
         raise PartitionError(f"partition file {p} not found; run `fedcmi partition` first")
     try:
-        raw = read_json(p)
+        raw = read_json(p, expect=dict)
     except ValueError as exc:
         raise PartitionError(f"{exc}; rerun `fedcmi partition`") from None
-    if not isinstance(raw, dict):
-        raise PartitionError(f"{p} is not a partition file; rerun `fedcmi partition`")
     try:
         return Partition.from_json(raw)
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, PartitionError):
-            raise PartitionError(f"{p}: {exc}") from None
+            raise PartitionError(f"{p}: {exc}; rerun `fedcmi partition`") from None
         raise PartitionError(f"{p} is not a valid partition file ({exc.__class__.__name__}: {exc}); "
                              "rerun `fedcmi partition`") from None

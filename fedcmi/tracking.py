@@ -396,7 +396,16 @@ def write_run_info(path: Path, info: dict) -> None:
 
 
 def read_run_info(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """``mlflow_run.json``, checked: a damaged one is one :class:`~fedcmi.io.JsonFileError` naming it."""
+    from fedcmi.io import JsonFileError, read_json
+
+    info = read_json(path, expect=dict)
+    bad = [k for k in ("run_id", "model_uri", "tracking_uri", "experiment")
+           if info.get(k) is not None and not isinstance(info[k], str)]
+    if bad or (info.get("run_id") is not None and not str(info["run_id"]).isalnum()):
+        raise JsonFileError(f"{path} is damaged ({', '.join(bad) or 'run_id'} is not what `fedcmi train` writes); "
+                            "rerun `fedcmi train`")
+    return info
 
 
 def reopen_run(info_file: Path, uri: str) -> str | None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from fedcmi.config import Config, ConfigError
 
 
 def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
-    from fedcmi.io import read_json, write_json
+    from fedcmi.io import JsonFileError, read_json, write_json
     from fedcmi.tracking import data_hash, read_run_info, register_model
 
     train_dir = cfg.output.dir / "train"
@@ -27,12 +28,16 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
     if not info.get("model_uri"):
         raise FileNotFoundError(f"the training run {info['run_id']} has no logged model (tracking failed: "
                                 f"{info.get('errors')})")
-    metrics = read_json(Path(args.metrics) if args.metrics else cfg.output.dir / "eval" / "metrics.json")
+    metrics_file = Path(args.metrics) if args.metrics else cfg.output.dir / "eval" / "metrics.json"
+    metrics = read_json(metrics_file, expect=dict)
     metric = cfg.tracking.headline_metric
     if metric not in metrics:
         raise ConfigError(
             f"tracking.headline_metric: {metric!r} is not among the evaluation metrics {sorted(metrics)[:8]}...")
-    result = register_model(cfg, info["run_id"], info["model_uri"], float(metrics[metric]), data_hash(cfg))
+    value = metrics[metric]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise JsonFileError(f"{metrics_file}: {metric} is {value!r}, not a finite number; rerun `fedcmi evaluate`")
+    result = register_model(cfg, info["run_id"], info["model_uri"], float(value), data_hash(cfg))
     if args.out:
         write_json(args.out, result)
     print(json.dumps(result, indent=2))

@@ -382,8 +382,6 @@ CORRUPT = {
                              ["evaluate", "--model", "outputs/baseline/train/model.safetensors"], "safetensors"),
     "model file empty": ("outputs/baseline/train/model.safetensors", "empty",
                          ["evaluate", "--model", "outputs/baseline/train/model.safetensors"], "safetensors"),
-    "checkpoint state.json garbage": ("outputs/baseline/train/checkpoints/state.json", "garbage",
-                                      ["train", "--set", "output.dir=outputs/baseline"], "--resume never"),
 }
 
 

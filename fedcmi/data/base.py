@@ -420,5 +420,12 @@ def read_prepared(path: Path) -> tuple[DatasetSpec, dict[str, Split], dict]:
         if labels.ndim != 1 or labels.dtype != np.int64:
             raise DataError(f"{label_file} holds {labels.dtype} {labels.shape}, expected int64 labels; "
                             "rerun `fedcmi prepare`")
+        if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
+            raise DataError(f"{label_file} holds labels {int(labels.min())}..{int(labels.max())}, outside the "
+                            f"{spec.num_classes} classes meta.json names; rerun `fedcmi prepare`")
+        lengths = {m: len(a) for m, a in feats.items()}
+        if any(n != len(labels) for n in lengths.values()):
+            raise DataError(f"prepared split {split_name} holds {len(labels)} labels but {lengths} samples; "
+                            "rerun `fedcmi prepare`")
         splits[split_name] = Split(feats, labels, {m: spec.normalize[m] for m in spec.normalize})
     return spec, splits, meta
