@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails
 
 DATASET_MODALITIES = {"cremad": ("audio", "visual"), "ave": ("audio", "visual"), "crisismmd": ("image", "text")}
+
+
+#: Numbers in settings: YAML's true/false is never taken for 1/0 (``federation.rounds: true`` is an error).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
 
 
 class ConfigError(ValueError):
@@ -24,7 +30,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SyntheticConfig(_Section):
@@ -36,17 +42,17 @@ class SyntheticConfig(_Section):
     """
 
     generator: Literal["latent", "templates"] = "latent"
-    num_train: int = Field(2400, ge=10)
-    num_test: int = Field(600, ge=10)
-    num_val: int = Field(600, ge=0, description="validation samples, for choosing settings; 0 for none")
-    num_classes: int = Field(6, ge=2, le=64)
+    num_train: Int = Field(2400, ge=10)
+    num_test: Int = Field(600, ge=10)
+    num_val: Int = Field(600, ge=0, description="validation samples, for choosing settings; 0 for none")
+    num_classes: Int = Field(6, ge=2, le=64)
     strong_modality: str = "audio"
     spectrogram: tuple[int, int] = (16, 16)
-    frames: int = Field(2, ge=1, le=16)
-    frame_size: int = Field(16, ge=8, le=64)
-    strong_snr: float = Field(4.0, gt=0, allow_inf_nan=False)
-    weak_snr: float = Field(1.75, gt=0, allow_inf_nan=False)
-    strong_blind: float = Field(
+    frames: Int = Field(2, ge=1, le=16)
+    frame_size: Int = Field(16, ge=8, le=64)
+    strong_snr: Float = Field(4.0, gt=0, allow_inf_nan=False)
+    weak_snr: Float = Field(1.75, gt=0, allow_inf_nan=False)
+    strong_blind: Float = Field(
         0.3, ge=0, le=1, description="latent: fraction of samples where the strong modality shows only the class "
         "pair, not the class (its blind spot: uncertain between the two, never confidently wrong)")
     intensity: tuple[float, float] = Field(
@@ -55,10 +61,10 @@ class SyntheticConfig(_Section):
     weak_noise: tuple[float, float] = Field(
         (0.5, 4.0), description="latent: range of the per-clip white-noise level of the weak modality (its "
         "recording quality); a learned encoder filters it, a random one does not")
-    weak_clutter: float = Field(
+    weak_clutter: Float = Field(
         1.0, ge=0, le=100, allow_inf_nan=False, description="latent: strength of 8 fixed patterns that carry "
         "no class information in the weak modality (a learned encoder tunes them out, a random one cannot)")
-    strong_confusion: float = Field(
+    strong_confusion: Float = Field(
         0.2, ge=0, lt=0.5, description="templates: fraction of samples where the strong modality shows the "
         "partner class")
 
@@ -80,13 +86,13 @@ class SyntheticConfig(_Section):
 class AudioVisualConfig(_Section):
     """Audio to a log spectrogram, frames picked evenly: what CREMA-D and AVE share."""
 
-    sample_rate: int = Field(16000, ge=1000, le=192000, description="audio is resampled to this rate")
-    audio_seconds: float = Field(3.0, gt=0, le=600, description="audio tiled (short clips) and cut to this length")
-    nperseg: int = Field(512, ge=16, le=8192, description="spectrogram window (scipy.signal.spectrogram)")
-    noverlap: int = Field(353, ge=0, description="spectrogram window overlap; below nperseg")
-    frames: int = Field(1, ge=1, le=64, description="frames per clip, picked evenly from the sorted frame list")
-    frame_size: int = Field(224, ge=8, le=1024, description="frames resized to frame_size x frame_size")
-    fps: int = Field(1, ge=1, le=60, description="frames per second when frames are taken from the videos")
+    sample_rate: Int = Field(16000, ge=1000, le=192000, description="audio is resampled to this rate")
+    audio_seconds: Float = Field(3.0, gt=0, le=600, description="audio tiled (short clips) and cut to this length")
+    nperseg: Int = Field(512, ge=16, le=8192, description="spectrogram window (scipy.signal.spectrogram)")
+    noverlap: Int = Field(353, ge=0, description="spectrogram window overlap; below nperseg")
+    frames: Int = Field(1, ge=1, le=64, description="frames per clip, picked evenly from the sorted frame list")
+    frame_size: Int = Field(224, ge=8, le=1024, description="frames resized to frame_size x frame_size")
+    fps: Int = Field(1, ge=1, le=60, description="frames per second when frames are taken from the videos")
     audio_dir: str = "AudioWAV"
     frames_dir: str = "Image-01-FPS"
     video_dir: str = "VideoFlash"
@@ -106,15 +112,15 @@ class CremaDConfig(AudioVisualConfig):
     split: Literal["lists", "speakers"] = "lists"
     train_list: str = "train.csv"
     test_list: str = "test.csv"
-    test_speakers: float = Field(0.1, gt=0, lt=1, description="fraction of actors held out (split: speakers)")
-    val_fraction: float = Field(0.0, ge=0, lt=0.5, description="of the training actors, held out as validation")
+    test_speakers: Float = Field(0.1, gt=0, lt=1, description="fraction of actors held out (split: speakers)")
+    val_fraction: Float = Field(0.0, ge=0, lt=0.5, description="of the training actors, held out as validation")
 
 
 class AVEConfig(AudioVisualConfig):
     """AVE: 28 event classes; audio and frames inside each annotated event segment."""
 
-    audio_seconds: float = Field(10.0, gt=0, le=600)
-    frames: int = Field(4, ge=1, le=64)
+    audio_seconds: Float = Field(10.0, gt=0, le=600)
+    frames: Int = Field(4, ge=1, le=64)
     audio_dir: str = "audio"
     frames_dir: str = "frames"
     video_dir: str = "AVE"
@@ -131,13 +137,13 @@ class CrisisMMDConfig(_Section):
     label_column: Literal["label", "label_text", "label_image", "label_text_image"] = "label"
     merge_humanitarian: bool = Field(False, description="fold injured/dead and missing/found into "
                                      "affected_individuals: 6 classes instead of 8")
-    image_size: int = Field(224, ge=8, le=1024)
+    image_size: Int = Field(224, ge=8, le=1024)
     text: Literal["vocab", "vectors"] = Field(
         "vocab", description="vocab: token ids over a vocabulary from the training split, for the trainable "
         "'text' encoder; vectors: the mean of pretrained word vectors (text_model), for the 'mlp' encoder")
-    max_tokens: int = Field(48, ge=1, le=1024)
-    min_token_count: int = Field(2, ge=1, description="training-split count a token needs to enter the vocabulary")
-    max_vocab: int = Field(20000, ge=10)
+    max_tokens: Int = Field(48, ge=1, le=1024)
+    min_token_count: Int = Field(2, ge=1, description="training-split count a token needs to enter the vocabulary")
+    max_vocab: Int = Field(20000, ge=10)
     text_model: Path | None = Field(None, description="word vectors stored locally, one 'word v1 v2 ...' per line "
                                        "(GloVe, word2vec or fastText text format), for text: vectors")
 
@@ -149,9 +155,9 @@ class DataConfig(_Section):
     path: Path = Path("data/raw")
     prepared_dir: Path = Path("data/prepared")
     modalities: tuple[str, str] = ("audio", "visual")
-    workers: int = Field(0, ge=0, le=256,
+    workers: Int = Field(0, ge=0, le=256,
                          description="processes decoding files in prepare; 0: one per CPU but one, at most 8")
-    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="unreadable or unlabelled samples prepare "
+    max_bad_fraction: Float = Field(0.01, ge=0, le=1, description="unreadable or unlabelled samples prepare "
                                     "skips and reports; above this fraction of all samples it stops")
     synthetic: SyntheticConfig = SyntheticConfig()
     cremad: CremaDConfig = CremaDConfig()
@@ -172,15 +178,15 @@ class DataConfig(_Section):
 class PartitionConfig(_Section):
     """How the training set is split across clients (seeded by ``seed``)."""
 
-    num_clients: int = Field(10, ge=1, le=100_000)
+    num_clients: Int = Field(10, ge=1, le=100_000)
     scheme: Literal["iid", "dirichlet"] = "dirichlet"
-    alpha: float = Field(1.0, gt=0)
-    max_samples_per_client: float | None = Field(
+    alpha: Float = Field(1.0, gt=0)
+    max_samples_per_client: Float | None = Field(
         1.1, gt=1.0, description="cap as a multiple of N/num_clients (1.1 in the reference code); null for none"
     )
-    multimodal_fraction: float = Field(0.5, ge=0, le=1)
-    min_samples: int = Field(8, ge=1)
-    max_attempts: int = Field(100, ge=1)
+    multimodal_fraction: Float = Field(0.5, ge=0, le=1)
+    min_samples: Int = Field(8, ge=1)
+    max_attempts: Int = Field(100, ge=1)
     file: Path = Path("data/partition.json")
 
 
@@ -188,8 +194,8 @@ class ModelConfig(_Section):
     """Encoders per modality and the heads on top of them."""
 
     encoders: dict[str, Literal["mlp", "cnn", "clip", "resnet18", "text"]] = {"audio": "cnn", "visual": "clip"}
-    embed_dim: int = Field(64, ge=2, le=4096)
-    width: int = Field(16, ge=1, le=512, description="channel width of the small CNN/MLP encoders")
+    embed_dim: Int = Field(64, ge=2, le=4096)
+    width: Int = Field(16, ge=1, le=512, description="channel width of the small CNN/MLP encoders")
     projector: Literal["linear", "mlp"] = "linear"
     projectors: Literal["two", "one"] = "two"
     fusion: Literal["concat", "sum", "film", "gated"] = "concat"
@@ -198,21 +204,21 @@ class ModelConfig(_Section):
 class FederationConfig(_Section):
     """Rounds, client sampling and local work."""
 
-    rounds: int = Field(20, ge=1, le=100_000)
-    clients_per_round: int = Field(5, ge=1)
-    local_epochs: int = Field(3, ge=1)
-    batch_size: int = Field(16, ge=1)
-    min_clients: int = Field(1, ge=1, description="valid updates a round needs to complete")
+    rounds: Int = Field(20, ge=1, le=100_000)
+    clients_per_round: Int = Field(5, ge=1)
+    local_epochs: Int = Field(3, ge=1)
+    batch_size: Int = Field(16, ge=1)
+    min_clients: Int = Field(1, ge=1, description="valid updates a round needs to complete")
 
 
 class OptimConfig(_Section):
     """Local SGD; the learning rate decays by round, never re-created per client."""
 
-    lr: float = Field(0.02, gt=0, allow_inf_nan=False)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    lr_decay: float = Field(1.0, gt=0, le=1, description="multiplied into lr every lr_decay_every rounds")
-    lr_decay_every: int = Field(1, ge=1)
+    lr: Float = Field(0.02, gt=0, allow_inf_nan=False)
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    weight_decay: Float = Field(1e-4, ge=0)
+    lr_decay: Float = Field(1.0, gt=0, le=1, description="multiplied into lr every lr_decay_every rounds")
+    lr_decay_every: Int = Field(1, ge=1)
     precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
         "32", description="local training precision: 32, or mixed with bfloat16 / float16 (loss scaling) autocast")
 
@@ -230,11 +236,11 @@ class ServerConfig(_Section):
     """
 
     rule: Literal["mean", "median", "trimmed_mean"] = "mean"
-    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: share of the clients dropped at "
+    trim_fraction: Float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: share of the clients dropped at "
                                  "each end of every coordinate (rounded down)")
-    clip_norm: float | None = Field(None, gt=0, allow_inf_nan=False, description="L2 norm each client's change "
+    clip_norm: Float | None = Field(None, gt=0, allow_inf_nan=False, description="L2 norm each client's change "
                                     "is scaled down to before it is combined; null: no clipping")
-    max_change_ratio: float = Field(10.0, gt=0, allow_inf_nan=False, description="an update whose change is "
+    max_change_ratio: Float = Field(10.0, gt=0, allow_inf_nan=False, description="an update whose change is "
                                     "larger than this times max(1, norm of the global model) is refused")
 
 
@@ -252,10 +258,10 @@ class AlgorithmConfig(BaseModel):
     """Which algorithm trains, the settings algorithms share, and each algorithm's own section
     (``algorithm.<section>``, declared by its strategy: ``fedcmi``, ``ogm``, ...)."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     name: str = Field("fedcmi", description="a registered algorithm (fedcmi.algorithms.STRATEGIES)")
-    mu: float = Field(0.0, ge=0, description="proximal weight for fedprox and fedcmi; 0 turns it off")
+    mu: Float = Field(0.0, ge=0, description="proximal weight for fedprox and fedcmi; 0 turns it off")
     modality: str | None = Field(None, description="the modality trained by 'unimodal'")
     aggregation: Literal["auto", "plain", "modality_aware"] = "auto"
 
@@ -298,13 +304,13 @@ class AlgorithmConfig(BaseModel):
 
 
 class EvaluationConfig(_Section):
-    every: int = Field(1, ge=1)
-    batch_size: int = Field(256, ge=1)
+    every: Int = Field(1, ge=1)
+    batch_size: Int = Field(256, ge=1)
     linear_probe: bool = Field(True, description="fit a ridge probe on each frozen encoder at the final round")
-    divergence_patience: int = Field(
+    divergence_patience: Int = Field(
         3, ge=1, le=1_000_000, description="evaluations in a row at chance level (after being above it) that "
         "stop a run as diverged")
-    divergence_margin: float = Field(
+    divergence_margin: Float = Field(
         0.02, ge=0, le=1, allow_inf_nan=False, description="within this of chance accuracy counts as at chance")
 
 
@@ -321,7 +327,7 @@ class TrackingConfig(_Section):
 class LoaderConfig(_Section):
     """How batches reach the model (never what they hold: the order is the seed's alone)."""
 
-    workers: int = Field(0, ge=0, le=64, description="processes reading batches (0: the training process); "
+    workers: Int = Field(0, ge=0, le=64, description="processes reading batches (0: the training process); "
                          "raise for real datasets on a GPU")
     pin_memory: bool | Literal["auto"] = Field(
         "auto", description="page-locked batches for asynchronous copies to the GPU (auto: on CUDA)")
@@ -332,7 +338,7 @@ class LoaderConfig(_Section):
 
 class OutputConfig(_Section):
     dir: Path = Path("outputs")
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: Int = Field(2, ge=1)
 
 
 #: Dataset sections of ``data``, each used only when ``data.name`` names it.
@@ -349,9 +355,9 @@ SYNTHETIC_ONLY: dict[str, tuple[str, ...]] = {
 class Config(_Section):
     """Everything a run needs; see ``params.yaml`` for the defaults."""
 
-    seed: int = Field(0, ge=0, lt=2**31)
+    seed: Int = Field(0, ge=0, lt=2**31)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(1, ge=0, le=1024)
+    threads: Int = Field(1, ge=0, le=1024)
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
     model: ModelConfig = ModelConfig()
@@ -385,6 +391,11 @@ class Config(_Section):
             )
         if self.federation.min_clients > self.federation.clients_per_round:
             raise ValueError("federation.min_clients exceeds federation.clients_per_round")
+        headlines = ["mm_acc", "mm_f1", "worst_class_acc",
+                     *(f"{kind}_{m}" for kind in ("uni_acc", "path_acc", "probe_acc") for m in mods)]
+        if self.tracking.headline_metric not in headlines:
+            raise ValueError(f"tracking.headline_metric {self.tracking.headline_metric!r} is not a figure the "
+                             f"evaluation reports where higher is better; one of {', '.join(headlines)}")
         return self
 
     # -- derived values -------------------------------------------------
@@ -462,6 +473,55 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
 
 
+#: More values than any params file holds (about 400): YAML aliases that expand past this are a bomb.
+MAX_VALUES = 100_000
+
+
+def _expanded_size(node: Any, memo: dict[int, int], limit: int) -> int:
+    """How many values ``node`` holds once YAML aliases are expanded (shared nodes counted once each use,
+    computed once each: fast on a billion-laughs file)."""
+    if not isinstance(node, (dict, list)):
+        return 1
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = limit + 1  # a node that holds itself never ends
+    children = node.values() if isinstance(node, dict) else node
+    total = 1
+    for child in children:
+        total += _expanded_size(child, memo, limit)
+        if total > limit:
+            break
+    memo[id(node)] = total
+    return total
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as the number YAML 1.2 (and every user) means, not a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _safe_yaml(text: str | bytes, where: str) -> Any:
+    """``yaml.safe_load`` with limits: nesting past Python's recursion and alias bombs are ConfigErrors."""
+    try:
+        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be settings") from None
+    try:
+        size = _expanded_size(value, {}, MAX_VALUES)
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be settings") from None
+    if size > MAX_VALUES:
+        raise ConfigError(f"{where} expands to more than {MAX_VALUES} values (YAML aliases that multiply?); "
+                          "refused")
+    return value
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (['a','b','c'], YAML-parsed value)."""
     if "=" not in text:
@@ -471,7 +531,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(p.strip() for p in parts):
         raise ConfigError(f"override {text!r} has an empty key segment")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_yaml(raw, f"override {text[:60]!r}") if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
     return [p.strip() for p in parts], value
@@ -536,7 +596,7 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
         if not p.is_file():
             raise ConfigError(f"params file {p} not found")
         try:
-            raw = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+            raw = _safe_yaml(p.read_bytes().decode("utf-8"), str(p)) or {}
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except yaml.YAMLError as exc:

@@ -58,7 +58,21 @@ def resolve_store(store: str, run_name: str, root: Path = Path(".")) -> Path:
     ``root`` (the project root on the data volume; the current folder of a pipeline step)."""
     if not store and not run_name:
         raise StoreError("a federation needs a store or a run name to find its store by")
-    return (Path(root) / (store or f"outputs/federations/{run_name}")).resolve()
+    where = (Path(root) / (store or f"outputs/federations/{run_name}")).resolve()
+    if not where.is_relative_to(Path(root).resolve()) or where == Path(root).resolve():
+        raise StoreError(f"the store {store or run_name!r} lies outside the data volume's project folder "
+                         f"{Path(root).resolve()}; give a relative path inside it")
+    return where
+
+
+def check_within(cfg: Config, root: Path = Path(".")) -> None:
+    """Refuse data paths outside the project folder on the data volume (absolute or ``..``): a pipeline's
+    steps read only what that volume holds."""
+    base = Path(root).resolve()
+    for field, value in (("data.prepared_dir", cfg.data.prepared_dir), ("partition.file", cfg.partition.file)):
+        if not (base / value).resolve().is_relative_to(base):
+            raise StoreError(f"{field} {str(value)!r} lies outside the data volume's project folder {base}; "
+                             "a pipeline reads only paths inside it")
 
 
 def _federation(cfg: Config) -> Federation:
@@ -92,6 +106,7 @@ def _check_alive(store: Path) -> None:
 
 def begin(cfg: Config, store: Path, out: Path) -> int:
     """Write the global model to continue from to ``out``; returns the number of rounds already committed."""
+    check_within(cfg)
     _check_alive(store)
     fed = _federation(cfg)
     ledger, state = _ledger(cfg, store, fed)

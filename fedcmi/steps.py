@@ -15,12 +15,21 @@ from pathlib import Path
 from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.config import Config
 from fedcmi.data import DataModule
+from fedcmi.errors import CommandError
 from fedcmi.evaluation import evaluate_model, report_order
 from fedcmi.federation import Federation, resolve_device, use_threads
 from fedcmi.io import ModelFileError, load_state, save_state, write_json
 from fedcmi.models.networks import MultimodalNet
 from fedcmi.partition import load_partition
 from fedcmi.update_files import claimed_client, read_update, write_update
+
+
+def check_round(cfg: Config, rnd: int) -> int:
+    """``rnd`` when it is a round of this federation (0-based); a CommandError naming the range if not."""
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or not 0 <= rnd < cfg.federation.rounds:
+        raise CommandError(f"round {rnd!r} is not a round of this federation: rounds are 0..{cfg.federation.rounds - 1}"
+                           f" (federation.rounds={cfg.federation.rounds})")
+    return rnd
 
 
 def _federation(cfg: Config) -> Federation:
@@ -62,7 +71,7 @@ def init_step(cfg: Config, out: str | Path) -> Path:
 
 def sample_step(cfg: Config, rnd: int) -> list[int]:
     """The clients of round ``rnd`` (0-based)."""
-    return _federation(cfg).sample_clients(rnd)
+    return _federation(cfg).sample_clients(check_round(cfg, rnd))
 
 
 def client_train_step(cfg: Config, global_model: str | Path, client_id: int, rnd: int, out: str | Path) -> Path | None:
@@ -72,7 +81,9 @@ def client_train_step(cfg: Config, global_model: str | Path, client_id: int, rnd
     that modality) gets a ``skipped`` marker file and None is returned, so a
     pipeline always has its output and aggregation checks it against the partition.
     """
+    check_round(cfg, rnd)
     fed = _federation(cfg)
+    fed.partition.client(client_id)  # a PartitionError naming the clients there are
     state, _ = _load_global(fed, global_model)
     update = fed.train_client(state, client_id, rnd)
     path = write_update(Path(out), rnd, client_id, update)
@@ -87,6 +98,7 @@ def aggregate_step(
     Every file is checked against the round (see :mod:`fedcmi.admission`); a refused one is listed in the
     summary's ``rejected`` with the reason, under the client id it claims (-1 when it claims none).
     """
+    check_round(cfg, rnd)
     fed = _federation(cfg)
     state, _ = _load_global(fed, global_model)
     outcomes = []

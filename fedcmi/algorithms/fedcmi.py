@@ -38,7 +38,7 @@ from fedcmi.algorithms.losses import (
     infiltration_loss,
     true_class_probs,
 )
-from fedcmi.config import Config
+from fedcmi.config import Config, Float, Int
 from fedcmi.models.networks import FedCMINet, MultimodalNet
 
 if TYPE_CHECKING:
@@ -48,22 +48,22 @@ if TYPE_CHECKING:
 class FedCMIOptions(BaseModel):
     """FedCMI's switches (``algorithm.fedcmi``); each ablation in the method file is one of these."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
-    w_uni: float = Field(2.0, ge=0, description="weight of the two uni-modal cross-entropies")
-    lambda_inf: float = Field(1.0, ge=0, description="weight of the infiltration (distillation) loss")
+    w_uni: Float = Field(2.0, ge=0, description="weight of the two uni-modal cross-entropies")
+    lambda_inf: Float = Field(1.0, ge=0, description="weight of the infiltration (distillation) loss")
     infiltration: bool = True
-    warmup_rounds: int = Field(1, ge=0, description="rounds without distillation, when warmup_epochs is null")
-    warmup_epochs: int | None = Field(
+    warmup_rounds: Int = Field(1, ge=0, description="rounds without distillation, when warmup_epochs is null")
+    warmup_epochs: Int | None = Field(
         10, ge=0, le=1_000_000, description="no distillation until the federation has run this many local epochs "
         "(rounds x federation.local_epochs), as the reference code counts its warm-up; null: warmup_rounds")
     dominance: Literal["round", "batch"] = Field(
         "batch", description="batch: the distillation direction per batch on the local model, the class "
         "temperatures once per round on the received model (the reference code); round: both once per round")
     class_temperature: bool = True
-    beta: float = Field(2.0, ge=0)
-    temperature: float = Field(1.0, gt=0)
-    min_temperature: float = Field(0.05, gt=0, le=1)
+    beta: Float = Field(2.0, ge=0)
+    temperature: Float = Field(1.0, gt=0)
+    min_temperature: Float = Field(0.05, gt=0, le=1)
     t_squared: bool = False
 
     def first_distillation_round(self, local_epochs: int) -> int:

@@ -9,15 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedcmi.algorithms.aggregation import ClientUpdate
 from fedcmi.algorithms.base import ClientContext, Strategy, local_sgd, snapshot
 from fedcmi.algorithms.losses import ogm_coefficients
+from fedcmi.config import Float
 from fedcmi.models.networks import MultimodalNet
 
 
 class OGMOptions(BaseModel):
     """OGM-GE's gradient modulation (``algorithm.ogm``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
-    alpha: float = Field(0.8, ge=0, description="modulation strength: the leader's gradient x 1 - tanh(alpha x ratio)")
+    alpha: Float = Field(0.8, ge=0, description="modulation strength: the leader's gradient x 1 - tanh(alpha x ratio)")
     noise: bool = Field(True, description="generalisation enhancement: Gaussian noise of the gradient's spread")
 
 

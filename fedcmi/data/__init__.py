@@ -55,6 +55,7 @@ def make_source(cfg: Config):
 
 def prepare(cfg: Config, progress: bool = False) -> dict:
     """Turn the configured source into the prepared folder (whole or not at all); returns a summary."""
+    check_replaceable(cfg.data.prepared_dir)  # before the lock: its file goes beside a folder that may be ours
     with exclusive(beside(cfg.data.prepared_dir), f"the prepared data {cfg.data.prepared_dir}"):
         return _prepare(cfg, progress)
 

@@ -32,28 +32,55 @@ class NpzSource:
         path = self.root / f"{split}.npz"
         if not path.is_file():
             raise DataError(f"missing {path}; expected layout: {self._layout()}")
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+            kind = "it is a single .npy array" if magic == b"\x93NUM" else "it is not a zip archive"
+            raise DataError(f"{path} is not a readable npz file: {kind}, not a zip of named arrays "
+                            f"(np.savez writes one); expected layout: {self._layout()}")
         try:
             with np.load(path, allow_pickle=False) as z:
                 names = set(z.files)
                 missing = [k for k in (*self.modalities, "label") if k not in names]
                 if missing:
                     raise DataError(f"{path} lacks array(s) {missing}; it holds {sorted(names)}")
-                feats = {m: z[m] for m in self.modalities}
-                labels = z["label"]
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+                feats = {m: self._array(z, m, path) for m in self.modalities}
+                labels = self._array(z, "label", path)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
             if isinstance(exc, DataError):
                 raise
-            raise DataError(f"{path} is not a readable npz file ({exc})") from None
+            raise DataError(f"{path} is not a readable npz file ({str(exc).splitlines()[0][:120]})") from None
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"{path}: 'label' must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+        if len(labels) == 0:
+            raise DataError(f"{path} holds no samples")
+        out = {}
         for m, arr in feats.items():
             if not np.issubdtype(arr.dtype, np.floating):
                 raise DataError(f"{path}: array {m!r} must be floating point, got {arr.dtype}")
-            if arr.ndim < 2:
-                raise DataError(f"{path}: array {m!r} needs a sample axis and at least one feature axis")
+            if arr.ndim < 2 or 0 in arr.shape[1:]:
+                raise DataError(f"{path}: array {m!r} has shape {arr.shape}; it needs a sample axis and "
+                                "non-empty feature axes")
+            if len(arr) != len(labels):
+                raise DataError(f"{path}: array {m!r} holds {len(arr)} samples, 'label' {len(labels)}")
             if not np.isfinite(arr).all():
                 raise DataError(f"{path}: array {m!r} holds NaN or Inf values")
-        return Split({m: a.astype(np.float32, copy=False) for m, a in feats.items()}, labels.astype(np.int64))
+            top = float(np.abs(arr).max()) if arr.size else 0.0
+            if top > float(np.finfo(np.float32).max):  # finite in float64, Inf once in the float32 cache
+                raise DataError(f"{path}: array {m!r} holds values up to {top:.3g}, beyond float32's range "
+                                "(about 3.4e38); scale the features")
+            out[m] = arr.astype(np.float32, copy=False)
+        return Split(out, labels.astype(np.int64))
+
+    @staticmethod
+    def _array(z, name: str, path: Path) -> np.ndarray:
+        try:
+            return z[name]
+        except ValueError as exc:
+            if "pickle" in str(exc).lower():
+                raise DataError(f"{path}: array {name!r} holds Python objects (a pickle); fedcmi reads only "
+                                "numeric arrays and never unpickles a file") from None
+            raise
 
     def generate(self) -> dict[str, Split]:
         if not self.root.is_dir():
@@ -68,10 +95,17 @@ class NpzSource:
                     raise DataError(f"modality {m!r} has shape {a} in train.npz but {b} in {name}.npz")
             if len(split) and split.labels.min() < 0:
                 raise DataError(f"{name}.npz: labels must be non-negative class indices")
-        k = int(max(split.labels.max() for split in splits.values() if len(split))) + 1
-        seen = set(np.unique(splits["train"].labels))
+        classes = np.unique(splits["train"].labels)
+        k = int(classes[-1]) + 1
+        if len(classes) < 2:
+            raise DataError(f"train.npz holds one class ({int(classes[0])}): a classifier needs at least two")
+        if len(classes) != k:
+            gaps = [int(c) for c in np.setdiff1d(np.arange(min(k, 10**6)), classes)[:5]]
+            raise DataError(f"train.npz labels must be 0..K-1 with every class present: the largest is {k - 1}, "
+                            f"but {k - len(classes)} class(es) never occur, such as {gaps}")
+        seen = set(classes.tolist())
         for name in ("test", "val"):
-            unseen = sorted(set(np.unique(splits[name].labels)) - seen) if name in splits else []
+            unseen = sorted(set(np.unique(splits[name].labels).tolist()) - seen) if name in splits else []
             if unseen:
                 raise DataError(f"{name} labels {unseen} never occur in train.npz")
         self._spec = DatasetSpec(
