@@ -13,7 +13,7 @@ clients multimodal) for ``--rounds`` rounds, once without the liar and once with
 (the same admission and aggregation the Kubeflow step runs). ``mean+clip`` clips every change to
 ``--clip``, by default the 90th percentile of the honest change norms of the run without the liar.
 
-    python benchmarks/hostile_client.py --rounds 20 --out benchmarks/results/hostile_client.json
+    python benchmarks/hostile_client.py --rounds 20 --seeds 0 1 2 --out benchmarks/results/hostile_client.json
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ def liar(attack: str, scale: float, norms: list[float]):
     return train_client
 
 
-def run(work: Path, rounds: int, extra: list[str], attack: str | None, scale: float) -> dict:
+def run(work: Path, rounds: int, seed: int, extra: list[str], attack: str | None, scale: float) -> dict:
     cfg = load_config(ROOT / "params.yaml", [
-        f"federation.rounds={rounds}", "tracking.enabled=false", "evaluation.linear_probe=false",
-        f"data.prepared_dir={work / 'prepared'}", f"partition.file={work / 'partition.json'}",
+        f"seed={seed}", f"federation.rounds={rounds}", "tracking.enabled=false", "evaluation.linear_probe=false",
+        f"data.prepared_dir={work / f'prepared{seed}'}", f"partition.file={work / f'partition{seed}.json'}",
         f"output.dir={work / 'out'}", *extra])
     ensure_data(cfg)
     norms: list[float] = []
@@ -85,6 +85,7 @@ def run(work: Path, rounds: int, extra: list[str], attack: str | None, scale: fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=20, help="federation.rounds (params.yaml's default: 20)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--scale", type=float, default=4.0, help="flip: the liar sends global - scale * change")
     ap.add_argument("--clip", type=float, default=None,
                     help="mean+clip: server.clip_norm (default: the 90th percentile of the honest change norms "
@@ -92,23 +93,32 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "hostile_client.json")
     args = ap.parse_args()
     rows: list[dict] = []
-    clip = args.clip
+    clips: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, extra in [*RULES.items(), ("mean+clip", None)]:
-            if extra is None:
-                clip = clip if clip is not None else rows[0]["honest_change_norm_p90"]
-                extra = [f"server.clip_norm={clip}"]
-            for attack in (None, "flip", "samples"):
-                if attack == "samples" and name != "mean":
-                    continue  # refused at admission whatever the rule
-                r = run(Path(tmp), args.rounds, extra, attack, args.scale)
-                rows.append({"rule": name, "attack": attack or "none", **r})
-                print(f"{name:13s} {attack or 'none':8s} mm_acc {r['mm_acc']:.4f} (last 5: {r['mm_acc_last5']:.4f})"
-                      f"  liar rejected "
-                      f"{r['liar_rejected_rounds']}/{r['liar_sampled_rounds']} rounds  {r['seconds']:.0f} s",
-                      flush=True)
-    save_results(args.out, {"rounds": args.rounds, "scale": args.scale, "clip_norm": clip,
-                            "liar": LIAR, "rows": rows})
+        for seed in args.seeds:
+            for name, extra in [*RULES.items(), ("mean+clip", None)]:
+                if extra is None:
+                    clips[seed] = args.clip if args.clip is not None else next(
+                        r["honest_change_norm_p90"] for r in rows if r["seed"] == seed and r["rule"] == "mean")
+                    extra = [f"server.clip_norm={clips[seed]}"]
+                for attack in (None, "flip", "samples"):
+                    if attack == "samples" and name != "mean":
+                        continue  # refused at admission whatever the rule
+                    r = run(Path(tmp), args.rounds, seed, extra, attack, args.scale)
+                    rows.append({"seed": seed, "rule": name, "attack": attack or "none", **r})
+                    print(f"seed {seed} {name:13s} {attack or 'none':8s} mm_acc {r['mm_acc']:.4f} (last 5: "
+                          f"{r['mm_acc_last5']:.4f})  liar rejected {r['liar_rejected_rounds']}/"
+                          f"{r['liar_sampled_rounds']} rounds  {r['seconds']:.0f} s", flush=True)
+    summary = {}
+    for key in sorted({(r["rule"], r["attack"]) for r in rows}):
+        sel = [r for r in rows if (r["rule"], r["attack"]) == key]
+        summary[f"{key[0]}/{key[1]}"] = {
+            "mm_acc_mean": round(sum(r["mm_acc"] for r in sel) / len(sel), 4),
+            "mm_acc_last5_mean": round(sum(r["mm_acc_last5"] for r in sel) / len(sel), 4), "seeds": len(sel)}
+    for name, s in summary.items():
+        print(f"{name:22s} mm_acc {s['mm_acc_mean']:.4f}  last 5 {s['mm_acc_last5_mean']:.4f}  ({s['seeds']} seeds)")
+    save_results(args.out, {"rounds": args.rounds, "scale": args.scale, "clip_norm": clips, "seeds": args.seeds,
+                            "liar": LIAR, "summary": summary, "rows": rows})
 
 
 if __name__ == "__main__":

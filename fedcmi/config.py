@@ -322,6 +322,12 @@ class TrackingConfig(_Section):
     experiment: str = Field("fedcmi", min_length=1)
     registered_model: str = Field("fedcmi-synthetic", min_length=1)
     headline_metric: str = "mm_acc"
+    request_timeout: Float = Field(30.0, gt=0, le=3600, description="seconds one request to a tracking server "
+                                   "may take (MLFLOW_HTTP_REQUEST_TIMEOUT wins)")
+    max_retries: Int = Field(2, ge=0, le=20, description="retries of a request that failed for a passing reason "
+                             "(MLFLOW_HTTP_REQUEST_MAX_RETRIES wins)")
+    time_budget: Float = Field(600.0, gt=0, description="seconds a run may wait on the tracking server in all; "
+                               "past it, what is left is not sent (the local files keep everything) and reported")
 
 
 class LoaderConfig(_Section):

@@ -8,9 +8,11 @@ An unreachable server is reported *before* training starts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import time
@@ -57,6 +59,40 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             f"tracking server {uri} is unreachable ({reason}); start it, fix MLFLOW_TRACKING_URI / "
             "tracking.tracking_uri, or run with --set tracking.enabled=false"
         ) from None
+
+
+#: MLflow's client limits, by the tracking setting that gives them (an environment variable set by the user wins).
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "request_timeout", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "max_retries"}
+_applied: dict[str, str] = {}  # what apply_http_limits set, so that a value set by anyone else is left alone
+SLOW_CALL_SECONDS = 5.0
+
+
+def apply_http_limits(cfg: Config) -> None:
+    """Bound every request to the tracking server: MLflow's own defaults retry a failing request for about
+    four minutes (7 retries, backoff factor 2) and wait up to 120 s for each answer."""
+    wanted = {var: str(math.ceil(getattr(cfg.tracking, field))) for var, field in HTTP_LIMITS.items()}
+    wanted["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    for var, value in wanted.items():
+        if var not in os.environ or os.environ[var] == _applied.get(var):
+            os.environ[var] = _applied[var] = value
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed tracking call may succeed when sent again: anything but the server refusing the
+    request itself (a 4xx other than timeout and rate limits) is taken as passing."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        try:
+            status = int(exc.get_http_status_code())
+        except (TypeError, ValueError, AttributeError):
+            return True
+        return not (400 <= status < 500 and status not in (408, 429))
+    return True
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -158,10 +194,13 @@ class RunTracker:
         ``uri`` overrides :func:`tracking_uri` (a pipeline passes its own).
         """
         from mlflow import MlflowClient
-        from mlflow.entities import Param
 
         self.cfg = cfg
         self.uri = uri or tracking_uri(cfg)
+        apply_http_limits(cfg)
+        self.spent = 0.0  # seconds waited on the server
+        self.out_of_time = False
+        self._warned_slow = False
         self.errors: list[str] = []  # what failed for good
         self.replayed: list[str] = []  # what failed while the server was away and was logged once it came back
         self.model_uri: str | None = None
@@ -174,6 +213,19 @@ class RunTracker:
         if run_id is not None:
             self.run_id = run_id
             return
+        try:
+            self._open(cfg, run_name, tags, data)
+        except TrackingUnavailable:
+            raise
+        except Exception as exc:  # /health answers, the API does not: say so before any training
+            raise TrackingUnavailable(
+                f"tracking server {self.uri} answers, but opening a run failed ({_one_line(exc)}); fix the "
+                "server, or run with --set tracking.enabled=false") from None
+
+    def _open(self, cfg: Config, run_name: str | None, tags: dict[str, str] | None,
+              data: DataModule | None) -> None:
+        from mlflow.entities import Param
+
         data_id = data_hash(cfg)
         all_tags = {"algorithm": cfg.algorithm.name, "data_hash": data_id,
                     "config_fingerprint": cfg.fingerprint(), **(tags or {})}
@@ -185,6 +237,7 @@ class RunTracker:
         run = self.client.create_run(experiment_id, run_name=run_name or f"{cfg.algorithm.name}-seed{cfg.seed}",
                                      tags=all_tags)
         self.run_id = run.info.run_id
+        self.spent = 0.0  # opening the run is not part of the budget: a run that cannot open stops here
         params = [Param(k, str(v)[:500]) for k, v in cfg.applicable().items()]
         self._safe("params", lambda: self.client.log_batch(self.run_id, params=params))
         if data is not None:
@@ -199,20 +252,48 @@ class RunTracker:
             return False
         return True
 
+    def _spend(self, seconds: float) -> None:
+        """Account for time waited on the server: one warning when it is slow, and past
+        ``tracking.time_budget`` nothing more is sent."""
+        self.spent += seconds
+        budget = self.cfg.tracking.time_budget
+        if seconds >= SLOW_CALL_SECONDS and not self._warned_slow:
+            self._warned_slow = True
+            log.warning("the tracking server %s is slow (one call took %.0f s); fedcmi waits on it %g s in all "
+                        "(tracking.time_budget), then reports what it did not send", self.uri, seconds, budget)
+        if self.spent > budget and not self.out_of_time:
+            self.out_of_time = True
+            log.warning("tracking.time_budget (%g s) is spent; nothing more goes to %s in this run, and what is "
+                        "not sent is reported at the end (the local files keep everything)", budget, self.uri)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        t0 = time.monotonic()
+        try:
+            return fn()
+        finally:
+            self._spend(time.monotonic() - t0)
+
     def _flush(self) -> None:
         """Replay queued calls in order; stop (and stay lost) at the first that fails again."""
-        while self._pending:
+        while self._pending and not self.out_of_time:
             what, fn = self._pending[0]
             try:
-                fn()
-            except Exception:
+                self._call(fn)
+            except Exception as exc:
+                if not transient(exc):  # refused for good now that the server answers: report, go on
+                    self.errors.append(f"{what}: {_one_line(exc)}")
+                    self._pending.pop(0)
+                    continue
                 self.lost = True
                 return
             self._pending.pop(0)
             self.replayed.append(what)
-        self.lost = False
+        self.lost = bool(self._pending)
 
     def _safe(self, what: str, fn: Callable[[], Any]) -> Any:
+        if self.out_of_time:
+            self._pending.append((what, fn))
+            return None
         if self.lost:  # do not spend the client's retries on every call while the server is away
             if time.monotonic() - self._last_probe >= self.probe_every and self._reachable():
                 self._flush()
@@ -220,15 +301,17 @@ class RunTracker:
                 self._pending.append((what, fn))
                 return None
         try:
-            return fn()
-        except Exception as exc:  # the server may be gone; training must not be
-            msg = f"{what}: {exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            log.warning("tracking failed (%s); the local files keep everything", msg)
-            if self._reachable():  # the server answers, so the call itself is at fault: retrying will not help
-                self.errors.append(msg)
-            else:
+            return self._call(fn)
+        except Exception as exc:  # the server may be gone or failing; training must not stop
+            msg = f"{what}: {_one_line(exc)}"
+            if transient(exc):  # sent again once the server answers, whatever the kind of failure
+                log.warning("tracking failed (%s); it is sent again once the server answers", msg)
                 self.lost = True
+                self._last_probe = time.monotonic()
                 self._pending.append((what, fn))
+            else:  # the server refused the request itself: sending it again would not help
+                log.warning("tracking refused (%s); the local files keep everything", msg)
+                self.errors.append(msg)
             return None
 
     @property
@@ -285,10 +368,17 @@ class RunTracker:
 
     def close(self) -> list[str]:
         """End the run (FINISHED, or FAILED if anything was not logged); returns what was not logged."""
-        if self.lost and self._reachable():
+        reachable = self._reachable() if self._pending and not self.out_of_time else None
+        if reachable:
             self._flush()
-        if self.lost:
-            self.errors.append(f"the tracking server is still unreachable; not logged: {', '.join(self.unlogged)}")
+        if self._pending:
+            why = (f"tracking.time_budget ({self.cfg.tracking.time_budget:g} s) was spent" if self.out_of_time
+                   else "the tracking server is still unreachable" if reachable is False
+                   else "the tracking server still fails")
+            self.errors.append(f"{why}; not logged: {', '.join(self.unlogged)}")
+            if self.out_of_time:
+                with contextlib.suppress(Exception):  # one last short call, so the run is not left RUNNING
+                    self.client.set_terminated(self.run_id, "FAILED")
             return self.errors
         status = "FINISHED" if not self.errors else "FAILED"
         try:
@@ -334,23 +424,46 @@ def register_model(cfg: Config, run_id: str, model_uri: str, headline: float, da
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from fedcmi.errors import CommandError
+
+    apply_http_limits(cfg)
     mlflow.set_tracking_uri(tracking_uri(cfg))
     check_reachable(tracking_uri(cfg))
     client = MlflowClient()
     name = cfg.tracking.registered_model
     metric = cfg.tracking.headline_metric
-    mv = mlflow.register_model(model_uri, name)
-    version = mv.version
-    client.set_model_version_tag(name, version, metric, str(headline))
-    client.set_model_version_tag(name, version, "data_hash", data_id)
-    client.set_model_version_tag(name, version, "run_id", run_id)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise CommandError(f"run {run_id} (from mlflow_run.json) is not on {tracking_uri(cfg)}; nothing was "
+                           "registered. Rerun `fedcmi train` against this tracking server") from None
+    if model_uri.startswith("models:/m-"):
+        try:
+            logged = client.get_logged_model(model_uri[len("models:/"):])
+        except MlflowException:
+            raise CommandError(f"the model {model_uri} is not on {tracking_uri(cfg)}; nothing was registered") \
+                from None
+        if logged.source_run_id != run_id:
+            raise CommandError(f"the model {model_uri} was logged by run {logged.source_run_id}, not {run_id}; "
+                               "nothing was registered")
+    tags = {metric: str(headline), "data_hash": data_id, "run_id": run_id}
+    # one version per training run: a rerun (or a registration cut short) finishes that version
+    mine = [v for v in _versions(client, name) if v.tags.get("run_id") == run_id]
+    if mine:
+        version = min(mine, key=lambda v: int(v.version)).version
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, v)
+    else:
+        version = mlflow.register_model(model_uri, name, tags=tags).version  # tagged as it is created
     client.set_registered_model_alias(name, "candidate", version)
     try:
         champ = client.get_model_version_by_alias(name, "champion")
     except MlflowException:
         champ = None
     promoted, reason = False, ""
-    if champ is None:
+    if champ is not None and str(champ.version) == str(version):
+        promoted, reason = True, f"v{version} is already the champion"
+    elif champ is None:
         promoted, reason = True, "no champion yet"
     else:
         same_data = champ.tags.get("data_hash") == data_id
@@ -368,6 +481,16 @@ def register_model(cfg: Config, run_id: str, model_uri: str, headline: float, da
             "champion": int(version) if promoted else int(champ.version) if champ else None}
 
 
+def _versions(client: Any, name: str) -> list[Any]:
+    """Every version of registered model ``name`` (none when it does not exist yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client.search_model_versions("name = '{}'".format(name.replace("'", "\\'"))))
+    except MlflowException:
+        return []
+
+
 def log_to_run(cfg: Config, run_info: Path, metrics: dict[str, float], artifacts: list[Path]) -> list[str]:
     """Add metrics and artifacts to a finished training run, keeping its status; returns the errors (never raises)."""
     from mlflow import MlflowClient
@@ -375,6 +498,7 @@ def log_to_run(cfg: Config, run_info: Path, metrics: dict[str, float], artifacts
 
     info = read_run_info(run_info)
     errors: list[str] = []
+    apply_http_limits(cfg)
     try:
         check_reachable(info["tracking_uri"])
         client = MlflowClient(info["tracking_uri"])
@@ -438,6 +562,7 @@ def continued_run(cfg: Config, out_dir: Path, fingerprint: str | None) -> str | 
     state_file = Path(out_dir) / "checkpoints" / "state.json"
     if fingerprint is None or not state_file.is_file():
         return None
+    apply_http_limits(cfg)
     try:
         state = json.loads(state_file.read_text())
     except (ValueError, OSError):

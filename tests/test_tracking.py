@@ -125,10 +125,16 @@ def test_run_model_and_registry_over_http(project, tmp_path_factory):
         alias = get(uri, "/api/2.0/mlflow/registered-models/alias?name=tiny-model&alias=champion")
         assert alias["model_version"]["version"] == "1"
 
-        # a worse model: candidate moves, champion stays
+        # registering the same run again finishes its own version, never adds one
+        again = json.loads(fedcmi("register", cwd=project, uri=uri).stdout)
+        assert again["version"] == 1 and again["champion"] == 1
+
+        # a worse model of another training run: candidate moves, champion stays
         metrics = json.loads((project / "outputs/eval/metrics.json").read_text())
         worse = {**metrics, "mm_acc": metrics["mm_acc"] - 0.5}
         (project / "worse.json").write_text(json.dumps(worse))
+        r = fedcmi("train", "--set", "algorithm.name=fedcmi", "--set", "seed=4", cwd=project, uri=uri)
+        assert r.returncode == 0, r.stderr
         second = json.loads(fedcmi("register", "--metrics", "worse.json", cwd=project, uri=uri).stdout)
         assert second["version"] == 2 and not second["promoted"]
         cand = get(uri, "/api/2.0/mlflow/registered-models/alias?name=tiny-model&alias=candidate")
