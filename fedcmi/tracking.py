@@ -103,10 +103,14 @@ def git_commit(cwd: Path | None = None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def data_hash(cfg: Config) -> str:
+def data_hash(cfg: Config, verify: bool = False) -> str:
     """The prepared data's identity: the SHA-256 of its arrays, recorded by ``fedcmi prepare`` in its
     meta.json (the same in `dvc repro`, in a pipeline's pods and on any machine); a hash of the meta file
-    for a folder prepared before the content hash was recorded."""
+    for a folder prepared before the content hash was recorded.
+
+    ``verify`` hashes the arrays again (what registering does, once): arrays changed by hand since
+    ``prepare`` are an error, so versions measured on other data are never compared as equals.
+    """
     meta = Path(cfg.data.prepared_dir) / "meta.json"
     if not meta.is_file():
         return "unknown"
@@ -115,6 +119,14 @@ def data_hash(cfg: Config) -> str:
     except (ValueError, OSError):
         content = None
     if isinstance(content, str) and content:
+        if verify:
+            from fedcmi.data.base import content_hash
+            from fedcmi.errors import CommandError
+
+            if content_hash(Path(cfg.data.prepared_dir)) != content:
+                raise CommandError(f"the prepared data in {cfg.data.prepared_dir} changed after `fedcmi prepare` "
+                                   "recorded its hash (edited by hand?); rerun `fedcmi prepare` and evaluate again "
+                                   "before registering")
         return "sha256:" + content[:32]
     return "meta:" + hashlib.sha256(meta.read_bytes()).hexdigest()[:16]
 
@@ -612,7 +624,8 @@ def finish_federation_run(cfg: Config, store: Path, uri: str, run_id: str, model
     if tracker.model_uri is None:
         raise TrackingUnavailable(f"the final model could not be logged to {uri}: {errors}")
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    result = register_model(cfg, run_id, tracker.model_uri, float(final[cfg.tracking.headline_metric]), data_hash(cfg))
+    result = register_model(cfg, run_id, tracker.model_uri, float(final[cfg.tracking.headline_metric]),
+                            data_hash(cfg, verify=True))
     write_json(reg_file, result)
     return result
 

@@ -37,7 +37,8 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
     value = metrics[metric]
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise JsonFileError(f"{metrics_file}: {metric} is {value!r}, not a finite number; rerun `fedcmi evaluate`")
-    result = register_model(cfg, info["run_id"], info["model_uri"], float(value), data_hash(cfg))
+    data_id = data_hash(cfg, verify=True)  # before the registry is touched
+    result = register_model(cfg, info["run_id"], info["model_uri"], float(value), data_id)
     if args.out:
         write_json(args.out, result)
     print(json.dumps(result, indent=2))

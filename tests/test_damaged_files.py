@@ -127,3 +127,21 @@ def test_a_prepared_split_with_fewer_labels_than_samples_is_one_clear_error(copy
     np.save(path, np.load(path)[:-3])
     one_clear_error(run_cli(["evaluate"], copy), "labels but", "rerun `fedcmi prepare`")
 
+
+
+def test_prepared_arrays_changed_by_hand_are_refused_at_register(copy):
+    """The data hash of a registered version is the arrays' own: a hand edit after `prepare` would make
+    versions measured on other test data look comparable."""
+    (copy / "outputs" / "train" / "mlflow_run.json").write_text(
+        json.dumps({"run_id": "0123abcd", "model_uri": "models:/m-0123abcd", "tracking_uri": "sqlite:///x.db"}))
+    metrics = copy / "outputs" / "eval" / "metrics.json"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps({"mm_acc": 0.5}))
+    path = copy / "data" / "prepared" / "test" / "label.npy"
+    labels = np.load(path)
+    labels[0] = (labels[0] + 1) % 3
+    np.save(path, labels)
+    r = run_cli(["register", "--set", "tracking.enabled=true", "--set", f"tracking.tracking_uri=sqlite:///{copy}/m.db"],
+                copy)
+    one_clear_error(r, "changed after `fedcmi prepare` recorded its hash")
+    assert not (copy / "m.db").exists()
