@@ -39,11 +39,12 @@ def begin_run(
     from pathlib import Path
 
     from fedcmi.config import config_with_settings
-    from fedcmi.segments import begin, resolve_store
+    from fedcmi.segments import begin, check_within, resolve_store
 
     os.chdir(data_root)
     cfg = config_with_settings(params_json, {"seed": seed, "algorithm": algorithm, "lr": lr, "mu": mu,
                                              "rounds": rounds, "local_epochs": local_epochs})
+    check_within(cfg)  # a pipeline reads only what its data volume holds
     where = resolve_store(store, run_name)
     start = begin(cfg, where, Path(global_model.path))
     run_id = ""

@@ -106,7 +106,6 @@ def _check_alive(store: Path) -> None:
 
 def begin(cfg: Config, store: Path, out: Path) -> int:
     """Write the global model to continue from to ``out``; returns the number of rounds already committed."""
-    check_within(cfg)
     _check_alive(store)
     fed = _federation(cfg)
     ledger, state = _ledger(cfg, store, fed)

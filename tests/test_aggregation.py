@@ -54,7 +54,7 @@ def test_aggregation_is_exactly_reproducible():
         ({"encoders.a.w": torch.tensor([float("nan"), 0.0])}, 3, "NaN"),
         ({"encoders.a.w": torch.zeros(3)}, 3, "shape"),
         ({"encoders.x.w": torch.zeros(2)}, 3, "keys"),
-        ({"encoders.a.w": torch.zeros(2)}, 0, "zero samples"),
+        ({"encoders.a.w": torch.zeros(2)}, 0, "num_examples must be a positive integer"),
     ],
 )
 def test_bad_updates_are_rejected_with_the_reason(state, n, reason):
