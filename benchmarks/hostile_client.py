@@ -10,7 +10,9 @@ One client of ten (client 0) lies in every round it is sampled, in one of two wa
 
 Each rule trains the project's default setting (``params.yaml``: FedCMI, Dirichlet partition, half the
 clients multimodal) for ``--rounds`` rounds, once without the liar and once with it, through the engine
-(the same admission and aggregation the Kubeflow step runs). ``mean+clip`` clips every change to
+(the same admission and aggregation the Kubeflow step runs). A run the liar drives to divergence (every
+update NaN, or accuracy back at chance: the divergence guard stops it) has no usable model and counts at
+chance accuracy. ``mean+clip`` clips every change to
 ``--clip``, by default the 90th percentile of the honest change norms of the run without the liar.
 
     python benchmarks/hostile_client.py --rounds 20 --seeds 0 1 2 --out benchmarks/results/hostile_client.json
@@ -30,8 +32,11 @@ from common import RESULTS, ROOT, ensure_data, save_results  # noqa: E402
 
 from fedcmi.algorithms.aggregation import ClientUpdate, change_norm  # noqa: E402
 from fedcmi.config import load_config  # noqa: E402
+from fedcmi.data import DataModule  # noqa: E402
+from fedcmi.divergence import Diverged  # noqa: E402
 from fedcmi.engine import train  # noqa: E402
 from fedcmi.federation import Federation  # noqa: E402
+from fedcmi.io import read_json  # noqa: E402
 
 LIAR = 0
 RULES = {
@@ -68,14 +73,27 @@ def run(work: Path, rounds: int, seed: int, extra: list[str], attack: str | None
         f"output.dir={work / 'out'}", *extra])
     ensure_data(cfg)
     norms: list[float] = []
+    diverged: str | None = None
     t0 = time.perf_counter()
     with mock.patch.object(Federation, "train_client", liar(attack or "none", scale, norms)):
-        res = train(cfg, work / "out" / "run", resume="never", progress=False)
-    rejected = sum(1 for r in res.history for c in r["rejected"] if int(c) == LIAR)
-    liar_rounds = sum(1 for r in res.history if LIAR in r["clients"])
+        try:
+            res = train(cfg, work / "out" / "run", resume="never", progress=False)
+        except Diverged as exc:  # the liar broke the federation: no usable model, chance accuracy
+            history = read_json(work / "out" / "run" / "checkpoints" / "state.json")["history"]
+            chance = 1 / DataModule(cfg.data.prepared_dir).spec.num_classes
+            res = None
+            diverged = str(exc).split(";")[0]
+    if res is not None:
+        history = res.history
+        final = res.final["mm_acc"]
+        evaluated = [r["mm_acc"] for r in history if "mm_acc" in r]
+        last5 = sum(evaluated[-5:]) / 5
+    else:
+        final = last5 = chance
+    rejected = sum(1 for r in history for c in r["rejected"] if int(c) == LIAR)
+    liar_rounds = sum(1 for r in history if LIAR in r["clients"])
     norms.sort()
-    evaluated = [r["mm_acc"] for r in res.history if "mm_acc" in r]
-    return {"mm_acc": round(res.final["mm_acc"], 4), "mm_acc_last5": round(sum(evaluated[-5:]) / 5, 4),
+    return {"mm_acc": round(final, 4), "mm_acc_last5": round(last5, 4), "diverged": diverged,
             "liar_sampled_rounds": liar_rounds,
             "liar_rejected_rounds": rejected, "seconds": round(time.perf_counter() - t0, 1),
             "honest_change_norm_median": round(norms[len(norms) // 2], 4) if norms else None,
@@ -114,9 +132,11 @@ def main() -> None:
         sel = [r for r in rows if (r["rule"], r["attack"]) == key]
         summary[f"{key[0]}/{key[1]}"] = {
             "mm_acc_mean": round(sum(r["mm_acc"] for r in sel) / len(sel), 4),
+            "diverged": sum(1 for r in sel if r["diverged"]),
             "mm_acc_last5_mean": round(sum(r["mm_acc_last5"] for r in sel) / len(sel), 4), "seeds": len(sel)}
     for name, s in summary.items():
-        print(f"{name:22s} mm_acc {s['mm_acc_mean']:.4f}  last 5 {s['mm_acc_last5_mean']:.4f}  ({s['seeds']} seeds)")
+        print(f"{name:22s} mm_acc {s['mm_acc_mean']:.4f}  last 5 {s['mm_acc_last5_mean']:.4f}  diverged "
+              f"{s['diverged']}/{s['seeds']}")
     save_results(args.out, {"rounds": args.rounds, "scale": args.scale, "clip_norm": clips, "seeds": args.seeds,
                             "liar": LIAR, "summary": summary, "rows": rows})
 

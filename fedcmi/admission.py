@@ -14,6 +14,7 @@ import torch
 
 from fedcmi.algorithms.aggregation import (
     ClientUpdate,
+    RunawayUpdate,
     StateDict,
     UpdateRejected,
     change_norm,
@@ -74,7 +75,7 @@ class Admission:
                                  f"it {list(shard.modalities)}")
         norm = change_norm(self.global_state, update.state)
         if not norm <= self.bound:
-            raise UpdateRejected(
+            raise RunawayUpdate(
                 f"client {cid}: its change has L2 norm {norm:.4g}, above the bound {self.bound:.4g} "
                 f"(server.max_change_ratio {self.server.max_change_ratio:g} x max(1, norm of the global model))")
         clip = self.server.clip_norm

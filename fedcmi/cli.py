@@ -88,6 +88,10 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.locks import exclusive, inside
 
     out = Path(args.out) if args.out else cfg.output.dir / "train"
+    if cfg.tracking.enabled and not args.no_tracking:
+        from fedcmi.tracking import check_reachable, tracking_uri
+
+        check_reachable(tracking_uri(cfg))  # before anything is made, the output folder's lock included
     with exclusive(inside(out), f"the output folder {out}"):  # training, outputs and tracking: one writer
         return _train(cfg, args, out)
 
@@ -207,6 +211,13 @@ def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(cfg: Config, args: argparse.Namespace) -> int:
+    from fedcmi.steps import sample_step
+
+    _print_json({"round": args.round, "clients": sample_step(cfg, args.round)})
+    return 0
+
+
 def cmd_client_train(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.steps import client_train_step
 
@@ -269,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", nargs="?", default="plots-offline.html", help="the template file to write")
     p = add("init", cmd_init, "Write the seeded initial global model.")
     p.add_argument("--out", required=True, help="model file to write")
+    p = add("sample", cmd_sample, "The clients a round samples (what aggregate admits), as JSON.")
+    p.add_argument("--round", type=int, required=True, help="round index, from 0")
     p = add("client-train", cmd_client_train, "One client's local training for one round, file to file.")
     p.add_argument("--global-model", required=True, help="the round's global model (safetensors)")
     p.add_argument("--client", type=int, required=True, help="client id")

@@ -26,7 +26,7 @@ import torch
 
 from fedcmi.admission import admission
 from fedcmi.algorithms import ClientUpdate, Strategy, UpdateRejected
-from fedcmi.algorithms.aggregation import NonFiniteUpdate, StateDict
+from fedcmi.algorithms.aggregation import NonFiniteUpdate, RunawayUpdate, StateDict
 from fedcmi.algorithms.base import derive_seed
 from fedcmi.checkpoint import Checkpointer, DamagedIndex, ResumeError, new_run_id
 from fedcmi.config import Config
@@ -124,6 +124,7 @@ class RoundPolicy:
         idle: list[int] = []
         rejected: dict[int, str] = {}
         non_finite: set[int] = set()
+        runaway: set[int] = set()
         kept: list[ClientUpdate] = []
         for cid, produce in producers:
             try:
@@ -137,6 +138,8 @@ class RoundPolicy:
                 rejected[cid] = str(exc)
                 if isinstance(exc, NonFiniteUpdate):
                     non_finite.add(cid)
+                elif isinstance(exc, RunawayUpdate):
+                    runaway.add(cid)
             except Exception as exc:  # a client's fault must not end the federation
                 rejected[cid] = failure_reason(cid, exc)
             else:
@@ -152,8 +155,9 @@ class RoundPolicy:
             return RoundResult({k: v.detach().cpu().clone() for k, v in global_state.items()}, [], [], {}, {},
                                idle)
         if len(accepted) < need:
-            if rejected and non_finite == set(rejected):
-                raise RoundDiverged(f"diverged: round {rnd + 1}: every client's update holds NaN or Inf"
+            if rejected and non_finite | runaway == set(rejected):
+                what = "NaN or Inf" if not runaway else "NaN, Inf or a change past the server's bound"
+                raise RoundDiverged(f"diverged: round {rnd + 1}: every client's update holds {what}"
                                     + lr_advice(self.cfg.optim.lr))
             raise RoundFailed(
                 f"round {rnd + 1}: {len(accepted)} valid update(s), federation.min_clients is {need}; "

@@ -63,13 +63,16 @@ def test_single_steps_from_the_command_line(tmp_path):
     fedcmi("prepare", cwd=tmp_path)
     fedcmi("partition", cwd=tmp_path)
     assert fedcmi("init", "--out", "g0.safetensors", cwd=tmp_path).returncode == 0
-    for cid in (0, 1):
+    r = fedcmi("sample", "--round", "0", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    clients = json.loads(r.stdout)["clients"]
+    for cid in clients:
         r = fedcmi("client-train", "--global-model", "g0.safetensors", "--client", str(cid), "--round", "0",
                    "--out", f"u{cid}.safetensors", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
-    r = fedcmi("aggregate", "--global-model", "g0.safetensors", "--updates", "u0.safetensors", "u1.safetensors",
+    r = fedcmi("aggregate", "--global-model", "g0.safetensors", "--updates", *(f"u{c}.safetensors" for c in clients),
                "--round", "0", "--out", "g1.safetensors", cwd=tmp_path)
-    assert r.returncode == 0 and json.loads(r.stdout)["accepted"] == [0, 1]
+    assert r.returncode == 0 and json.loads(r.stdout)["accepted"] == clients
 
 
 def test_help_explains_each_command():
@@ -78,7 +81,7 @@ def test_help_explains_each_command():
     assert r.returncode == 0, r.stderr
     # the command column of the listing: each command named at the start of its own line, with its help
     listed = {m.group(1): m.group(2) for m in re.finditer(r"^    ([a-z][a-z-]*)(?:  +(\S.*))?$", r.stdout, re.M)}
-    expected = {"prepare", "partition", "train", "evaluate", "plots-template", "init", "client-train", "aggregate",
+    expected = {"prepare", "partition", "train", "evaluate", "plots-template", "init", "sample", "client-train", "aggregate",
                 "register", "pipeline"}
     assert set(listed) == expected, sorted(listed)
     assert all(listed[c] for c in expected if c != "plots-template")  # (a long name wraps its help)

@@ -101,10 +101,14 @@ def test_a_round_of_only_non_finite_updates_is_diverged_but_other_failures_are_n
     g = fed.initial_state()
     nan = {k: v.clone().fill_(float("nan")) if v.is_floating_point() else v.clone() for k, v in g.items()}
     mods = tuple(cfg.data.modalities)
-    bad = [ClientUpdate(0, nan, 10, mods), ClientUpdate(1, nan, 10, mods)]
+    first, second = fed.sample_clients(0)
+    bad = [ClientUpdate(first, nan, 10, mods), ClientUpdate(second, nan, 10, mods)]
     with pytest.raises(RoundDiverged, match=r"every client's update holds NaN or Inf; lower optim.lr"):
         fed.aggregate(g, bad, 0)
-    zero = ClientUpdate(1, dict(g), 0, mods)  # rejected for another reason: the round fails, it did not diverge
+    huge = {k: v.clone().fill_(1e30) if v.is_floating_point() else v.clone() for k, v in g.items()}
+    with pytest.raises(RoundDiverged, match=r"NaN, Inf or a change past the server's bound"):
+        fed.aggregate(g, [bad[0], ClientUpdate(second, huge, 10, mods)], 0)
+    zero = ClientUpdate(second, dict(g), 0, mods)  # rejected for another reason: the round fails, not diverged
     with pytest.raises(RoundFailed) as info:
         fed.aggregate(g, [bad[0], zero], 0)
     assert not isinstance(info.value, Diverged)

@@ -26,6 +26,10 @@ class NonFiniteUpdate(UpdateRejected):
     """An update holding NaN or Inf: that client's local training diverged."""
 
 
+class RunawayUpdate(UpdateRejected):
+    """An update whose change is past the server's bound: a diverging client's, or a lying one's."""
+
+
 @dataclass
 class ClientUpdate:
     """What a client sends back after local training."""
