@@ -35,7 +35,7 @@ from fedcmi.config import load_config  # noqa: E402
 from fedcmi.data import DataModule  # noqa: E402
 from fedcmi.divergence import Diverged  # noqa: E402
 from fedcmi.engine import train  # noqa: E402
-from fedcmi.federation import Federation  # noqa: E402
+from fedcmi.federation import Federation, RoundFailed  # noqa: E402
 from fedcmi.io import read_json  # noqa: E402
 
 LIAR = 0
@@ -78,7 +78,7 @@ def run(work: Path, rounds: int, seed: int, extra: list[str], attack: str | None
     with mock.patch.object(Federation, "train_client", liar(attack or "none", scale, norms)):
         try:
             res = train(cfg, work / "out" / "run", resume="never", progress=False)
-        except Diverged as exc:  # the liar broke the federation: no usable model, chance accuracy
+        except (Diverged, RoundFailed) as exc:  # the liar broke the federation: no usable model, chance accuracy
             history = read_json(work / "out" / "run" / "checkpoints" / "state.json")["history"]
             chance = 1 / DataModule(cfg.data.prepared_dir).spec.num_classes
             res = None
