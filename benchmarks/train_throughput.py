@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--frames", type=int, default=1)
     ap.add_argument("--algorithms", nargs="+", default=["fedavg", "fedcmi"])
+    ap.add_argument("--workers", type=int, default=0, help="loader.workers: processes reading batches")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -155,7 +156,8 @@ def main() -> None:
             "model": {"encoders": {"audio": "resnet18", "visual": "resnet18"}, "embed_dim": 512},
             "federation": {"rounds": 1, "clients_per_round": 1, "batch_size": args.batch_size},
             "optim": {"lr": 0.001, "precision": args.precision}, "algorithm": {"name": algorithm},
-            "tracking": {"enabled": False}, "output": {"dir": str(work / "out")}})
+            "tracking": {"enabled": False}, "output": {"dir": str(work / "out")},
+            "loader": {"workers": args.workers}})
         dm = DataModule(cfg.data.prepared_dir)
         save_partition(make_partition(cfg, dm.train.labels, dm.spec.modalities, 6), cfg.partition.file)
         if device.type == "cuda":
@@ -170,9 +172,11 @@ def main() -> None:
             row["engine_over_bare_time"] = round(seconds / bare, 4)
         rows[algorithm] = row
         print(f"{algorithm}: {row}", flush=True)
-    name = args.out or str(RESULTS / f"train_throughput_{device.type}_{args.precision}.json")
+    suffix = f"_w{args.workers}" if args.workers else ""
+    name = args.out or str(RESULTS / f"train_throughput_{device.type}_{args.precision}{suffix}.json")
     save_results(Path(name), {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                              "precision": args.precision, "samples": args.samples, "batch_size": args.batch_size,
+                              "precision": args.precision, "loader_workers": args.workers,
+                              "samples": args.samples, "batch_size": args.batch_size,
                               "frames": args.frames, "shapes": {"audio": [1, 257, 299], "visual": [args.frames, 3,
                                                                                                     224, 224]},
                               "results": rows})
