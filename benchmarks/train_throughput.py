@@ -132,6 +132,25 @@ def engine_epoch(cfg, dm, device: torch.device) -> tuple[float, float | None]:
     return seconds, poll.mean
 
 
+def round_time(cfg, dm, device: torch.device) -> dict:
+    """A whole round (every client trains one local epoch, the server folds the updates) and the global
+    model's evaluation on the test split, timed after a warm-up round."""
+    from fedcmi.partition import load_partition
+
+    fed = Federation(cfg, dm, load_partition(cfg.partition.file), device)
+    state = fed.run_round(fed.initial_state(), 0).state  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    res = fed.run_round(state, 1)
+    sync(device)
+    trained = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    fed.evaluate(res.state)
+    sync(device)
+    return {"clients": len(res.accepted), "round_s": round(trained, 3),
+            "evaluate_s": round(time.perf_counter() - t1, 3), "round_samples_per_s": round(len(dm.train) / trained, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -141,6 +160,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=1)
     ap.add_argument("--algorithms", nargs="+", default=["fedavg", "fedcmi"])
     ap.add_argument("--workers", type=int, default=0, help="loader.workers: processes reading batches")
+    ap.add_argument("--clients", type=int, default=0,
+                    help="also time a whole round of this many clients sharing the samples (0: skip)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -170,12 +191,22 @@ def main() -> None:
             bare = bare_epoch(cfg, dm, device)
             row["bare_samples_per_s"] = round(args.samples / bare, 2)
             row["engine_over_bare_time"] = round(seconds / bare, 4)
+        if args.clients > 1:
+            many = cfg.model_copy(update={
+                "partition": cfg.partition.model_copy(update={"num_clients": args.clients, "scheme": "iid",
+                                                              "multimodal_fraction": 1.0,
+                                                              "max_samples_per_client": None,
+                                                              "file": work / f"partition{args.clients}.json"}),
+                "federation": cfg.federation.model_copy(update={"clients_per_round": args.clients,
+                                                                "local_epochs": 1})})
+            save_partition(make_partition(many, dm.train.labels, dm.spec.modalities, 6), many.partition.file)
+            row["round"] = round_time(many, dm, device)
         rows[algorithm] = row
         print(f"{algorithm}: {row}", flush=True)
-    suffix = f"_w{args.workers}" if args.workers else ""
+    suffix = (f"_w{args.workers}" if args.workers else "") + (f"_c{args.clients}" if args.clients > 1 else "")
     name = args.out or str(RESULTS / f"train_throughput_{device.type}_{args.precision}{suffix}.json")
     save_results(Path(name), {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                              "precision": args.precision, "loader_workers": args.workers,
+                              "precision": args.precision, "loader_workers": args.workers, "clients": args.clients,
                               "samples": args.samples, "batch_size": args.batch_size,
                               "frames": args.frames, "shapes": {"audio": [1, 257, 299], "visual": [args.frames, 3,
                                                                                                     224, 224]},
