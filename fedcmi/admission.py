@@ -15,7 +15,6 @@ import torch
 from fedcmi.algorithms.aggregation import (
     ClientUpdate,
     RunawayUpdate,
-    StateDict,
     UpdateRejected,
     change_norm,
     check_update,
@@ -84,7 +83,3 @@ class Admission:
             return clip_change(self.global_state, update, clip, norm)
         return update
 
-
-def admission(rnd: int, sampled: list[int], partition: Partition, strategy: Strategy, server: ServerConfig,
-              global_state: StateDict) -> Admission:
-    return Admission(rnd, frozenset(sampled), partition, strategy, server, global_state)

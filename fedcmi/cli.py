@@ -102,9 +102,8 @@ def _train(cfg: Config, args: argparse.Namespace, out: Path) -> int:
 
     tracker, run_id = None, None
     if cfg.tracking.enabled and not args.no_tracking:
-        from fedcmi.tracking import RunTracker, check_reachable, continued_run, tracking_uri
+        from fedcmi.tracking import RunTracker, continued_run
 
-        check_reachable(tracking_uri(cfg))  # fails here, before training, if the server is unreachable
         run_id = continued_run(cfg, out, _resume_fingerprint(cfg) if args.resume != "never" else None)
         # the same training, resumed, goes on in its run (curves unbroken); else a new run
         if run_id is not None:

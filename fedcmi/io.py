@@ -16,7 +16,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from safetensors import SafetensorError
@@ -28,6 +28,11 @@ FORMAT = "fedcmi-state/2"  # /2: a content checksum in the metadata
 OLD_FORMATS = ("fedcmi-state/1",)
 MAX_HEADER = 100_000_000  # safetensors' own limit on a header
 TMP_SUFFIX = ".tmp"
+
+
+def is_int(value: Any) -> TypeGuard[int]:
+    """An integer read from a file: never a bool, and never a float that happens to be whole."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class ModelFileError(ValueError):

@@ -16,14 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from fedcmi.config import Config
-from fedcmi.io import read_json, write_json
+from fedcmi.io import is_int, read_json, write_json
 
 FORMAT = "fedcmi-partition/1"
 MAX_SAMPLES = 10**9  # far above any dataset here, far below an allocation that would take the machine down
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class PartitionError(ValueError):
@@ -109,9 +105,9 @@ class Partition:
         if d.get("format") != FORMAT:
             raise PartitionError(f"not a partition file (format {d.get('format')!r}, expected {FORMAT!r})")
         n, k, mods, raw_clients = d.get("num_samples"), d.get("num_classes"), d.get("modalities"), d.get("clients")
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_SAMPLES:
+        if not is_int(n) or not 0 < n <= MAX_SAMPLES:
             raise PartitionError(f"num_samples {n!r} is not a sample count")
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 < k <= MAX_SAMPLES:
+        if not is_int(k) or not 1 < k <= MAX_SAMPLES:
             raise PartitionError(f"num_classes {k!r} is not a class count")
         if not isinstance(mods, list) or len(mods) != 2 or not all(isinstance(m, str) for m in mods):
             raise PartitionError(f"modalities {mods!r} are not two names")
@@ -125,13 +121,13 @@ class Partition:
             if not isinstance(c, dict):
                 raise PartitionError(f"client #{pos} is not an object")
             idx, cm, hist = c.get("indices"), c.get("modalities"), c.get("class_histogram")
-            if not isinstance(idx, list) or not all(_is_int(i) and 0 <= i < n for i in idx):
+            if not isinstance(idx, list) or not all(is_int(i) and 0 <= i < n for i in idx):
                 raise PartitionError(f"client #{pos}: indices must be integers in 0..{n - 1}")
             if not isinstance(cm, list) or not all(isinstance(m, str) for m in cm):
                 raise PartitionError(f"client #{pos}: modalities must be a list of names")
-            if not isinstance(hist, list) or len(hist) != k or not all(_is_int(h) and h >= 0 for h in hist):
+            if not isinstance(hist, list) or len(hist) != k or not all(is_int(h) and h >= 0 for h in hist):
                 raise PartitionError(f"client #{pos}: class_histogram must be {k} counts")
-            if not _is_int(c.get("id")):
+            if not is_int(c.get("id")):
                 raise PartitionError(f"client #{pos}: id {c.get('id')!r} is not an integer")
             clients.append(ClientShard(c["id"], np.asarray(idx, dtype=np.int64), tuple(cm), tuple(hist)))
         meta = d.get("meta", {})

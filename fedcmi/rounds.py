@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fedcmi.admission import admission
+from fedcmi.admission import Admission
 from fedcmi.algorithms import ClientUpdate, Strategy, UpdateRejected
 from fedcmi.algorithms.aggregation import NonFiniteUpdate, RunawayUpdate, StateDict
 from fedcmi.algorithms.base import derive_seed
@@ -118,7 +118,7 @@ class RoundPolicy:
         :class:`RoundDiverged` when every rejection was NaN/Inf) and the global model stays. A round where
         no sampled client has anything to train is idle: the global model stays, and the run goes on.
         """
-        gate = admission(rnd, self.clients(rnd), partition, strategy, self.cfg.server, global_state)
+        gate = Admission(rnd, frozenset(self.clients(rnd)), partition, strategy, self.cfg.server, global_state)
         acc = strategy.accumulator(model, global_state)
         accepted: list[int] = []
         idle: list[int] = []

@@ -11,17 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from fedcmi.algorithms.aggregation import ClientUpdate, UpdateRejected
-from fedcmi.io import ModelFileError, load_state, read_state_meta, save_state
+from fedcmi.io import ModelFileError, is_int, load_state, read_state_meta, save_state
 
 MAX_REASON = 2000
 
 
 class ClientFailed(RuntimeError):
     """A client's training that failed where it ran (another process or pod); carries the reason."""
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def write_update(path: Path, rnd: int, cid: int, update: ClientUpdate | None, failure: str | None = None) -> Path:
@@ -38,7 +34,7 @@ def write_update(path: Path, rnd: int, cid: int, update: ClientUpdate | None, fa
 def claimed_client(path: Path) -> int | None:
     """The client id a file claims (from its header, unverified), for naming it before it is read."""
     cid = read_state_meta(path).get("client_id")
-    return cid if _is_int(cid) else None
+    return cid if is_int(cid) else None
 
 
 def read_update(path: str | Path, rnd: int, cid: int | None = None) -> ClientUpdate | None:
@@ -51,14 +47,14 @@ def read_update(path: str | Path, rnd: int, cid: int | None = None) -> ClientUpd
     except ModelFileError as exc:
         raise UpdateRejected(f"{who}: {exc}") from None
     owner = meta.get("client_id")
-    if not isinstance(owner, int) or isinstance(owner, bool):
+    if not is_int(owner):
         raise UpdateRejected(f"{who}: {path.name} names no client (client_id {owner!r})")
     if cid is not None and owner != cid:
         raise UpdateRejected(f"{who}: {path.name} carries client id {owner}")
     who = f"client {owner}"
     r = meta.get("round")
-    if not isinstance(r, int) or isinstance(r, bool) or r != rnd:
-        shown = r + 1 if isinstance(r, int) else repr(r)
+    if not is_int(r) or r != rnd:
+        shown = r + 1 if is_int(r) else repr(r)
         raise UpdateRejected(f"{who}: the file is from round {shown}, this is round {rnd + 1}")
     kind = meta.get("kind")
     if kind == "failed":
@@ -69,9 +65,7 @@ def read_update(path: str | Path, rnd: int, cid: int | None = None) -> ClientUpd
         return None
     if kind != "update":
         raise UpdateRejected(f"{who}: {path.name} is not a client update (kind {kind!r})")
-    n = meta.get("num_examples")
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise UpdateRejected(f"{who}: num_examples must be a positive integer, got {n!r}")
+    n: Any = meta.get("num_examples")  # checked at admission (check_update), as the engine's own updates are
     mods = meta.get("modalities")
     if not isinstance(mods, list) or not mods or not all(isinstance(m, str) for m in mods):
         raise UpdateRejected(f"{who}: modalities must be a non-empty list of names, got {mods!r}")

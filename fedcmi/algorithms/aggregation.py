@@ -9,10 +9,12 @@ one running sum, not every client's model.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from fedcmi.io import is_int
 
 StateDict = dict[str, torch.Tensor]
 Owner = Callable[[str], "str | None"]
@@ -45,7 +47,7 @@ def check_update(global_state: Mapping[str, torch.Tensor], update: ClientUpdate)
     """Raise :class:`UpdateRejected` if ``update`` does not fit the global model: its keys, each tensor's
     dtype and shape, finite values and a positive sample count."""
     n = update.num_examples
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+    if not is_int(n) or n <= 0:
         raise UpdateRejected(f"client {update.client_id}: num_examples must be a positive integer, got {n!r}")
     missing = sorted(set(global_state) - set(update.state))
     extra = sorted(set(update.state) - set(global_state))
@@ -83,16 +85,23 @@ class Accumulator:
     def _group(self, key: str) -> str | None:
         return self.owner(key) if self.owner else None
 
-    def add(self, update: ClientUpdate) -> None:
+    def _contributions(self, update: ClientUpdate) -> Iterator[tuple[str, torch.Tensor]]:
+        """The update's floating tensors it has a say in (shared ones, and those of modalities it holds),
+        on the CPU in float64."""
         held = set(update.modalities)
-        w = float(update.num_examples)
         for key, value in update.state.items():
             if not value.is_floating_point():
                 continue
             group = self._group(key)
             if group is not None and group not in held:
                 continue
-            contrib = value.detach().to("cpu", torch.float64) * w
+            yield key, value.detach().to("cpu", torch.float64)
+
+    def add(self, update: ClientUpdate) -> None:
+        held = set(update.modalities)
+        w = float(update.num_examples)
+        for key, value in self._contributions(update):
+            contrib = value * w
             if key in self.sums:
                 self.sums[key] += contrib
             else:
@@ -131,14 +140,8 @@ class RobustAccumulator(Accumulator):
         self.values: dict[str, list[torch.Tensor]] = {}
 
     def add(self, update: ClientUpdate) -> None:
-        held = set(update.modalities)
-        for key, value in update.state.items():
-            if not value.is_floating_point():
-                continue
-            group = self._group(key)
-            if group is not None and group not in held:
-                continue
-            self.values.setdefault(key, []).append(value.detach().to("cpu", torch.float64))
+        for key, value in self._contributions(update):
+            self.values.setdefault(key, []).append(value)
         self.count += 1
 
     def result(self) -> StateDict:

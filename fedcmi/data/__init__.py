@@ -55,14 +55,13 @@ def make_source(cfg: Config):
 
 def prepare(cfg: Config, progress: bool = False) -> dict:
     """Turn the configured source into the prepared folder (whole or not at all); returns a summary."""
-    check_replaceable(cfg.data.prepared_dir)  # before the lock: its file goes beside a folder that may be ours
+    check_replaceable(cfg.data.prepared_dir)  # before the lock (its file goes beside the folder) and any decoding
     with exclusive(beside(cfg.data.prepared_dir), f"the prepared data {cfg.data.prepared_dir}"):
         return _prepare(cfg, progress)
 
 
 def _prepare(cfg: Config, progress: bool) -> dict:
     t0 = time.perf_counter()
-    check_replaceable(cfg.data.prepared_dir)  # before any decoding: never replace what is not ours
     source = make_source(cfg)
     info: dict[str, Any] = {"name": cfg.data.name, "seed": cfg.seed}
     if isinstance(source, RecordSource):
