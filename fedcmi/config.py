@@ -209,6 +209,16 @@ class FederationConfig(_Section):
     local_epochs: Int = Field(3, ge=1)
     batch_size: Int = Field(16, ge=1)
     min_clients: Int = Field(1, ge=1, description="valid updates a round needs to complete")
+    workers: Int | Literal["auto"] = Field(
+        "auto", description="processes that train a round's clients side by side (each with `threads` torch "
+        "threads); auto: the CPUs this process may use over `threads`. The model does not depend on it")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 1024:
+            raise ValueError("must be auto or a whole number from 1 to 1024")
+        return v
 
 
 class OptimConfig(_Section):

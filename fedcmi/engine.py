@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from fedcmi.algorithms.aggregation import StateDict
 from fedcmi.checkpoint import Checkpointer, ResumeError
 from fedcmi.config import Config
@@ -28,6 +30,7 @@ from fedcmi.io import check_writable, remove_stale_temporaries, save_state, writ
 from fedcmi.locks import exclusive, inside
 from fedcmi.partition import load_partition
 from fedcmi.rounds import Ledger
+from fedcmi.workers import ClientWorkers, resolve_workers
 
 __all__ = ["Checkpointer", "ResumeError", "TrainResult", "make_ledger", "run_fingerprint", "train", "write_outputs"]
 
@@ -50,6 +53,7 @@ def run_fingerprint(cfg: Config, partition_file: Path, data_meta: dict) -> str:
     d = cfg.to_dict()
     fed = dict(d["federation"])
     fed.pop("rounds")
+    fed.pop("workers")  # how many processes train a round does not change its model
     keep = {k: d[k] for k in ("seed", "device", "threads", "data", "partition", "model", "optim", "server",
                              "algorithm")}
     keep["federation"] = fed
@@ -109,21 +113,28 @@ def _train(cfg: Config, out_dir: Path, resume: Literal["auto", "never", "must"],
 
         bar = tqdm(total=rounds, initial=start, desc=f"{cfg.algorithm.name}", unit="round", dynamic_ncols=True)
     final = None
+    n_workers = resolve_workers(cfg)
+    pool = ClientWorkers(cfg, n_workers) if n_workers > 1 else None
+    if pool is not None:
+        log.info("training up to %d clients at a time in worker processes of %d thread(s) each", n_workers,
+                 torch.get_num_threads())
     try:
         for rnd in range(start, rounds):
             tr = time.perf_counter()
-            res = fed.run_round(state, rnd)
+            res = fed.run_round(state, rnd, pool)
             state = res.state
             ev = fed.evaluate(state, probe=policy.probes(rnd)) if policy.evaluates(rnd) else None
             if rnd + 1 == rounds:
                 final = ev  # the run's final evaluation: the same model, so not computed twice
-            rec = policy.record(rnd, res, ev.metrics if ev else None, time.perf_counter() - tr)
+            rec = policy.record(rnd, res, ev.metrics if ev else None, time.perf_counter() - tr, n_workers)
             ledger.commit(state, rec, on_round)
             if bar is not None:
                 bar.update(1)
                 if "mm_acc" in rec:
                     bar.set_postfix(_headline(rec, cfg.data.modalities))
     finally:
+        if pool is not None:
+            pool.close()
         if bar is not None:
             bar.close()
 

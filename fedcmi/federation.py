@@ -10,7 +10,9 @@ call them one at a time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +25,9 @@ from fedcmi.evaluation import EvalResult, evaluate_model
 from fedcmi.models import build_model
 from fedcmi.partition import Partition
 from fedcmi.rounds import Producer, RoundDiverged, RoundFailed, RoundPolicy, RoundResult, sample_clients
+
+if TYPE_CHECKING:
+    from fedcmi.workers import ClientWorkers
 
 __all__ = ["Federation", "RoundDiverged", "RoundFailed", "RoundResult", "resolve_device", "sample_clients"]
 
@@ -124,11 +129,19 @@ class Federation:
         """Fold (client id, producer) pairs, sorted by client id: the outcomes of a round read from files."""
         return self._fold(global_state, sorted(outcomes, key=lambda t: t[0]), rnd)
 
-    def run_round(self, global_state: StateDict, rnd: int) -> RoundResult:
-        """Sample, train each client in turn (folding as it goes, so memory holds one update), aggregate."""
+    def outcomes(self, global_state: StateDict, clients: list[int], rnd: int,
+                 workers: ClientWorkers | None = None) -> Iterator[tuple[int, Producer]]:
+        """(client id, producer) for ``clients`` in that order: trained here one by one when ``workers`` is
+        None, else trained ahead by the worker processes. Either way the same updates, bitwise."""
+        if workers is not None:
+            return workers.outcomes(global_state, clients, rnd)
+        return ((cid, partial(self.train_client, global_state, cid, rnd)) for cid in clients)
+
+    def run_round(self, global_state: StateDict, rnd: int, workers: ClientWorkers | None = None) -> RoundResult:
+        """Sample, train the clients (here, or in ``workers``), fold their updates in client order as they
+        arrive (memory holds a few updates, whatever the number of clients)."""
         clients = self.sample_clients(rnd)
-        res = self._fold(global_state, ((cid, lambda cid=cid: self.train_client(global_state, cid, rnd))
-                                        for cid in clients), rnd)
+        res = self._fold(global_state, self.outcomes(global_state, clients, rnd, workers), rnd)
         res.clients = clients
         return res
 

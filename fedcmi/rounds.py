@@ -168,14 +168,18 @@ class RoundPolicy:
             summary["clipped"] = float(len(gate.clipped))
         return RoundResult(acc.result(), [], accepted, rejected, summary, idle)
 
-    def record(self, rnd: int, res: RoundResult, metrics: dict[str, float] | None, seconds: float) -> dict:
-        """The round's line in ``history.json`` and in the tracking run."""
+    def record(self, rnd: int, res: RoundResult, metrics: dict[str, float] | None, seconds: float,
+               workers: int | None = None) -> dict:
+        """The round's line in ``history.json`` and in the tracking run; ``workers``: the processes that
+        trained its clients."""
         rec: dict = {"round": rnd + 1, "clients": res.clients, "accepted": res.accepted,
                      "rejected": res.rejected, **({"idle": res.idle} if res.idle else {}), **res.summary}
         if metrics is not None:
             rec.update(metrics)
         rec["seconds"] = round(seconds, 4)
         rec["threads"] = torch.get_num_threads()  # part of the result: another count gives another model
+        if workers is not None:  # not part of it: recorded for the time it explains
+            rec["workers"] = workers
         return rec
 
 

@@ -42,6 +42,7 @@ from fedcmi.locks import exclusive, inside
 from fedcmi.partition import load_partition
 from fedcmi.rounds import ForeignCheckpoint, Ledger, RoundPolicy, failure_reason
 from fedcmi.update_files import read_update, write_update
+from fedcmi.workers import ClientWorkers, resolve_workers
 
 log = logging.getLogger("fedcmi")
 FINAL = "final.json"
@@ -131,24 +132,31 @@ def train_worker(cfg: Config, global_model: Path, rnd: int, worker: int, per_wor
         return []
     fed = _federation(cfg)
     state, _ = load_state(global_model)
-    for cid in mine:
-        t0 = time.perf_counter()
-        path = out_dir / _client_file(cid)
-        try:
-            update = fed.train_client(state, cid, rnd)
-        except Exception as exc:  # the round rejects it, exactly as the engine does; the worker goes on
-            reason = failure_reason(cid, exc)
-            log.warning("round %d: %s", rnd + 1, reason)
-            write_update(path, rnd, cid, None, failure=reason)
-            progress(f"round {rnd + 1}: client {cid} failed: {reason}")
-            continue
-        write_update(path, rnd, cid, update)
-        if update is None:
-            print(f"round {rnd + 1}: client {cid} has nothing to train")
-            continue
-        loss = update.metrics.get("loss")
-        print(f"round {rnd + 1}: client {cid} trained in {time.perf_counter() - t0:.1f} s"
-              + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
+    n = resolve_workers(cfg, len(mine))  # a pod's CPU limit counts (its cgroup quota)
+    pool = ClientWorkers(cfg, n) if n > 1 else None
+    t0 = time.perf_counter()
+    try:
+        for cid, produce in fed.outcomes(state, mine, rnd, pool):
+            path = out_dir / _client_file(cid)
+            try:
+                update = produce()
+            except Exception as exc:  # the round rejects it, exactly as the engine does; the worker goes on
+                reason = failure_reason(cid, exc)
+                log.warning("round %d: %s", rnd + 1, reason)
+                write_update(path, rnd, cid, None, failure=reason)
+                progress(f"round {rnd + 1}: client {cid} failed: {reason}")
+                continue
+            write_update(path, rnd, cid, update)
+            if update is None:
+                print(f"round {rnd + 1}: client {cid} has nothing to train")
+                continue
+            loss = update.metrics.get("loss")
+            print(f"round {rnd + 1}: client {cid} trained, {time.perf_counter() - t0:.1f} s into the step"
+                  + (f" ({n} workers)" if pool else "")
+                  + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
+    finally:
+        if pool is not None:
+            pool.close()
     return mine
 
 

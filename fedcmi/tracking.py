@@ -134,7 +134,7 @@ def data_hash(cfg: Config, verify: bool = False) -> str:
 #: Evaluation figures of a round (see :mod:`fedcmi.evaluation`), grouped as ``eval/...`` in MLflow.
 EVAL_KEYS = ("mm_", "uni_acc_", "path_acc_", "probe_acc_", "worst_class_acc", "class_acc_spread",
              "imbalance_ratio", "pred_top_frac")
-ROUND_KEYS = ("seconds", "threads")
+ROUND_KEYS = ("seconds", "threads", "workers")
 
 
 def metric_name(key: str, algorithm: str) -> str:

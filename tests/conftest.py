@@ -15,7 +15,8 @@ TINY = {
     "partition": {"num_clients": 4, "min_samples": 4, "scheme": "iid", "max_samples_per_client": None,
                   "multimodal_fraction": 1.0},
     "model": {"embed_dim": 8, "width": 4},
-    "federation": {"rounds": 2, "clients_per_round": 2, "batch_size": 16, "local_epochs": 1},
+    # Clients train in this process unless a test asks for workers: pytest-xdist already uses every core.
+    "federation": {"rounds": 2, "clients_per_round": 2, "batch_size": 16, "local_epochs": 1, "workers": 1},
     "algorithm": {"fedcmi": {"warmup_epochs": None}},
     "evaluation": {"linear_probe": False},
     "tracking": {"enabled": False},

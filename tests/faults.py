@@ -89,9 +89,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def run_cli(args: list[str], cwd: Path, fault: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, fault: dict | None = None, timeout: float = 600,
+            env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``fedcmi ARGS`` in ``cwd``, with ``fault`` injected when given."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     if fault is None:
         cmd = [sys.executable, "-m", "fedcmi.cli", *args]
@@ -99,3 +100,35 @@ def run_cli(args: list[str], cwd: Path, fault: dict | None = None, timeout: floa
         env["FEDCMI_TEST_FAULT"] = json.dumps(fault)
         cmd = [sys.executable, "-c", _CHILD, *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+_WORKER_FAULT = r"""
+import json, os, signal
+
+_fault = json.loads(os.environ["FEDCMI_TEST_WORKER_FAULT"])
+from fedcmi.federation import Federation
+
+_real = Federation.train_client
+
+
+def _train_client(self, state, cid, rnd):
+    if rnd == _fault["round"] and cid == _fault["client"]:
+        marker = _fault["marker"]
+        if _fault["always"] or not os.path.exists(marker):
+            open(marker, "a").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return _real(self, state, cid, rnd)
+
+
+Federation.train_client = _train_client
+"""
+
+
+def worker_fault(site: Path, round: int, client: int, always: bool) -> dict[str, str]:
+    """Environment that makes every Python process started with it SIGKILL itself when it starts training
+    ``client`` in ``round`` (0-based): once (a marker file remembers) or ``always``. The code goes in a
+    ``sitecustomize`` module under ``site``, so it reaches worker processes that a run starts itself."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(_WORKER_FAULT)
+    fault = {"round": round, "client": client, "always": always, "marker": str(site / "killed-once")}
+    return {"PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "FEDCMI_TEST_WORKER_FAULT": json.dumps(fault)}
