@@ -357,10 +357,13 @@ def main() -> None:
     ap.add_argument("--max-extensions", type=int, default=3)
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, one CPU thread each")
+    ap.add_argument("--workers", type=int, default=1, help="federation.workers of each run: processes training its "
+                    "clients (the model does not depend on it); keep jobs x workers at the cores")
     ap.add_argument("--out", default=str(RESULTS / "accuracy"))
     args = ap.parse_args()
     out = Path(args.out)
     work = out / "work"
+    args.extra = [f"federation.workers={args.workers}", *args.extra]
     base = load_config(args.params, args.extra)
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:

@@ -6,7 +6,9 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +70,46 @@ def save_results(path: Path, payload: dict) -> Path:
 
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def monitor(cmd: list[str], env: dict | None = None, pss_every: float = 0.25) -> tuple[dict, float, dict[str, float]]:
+    """Run ``cmd`` (it prints a JSON line last); returns that JSON, the wall seconds and the peak memory of its
+    process tree in MiB: ``rss`` (the resident sizes added up, so pages shared between processes count once per
+    process) and ``pss`` (proportional: a page shared by k processes counts 1/k in each, so the sum is the
+    memory the tree really holds). Sampled every 50 ms (PSS every ``pss_every`` s: it reads smaps)."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root = psutil.Process(proc.pid)
+    peak = {"rss": 0.0, "pss": 0.0}
+    last_pss = 0.0
+    while proc.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+            peak["rss"] = max(peak["rss"], sum(p.memory_info().rss for p in procs if p.is_running()))
+            if time.perf_counter() - last_pss >= pss_every:
+                last_pss = time.perf_counter()
+                pss = 0
+                for p in procs:
+                    try:
+                        pss += p.memory_full_info().pss
+                    except psutil.Error:
+                        pass
+                peak["pss"] = max(peak["pss"], pss)
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[1:4]} failed ({proc.returncode}):\n{err[-4000:]}")
+    return json.loads(out.strip().splitlines()[-1]), wall, {k: v / 2**20 for k, v in peak.items()}
+
+
+BURNER = "import torch; torch.set_num_threads(1); a = torch.randn(384, 384)\nwhile True: a = torch.tanh(a @ a)"
+
+
+def second_job() -> subprocess.Popen:
+    """Another job on the machine: one process keeping one core busy (a one-thread training loop's load)."""
+    return subprocess.Popen([sys.executable, "-c", BURNER], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

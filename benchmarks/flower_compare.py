@@ -1,6 +1,6 @@
-"""fedcmi's engine against Flower's simulation: wall time and peak memory for the same FedAvg run.
+"""fedcmi's engine against Flower's simulation: wall time, per-round time and peak memory for the same FedAvg run.
 
-    python benchmarks/flower_compare.py --rounds 5 --repeats 2
+    python benchmarks/flower_compare.py --rounds 20 100 --workers 1 2 --loads idle busy
 
 Flower (``flwr[simulation]``, Ray backend) is installed for this benchmark
 only, into ``benchmarks/.flower-venv`` (made on first use; it sees the
@@ -10,11 +10,16 @@ project's own environment never holds it.
 Both run FedAvg on the default synthetic data with the same model, the same
 clients (every client every round, so no sampler differs), the same local steps
 (Flower's ClientApp calls fedcmi's own ``Federation.train_client``, the function
-the engine runs) and one evaluation of the final model. Each runs in a fresh
-process; the parent samples the resident memory of that process and all its
-children (Ray's processes included) every 50 ms. Each framework runs as it is
-meant to: the engine trains clients one after another with every CPU thread,
-Flower runs one Ray actor per CPU. Prints the figures and writes
+the engine runs), one torch thread per training process and one evaluation of
+the final model. Each framework runs as it is meant to: the engine with
+``federation.workers`` processes (1: every client in turn in the run's own
+process), Flower with one Ray actor per CPU. ``--before`` adds the engine as the
+first version ran it (one process, torch's own thread count). Each run is a
+fresh process; the parent samples the memory of it and all its children (Ray's
+processes included): the resident sizes added up, and the proportional set size
+(shared pages counted once). Per-round time is (wall of R rounds - wall of 1
+round) / (R - 1): start-up taken out. ``busy``: a second job keeps one core
+busy throughout. Prints the figures and writes
 benchmarks/results/flower_compare.json.
 """
 
@@ -23,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,37 +55,16 @@ def flower_python() -> Path:
     return py
 
 
-def monitor(cmd: list[str], env: dict) -> tuple[dict, float, float]:
-    """Run ``cmd``; returns its JSON result, wall seconds and peak resident MiB of its process tree."""
-    import psutil
-
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    root = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            procs = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    out, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[1:3]} failed ({proc.returncode}):\n{err[-4000:]}")
-    return json.loads(out.strip().splitlines()[-1]), wall, peak / 2**20
-
-
 # -- the two sides, each run in its own process -----------------------------------------------------
-def config(work: Path, rounds: int):
+def config(work: Path, rounds: int, workers: int = 1, threads: int = 1):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import SPEED_SETTING, ensure_data
 
     from fedcmi.config import load_config
 
     cfg = load_config(ROOT / "params.yaml", [
-        *SPEED_SETTING, "algorithm.name=fedavg", f"federation.rounds={rounds}", f"evaluation.every={rounds}",
+        *SPEED_SETTING, f"threads={threads}", f"federation.workers={workers}",
+        "algorithm.name=fedavg", f"federation.rounds={rounds}", f"evaluation.every={rounds}",
         "evaluation.linear_probe=false", "tracking.enabled=false", f"data.prepared_dir={work}/prepared",
         f"partition.file={work}/partition.json", f"output.dir={work}/out"])
     cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(
@@ -89,16 +72,16 @@ def config(work: Path, rounds: int):
     return cfg, ensure_data(cfg)
 
 
-def run_engine(work: Path, rounds: int) -> dict:
+def run_engine(work: Path, rounds: int, workers: int, threads: int) -> dict:
     from fedcmi.engine import train
 
-    cfg, _ = config(work, rounds)
+    cfg, _ = config(work, rounds, workers, threads)
     t0 = time.perf_counter()
     res = train(cfg, work / "engine", resume="never", progress=False)
     return {"mm_acc": res.final["mm_acc"], "seconds": time.perf_counter() - t0}
 
 
-def run_flower(work: Path, rounds: int) -> dict:
+def run_flower(work: Path, rounds: int, workers: int, threads: int) -> dict:
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
@@ -151,58 +134,80 @@ def run_flower(work: Path, rounds: int) -> dict:
     return {"mm_acc": result.get("mm_acc"), "seconds": time.perf_counter() - t0}
 
 
+SIDES = {"engine": "engine, {w} worker(s)", "before": "engine as before (1 process, torch's threads)",
+         "flower": "Flower simulation (1 Ray actor per CPU)"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, nargs="+", default=[20, 100])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="engine worker counts to time")
+    ap.add_argument("--loads", nargs="+", choices=["idle", "busy"], default=["idle", "busy"])
+    ap.add_argument("--before", action="store_true", help="also time the engine as the first version ran it")
     ap.add_argument("--side", choices=["engine", "flower"], help=argparse.SUPPRESS)  # a child process
     ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "flower_compare.json"))
     args = ap.parse_args()
     if args.side:
         fn = run_engine if args.side == "engine" else run_flower
-        print(json.dumps(fn(Path(args.work), args.rounds)))
+        print(json.dumps(fn(Path(args.work), args.rounds[0], args.workers[0], args.threads)))
         return
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from common import save_results
+    from common import monitor, save_results, second_job
 
     py = flower_python()
     work = Path(tempfile.mkdtemp(prefix="fedcmi-flower-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
-    config(work, args.rounds)  # prepare the data once, outside the timings
+    config(work, 1)  # prepare the data once, outside the timings
     me = str(Path(__file__).resolve())
-    rounds_list = sorted({1, args.rounds})
-    sides: dict[str, dict[int, dict[str, list]]] = {"engine": {}, "flower": {}}
-    for rep in range(args.repeats):
-        for rounds in rounds_list:
-            for side, python in (("engine", sys.executable), ("flower", str(py))):
-                out, wall, peak = monitor([python, me, "--side", side, "--work", str(work), "--rounds",
-                                           str(rounds)], env)
-                rec = sides[side].setdefault(rounds, {})
-                for key, value in (("wall_seconds", wall), ("peak_mib", peak), ("mm_acc", out["mm_acc"])):
-                    rec.setdefault(key, []).append(value)
-                print(f"repeat {rep}, {rounds} round(s), {side:6s}: {wall:6.1f}s wall, peak {peak:7.0f} MiB "
-                      f"(process tree), final accuracy {out['mm_acc']:.3f}", flush=True)
-    med = {s: {r: {k: statistics.median(v) for k, v in d.items()} for r, d in per.items()} for s, per in sides.items()}
-    r = args.rounds
-    e, f = med["engine"], med["flower"]
-    figures = {
-        "rounds": r, "clients_per_round": 10, "flower": FLWR,
-        "engine": e[r], "flower_simulation": f[r],
-        "wall_time_ratio_flower_over_engine": round(f[r]["wall_seconds"] / e[r]["wall_seconds"], 3),
-        "peak_memory_ratio_flower_over_engine": round(f[r]["peak_mib"] / e[r]["peak_mib"], 3),
-        "repeats": {s: {str(k): v for k, v in per.items()} for s, per in sides.items()},
-    }
-    if r > 1:  # the cost of one more round, start-up (Python, torch, Ray) taken out
-        per_round = {s: (m[r]["wall_seconds"] - m[1]["wall_seconds"]) / (r - 1) for s, m in med.items()}
-        figures["seconds_per_round"] = {s: round(v, 3) for s, v in per_round.items()}
-        figures["startup_seconds"] = {s: round(m[1]["wall_seconds"] - per_round[s], 3) for s, m in med.items()}
-        figures["per_round_ratio_flower_over_engine"] = round(per_round["flower"] / per_round["engine"], 3)
-    print(f"Flower / engine over {r} rounds: wall time x{figures['wall_time_ratio_flower_over_engine']}, "
-          f"peak memory x{figures['peak_memory_ratio_flower_over_engine']}"
-          + (f"; per round x{figures['per_round_ratio_flower_over_engine']}" if r > 1 else ""))
-    save_results(Path(args.out), figures)
+    rounds_list = sorted({1, *args.rounds})
+    # (label, python, side, workers, threads)
+    sides = [(f"engine_w{w}", sys.executable, "engine", w, 1) for w in args.workers]
+    if args.before:
+        sides.insert(0, ("engine_before", sys.executable, "engine", 1, 0))
+    sides.append(("flower", str(py), "flower", 1, 1))
+    runs: dict[str, dict[str, dict[str, dict]]] = {}
+    for load in args.loads:
+        job = second_job() if load == "busy" else None
+        try:
+            for rounds in rounds_list:
+                for label, python, side, w, t in sides:
+                    out, wall, peak = monitor([python, me, "--side", side, "--work", str(work), "--rounds",
+                                               str(rounds), "--workers", str(w), "--threads", str(t)], env)
+                    runs.setdefault(load, {}).setdefault(label, {})[str(rounds)] = {
+                        "wall_seconds": round(wall, 3), "peak_rss_mib": round(peak["rss"], 1),
+                        "peak_pss_mib": round(peak["pss"], 1), "mm_acc": out["mm_acc"]}
+                    print(f"{load:4s} {rounds:3d} round(s) {label:13s}: {wall:7.1f} s wall, peak "
+                          f"{peak['rss']:6.0f} MiB RSS / {peak['pss']:6.0f} MiB PSS, final accuracy "
+                          f"{out['mm_acc']:.4f}", flush=True)
+        finally:
+            if job is not None:
+                job.kill()
+                job.wait()
+    summary: dict[str, dict] = {}
+    for load, per in runs.items():
+        for label, by_r in per.items():
+            one = by_r["1"]["wall_seconds"]
+            row: dict = {"startup_and_one_round_seconds": one}
+            for r in args.rounds:
+                if r > 1:
+                    row[f"per_round_seconds_{r}"] = round((by_r[str(r)]["wall_seconds"] - one) / (r - 1), 3)
+                row[f"wall_seconds_{r}"] = by_r[str(r)]["wall_seconds"]
+                row[f"mm_acc_{r}"] = by_r[str(r)]["mm_acc"]
+            row["peak_rss_mib"] = max(v["peak_rss_mib"] for v in by_r.values())
+            row["peak_pss_mib"] = max(v["peak_pss_mib"] for v in by_r.values())
+            summary.setdefault(load, {})[label] = row
+        fl = summary[load]["flower"]
+        for label, row in summary[load].items():
+            if label == "flower":
+                continue
+            row["flower_over_this"] = {k: round(fl[k] / row[k], 3) for k in row
+                                       if k.startswith(("per_round", "wall", "peak")) and row[k]}
+            print(f"{load}: Flower / {label}: " + ", ".join(f"{k} x{v}" for k, v in row["flower_over_this"].items()))
+    save_results(Path(args.out), {"clients_per_round": 10, "flower": FLWR, "rounds": args.rounds, "loads": args.loads,
+                                  "summary": summary, "runs": runs})
 
 
 if __name__ == "__main__":

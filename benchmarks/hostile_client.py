@@ -70,7 +70,9 @@ def run(work: Path, rounds: int, seed: int, extra: list[str], attack: str | None
     cfg = load_config(ROOT / "params.yaml", [
         f"seed={seed}", f"federation.rounds={rounds}", "tracking.enabled=false", "evaluation.linear_probe=false",
         f"data.prepared_dir={work / f'prepared{seed}'}", f"partition.file={work / f'partition{seed}.json'}",
-        f"output.dir={work / 'out'}", *extra])
+        f"output.dir={work / 'out'}",
+        "federation.workers=1",  # the liar is patched into this process's clients, so they must train here
+        *extra])
     ensure_data(cfg)
     norms: list[float] = []
     diverged: str | None = None

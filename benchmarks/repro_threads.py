@@ -1,14 +1,17 @@
-"""`dvc repro` from scratch with torch's default threads against the `threads` setting, idle and loaded.
+"""`dvc repro` from scratch: torch's threads and the client workers, idle and loaded.
 
 Each measurement clones the committed project into a temporary folder (a fresh git repository, as a user's
-first `dvc repro` finds it), sets `threads` in its params.yaml and times `dvc repro` end to end (prepare,
-partition, train, evaluate, register into a new local MLflow store). "Loaded" runs two such jobs at once,
-in two clones, as two users or an experiment queue sharing the machine do; both walls are reported. The
-final mm_acc of every run shows whether the same settings gave the same model.
+first `dvc repro` finds it), sets `threads` and `federation.workers` in its params.yaml and times `dvc repro`
+end to end (prepare, partition, train, evaluate, register into a new local MLflow store). "Loaded" runs two
+such jobs at once, in two clones, as two users or an experiment queue sharing the machine do; both walls are
+reported. The final mm_acc of every run shows whether the same settings gave the same model.
 
-    python benchmarks/repro_threads.py --threads 0 1 --out benchmarks/results/repro_threads.json
+    python benchmarks/repro_threads.py --threads 0 1 --workers 1 --out benchmarks/results/repro_threads.json
+    python benchmarks/repro_threads.py --threads 1 --workers 1 auto --out benchmarks/results/repro_workers.json
 
-`threads: 0` is the first version's behaviour (torch's default, one thread per core); 1 is the new default.
+`threads: 0` is the first version's behaviour (torch's default, one thread per core); 1 is the default.
+`workers: 1` trains a round's clients in turn in one process (every version before parallel workers);
+`auto` is the default (the usable CPUs over `threads`).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, save_results  # noqa: E402
 
 
-def clone(dest: Path, threads: int) -> Path:
+def clone(dest: Path, threads: int, workers: str) -> Path:
     subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["threads"] = threads
+    params["federation"]["workers"] = workers if workers == "auto" else int(workers)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dest
 
@@ -57,8 +61,8 @@ def finish(proc: subprocess.Popen, t0: float, repo: Path) -> dict:
             "s_per_round": round(train_s / len(history), 2), "mm_acc": round(final["mm_acc"], 4)}
 
 
-def measure(threads: int, jobs: int, work: Path) -> list[dict]:
-    repos = [clone(work / f"t{threads}-j{jobs}-{i}", threads) for i in range(jobs)]
+def measure(threads: int, workers: str, jobs: int, work: Path) -> list[dict]:
+    repos = [clone(work / f"t{threads}-w{workers}-j{jobs}-{i}", threads, workers) for i in range(jobs)]
     running = [start(r) for r in repos]
     return [finish(p, t0, r) for (p, t0), r in zip(running, repos, strict=False)]
 
@@ -66,17 +70,19 @@ def measure(threads: int, jobs: int, work: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--workers", nargs="+", default=["1"], help="federation.workers values (a number or auto)")
     ap.add_argument("--out", type=Path, default=RESULTS / "repro_threads.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedcmi-repro-threads-"))
     rows = []
     try:
         for threads in args.threads:
-            for jobs, load in ((1, "idle"), (2, "loaded (two jobs at once)")):
-                runs = measure(threads, jobs, work)
-                row = {"threads": threads, "load": load, "runs": runs}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            for workers in args.workers:
+                for jobs, load in ((1, "idle"), (2, "loaded (two jobs at once)")):
+                    runs = measure(threads, workers, jobs, work)
+                    row = {"threads": threads, "workers": workers, "load": load, "runs": runs}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     save_results(args.out, {"setting": "params.yaml defaults (dvc repro --force from a fresh clone)", "rows": rows})

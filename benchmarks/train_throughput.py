@@ -2,6 +2,8 @@
 
     python benchmarks/train_throughput.py --device cuda --precision bf16-mixed --samples 1024 --batch-size 64
     python benchmarks/train_throughput.py --device cpu --samples 48 --batch-size 16      # no GPU at hand
+    python benchmarks/train_throughput.py --device cuda --precision bf16-mixed --samples 1024 --batch-size 64 \
+        --clients 8 --client-workers 4     # a round of 8 small clients, 4 trained at once on the one GPU
 
 One client holding ``--samples`` CREMA-D-shaped samples (a 1 x 257 x 299 log
 spectrogram, ``--frames`` 3 x 224 x 224 uint8 frames, 6 classes) in the prepared,
@@ -132,22 +134,26 @@ def engine_epoch(cfg, dm, device: torch.device) -> tuple[float, float | None]:
     return seconds, poll.mean
 
 
-def round_time(cfg, dm, device: torch.device) -> dict:
+def round_time(cfg, dm, device: torch.device, client_workers: int = 1) -> dict:
     """A whole round (every client trains one local epoch, the server folds the updates) and the global
-    model's evaluation on the test split, timed after a warm-up round."""
+    model's evaluation on the test split, timed after a warm-up round (which also starts the workers). With
+    ``client_workers`` > 1 that many processes train clients at once, each on the same device."""
     from fedcmi.partition import load_partition
+    from fedcmi.workers import ClientWorkers
 
     fed = Federation(cfg, dm, load_partition(cfg.partition.file), device)
-    state = fed.run_round(fed.initial_state(), 0).state  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
-    res = fed.run_round(state, 1)
-    sync(device)
-    trained = time.perf_counter() - t0
+    with ClientWorkers(cfg, client_workers) as pool:
+        workers = pool if client_workers > 1 else None
+        state = fed.run_round(fed.initial_state(), 0, workers).state  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        res = fed.run_round(state, 1, workers)
+        sync(device)
+        trained = time.perf_counter() - t0
     t1 = time.perf_counter()
     fed.evaluate(res.state)
     sync(device)
-    return {"clients": len(res.accepted), "round_s": round(trained, 3),
+    return {"clients": len(res.accepted), "client_workers": client_workers, "round_s": round(trained, 3),
             "evaluate_s": round(time.perf_counter() - t1, 3), "round_samples_per_s": round(len(dm.train) / trained, 2)}
 
 
@@ -162,6 +168,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="loader.workers: processes reading batches")
     ap.add_argument("--clients", type=int, default=0,
                     help="also time a whole round of this many clients sharing the samples (0: skip)")
+    ap.add_argument("--client-workers", type=int, default=1,
+                    help="federation.workers for that round: processes training clients at once on the device")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -200,13 +208,15 @@ def main() -> None:
                 "federation": cfg.federation.model_copy(update={"clients_per_round": args.clients,
                                                                 "local_epochs": 1})})
             save_partition(make_partition(many, dm.train.labels, dm.spec.modalities, 6), many.partition.file)
-            row["round"] = round_time(many, dm, device)
+            row["round"] = round_time(many, dm, device, args.client_workers)
         rows[algorithm] = row
         print(f"{algorithm}: {row}", flush=True)
-    suffix = (f"_w{args.workers}" if args.workers else "") + (f"_c{args.clients}" if args.clients > 1 else "")
+    suffix = ((f"_w{args.workers}" if args.workers else "") + (f"_c{args.clients}" if args.clients > 1 else "")
+              + (f"_p{args.client_workers}" if args.client_workers > 1 else ""))
     name = args.out or str(RESULTS / f"train_throughput_{device.type}_{args.precision}{suffix}.json")
     save_results(Path(name), {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                               "precision": args.precision, "loader_workers": args.workers, "clients": args.clients,
+                              "client_workers": args.client_workers,
                               "samples": args.samples, "batch_size": args.batch_size,
                               "frames": args.frames, "shapes": {"audio": [1, 257, 299], "visual": [args.frames, 3,
                                                                                                     224, 224]},

@@ -229,6 +229,10 @@ class ClientWorkers:
     def outcomes(self, global_state: StateDict, clients: list[int], rnd: int) -> Iterator[tuple[int, Producer]]:
         """(client id, producer) for each of ``clients`` in the order given, trained ahead in the workers."""
         path = self._publish(global_state, rnd)
+        for i, w in enumerate(self._workers):  # still busy with a round its caller gave up on: its answer is stale
+            if w.client is not None:
+                w.stop(kill=True)
+                self._workers[i] = _Worker(self.cfg)
         while len(self._workers) < min(self.n, len(clients)):
             self._workers.append(_Worker(self.cfg))
         todo = deque(clients)

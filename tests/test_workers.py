@@ -173,3 +173,25 @@ def test_a_bad_worker_count_is_one_error_naming_the_field(value):
     with pytest.raises(ConfigError) as err:
         config_from_dict(merge(TINY, {"federation": {"workers": value}}))
     assert "federation.workers" in str(err.value)
+
+
+def test_a_round_given_up_half_way_leaves_nothing_stale_for_the_next(tiny):
+    from fedcmi.data import DataModule
+    from fedcmi.federation import Federation
+    from fedcmi.partition import load_partition
+    from fedcmi.workers import ClientWorkers
+
+    cfg = tiny(federation={"clients_per_round": 4, "workers": 2})
+    fed = Federation(cfg, DataModule(cfg.data.prepared_dir), load_partition(cfg.partition.file))
+    state = fed.initial_state()
+    with ClientWorkers(cfg, 2) as pool:
+        first = pool.outcomes(state, [0, 1, 2, 3], 0)
+        next(first)
+        first.close()  # the caller stops reading round 0 with two clients still training
+        got = [(cid, produce()) for cid, produce in pool.outcomes(state, [3, 1, 0, 2], 1)]
+    assert [cid for cid, _ in got] == [3, 1, 0, 2]  # in the order asked for, whatever finished first
+    for cid, update in got:
+        want = fed.train_client(state, cid, 1)
+        assert update is not None and want is not None
+        assert update.num_examples == want.num_examples and update.metrics == want.metrics
+        assert all(torch.equal(update.state[k], want.state[k]) for k in want.state), cid
