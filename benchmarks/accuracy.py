@@ -399,7 +399,7 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         # 1. lr selection on the validation split, growing the grid past a winning edge.
         pending = {(s, n) for s, names in plan.items() for n in names}
-        for _ in range(args.max_extensions + 1):
+        for extension in range(args.max_extensions + 1):
             run_wave(pool, [(s, n, lr, seed) for s, n in sorted(pending) for lr in grids[s][n]
                             for seed in args.select_seeds])
             grown = set()
@@ -407,7 +407,7 @@ def main() -> None:
                 best = select_lr(val_scores(results, s, n, grids[s][n], args.select_seeds))
                 selected[s][n] = best
                 nxt = next_lr(grids[s][n], best)
-                if nxt is not None:
+                if nxt is not None and extension < args.max_extensions:  # never a grid lr that will not run
                     grids[s][n] = sorted(grids[s][n] + [nxt])
                     grown.add((s, n))
             pending = grown

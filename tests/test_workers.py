@@ -159,13 +159,18 @@ def test_auto_is_the_usable_cpus_over_threads_and_never_more_than_the_clients(tm
     monkeypatch.setattr(fedcmi.workers, "usable_cpus", lambda: 8)
 
     def cfg(**fed):
-        return config_from_dict(merge(TINY, {"partition": {"num_clients": 6}, "federation": {"clients_per_round": 6, **fed}}))
+        return config_from_dict(merge(TINY, {"device": "cpu", "partition": {"num_clients": 6},
+                                             "federation": {"clients_per_round": 6, **fed}}))
 
     assert resolve_workers(cfg(workers="auto")) == 6
     assert resolve_workers(cfg(workers="auto").model_copy(update={"threads": 2})) == 4
     assert resolve_workers(cfg(workers="auto").model_copy(update={"threads": 0})) == 1  # torch's own threads
     assert resolve_workers(cfg(workers=3)) == 3
     assert resolve_workers(cfg(workers=3), clients=2) == 2
+    on_gpu = cfg(workers="auto").model_copy(update={"device": "cuda"})
+    assert resolve_workers(on_gpu) == fedcmi.workers.GPU_AUTO_CAP  # each worker holds a CUDA context
+    assert resolve_workers(on_gpu.model_copy(update={"federation": on_gpu.federation.model_copy(
+        update={"workers": 6})})) == 6  # a number given is taken as it is
 
 
 @pytest.mark.parametrize("value", [0, -1, 2000, "many", 1.5, True])
