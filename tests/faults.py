@@ -89,6 +89,23 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def fedcmi_project(root: Path, **federation) -> Path:
+    """A prepared and partitioned tiny FedCMI project in ``root`` (half the clients multimodal), its
+    ``federation`` section overridden by ``federation``; made through the command line."""
+    import yaml
+    from conftest import TINY, merge
+
+    raw = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    raw["algorithm"]["name"] = "fedcmi"
+    raw["partition"]["multimodal_fraction"] = 0.5
+    raw["federation"].update(federation)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    for cmd in ("prepare", "partition"):
+        r = run_cli([cmd], root)
+        assert r.returncode == 0, r.stderr
+    return root
+
+
 def run_cli(args: list[str], cwd: Path, fault: dict | None = None, timeout: float = 600,
             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``fedcmi ARGS`` in ``cwd``, with ``fault`` injected when given."""

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY, merge
-from faults import ROOT, run_cli
+from faults import ROOT, fedcmi_project, run_cli
 
 from fedcmi.config import load_config
 from fedcmi.federation import sample_clients
@@ -32,16 +32,7 @@ ROUNDS = 4
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A prepared and partitioned tiny project: FedCMI, half the clients multimodal, 4 rounds."""
-    root = tmp_path_factory.mktemp("faults")
-    raw = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
-    raw["algorithm"]["name"] = "fedcmi"
-    raw["partition"]["multimodal_fraction"] = 0.5
-    raw["federation"]["rounds"] = ROUNDS
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    for cmd in ("prepare", "partition"):
-        r = run_cli([cmd], root)
-        assert r.returncode == 0, r.stderr
-    return root
+    return fedcmi_project(tmp_path_factory.mktemp("faults"), rounds=ROUNDS)
 
 
 def train(project: Path, name: str, fault: dict | None = None, *extra: str):

@@ -18,9 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import yaml
 from conftest import TINY, merge
-from faults import ROOT, run_cli, worker_fault
+from faults import ROOT, fedcmi_project, run_cli, worker_fault
 
 from fedcmi.config import ConfigError, config_from_dict, load_config
 from fedcmi.federation import sample_clients
@@ -34,16 +33,7 @@ ROUNDS = 3
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A tiny FedCMI project where every round trains all 4 clients, half of them multimodal."""
-    root = tmp_path_factory.mktemp("workers")
-    raw = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
-    raw["algorithm"]["name"] = "fedcmi"
-    raw["partition"]["multimodal_fraction"] = 0.5
-    raw["federation"].update(rounds=ROUNDS, clients_per_round=4)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    for cmd in ("prepare", "partition"):
-        r = run_cli([cmd], root)
-        assert r.returncode == 0, r.stderr
-    return root
+    return fedcmi_project(tmp_path_factory.mktemp("workers"), rounds=ROUNDS, clients_per_round=4)
 
 
 def train(project: Path, name: str, workers: int, *extra: str, env: dict[str, str] | None = None):
