@@ -85,11 +85,20 @@ RUNS: dict[str, list[str]] = {
     # no distillation. What FedCMI gains over this comes from infiltration and modality-aware aggregation.
     "Uni-modal heads only": ["algorithm.name=fedcmi", "algorithm.fedcmi.infiltration=false",
                              "algorithm.aggregation=plain"],
+    # The suite beyond FedCMI: each at its own defaults; the protocol tunes the client lr alone.
+    "PMR": ["algorithm.name=pmr"],
+    "UMT": ["algorithm.name=umt"],
+    "UME": ["algorithm.name=ume"],
+    "MMPareto": ["algorithm.name=mmpareto"],
+    "FedAvgM": ["algorithm.name=fedavgm"],
+    "FedAdam": ["algorithm.name=fedadam"],
+    "SCAFFOLD": ["algorithm.name=scaffold"],
 }
+SUITE = ["PMR", "UMT", "UME", "MMPareto", "FedAvgM", "FedAdam", "SCAFFOLD"]
 SETTING_RUNS: dict[str, list[str]] = {
     "default": list(RUNS),
     # With every client multimodal, modality-aware aggregation is plain aggregation: those runs would repeat.
-    "iid": ["FedAvg", "FedAvg audio only", "FedAvg visual only", "FedCMI", "FedCMI w/o infiltration"],
+    "iid": ["FedAvg", "FedAvg audio only", "FedAvg visual only", "FedCMI", "FedCMI w/o infiltration", *SUITE],
 }
 COLUMNS = ["mm_acc", "path_acc_audio", "path_acc_visual", "uni_acc_audio", "uni_acc_visual", "probe_acc_audio",
            "probe_acc_visual", "worst_class_acc"]

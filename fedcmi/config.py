@@ -175,6 +175,19 @@ class DataConfig(_Section):
         return v
 
 
+class FaultsConfig(_Section):
+    """Data faults as real deployments have them (FedMultimodal, Feng et al., KDD 2023), drawn per sample
+    from the seed when the partition is made and kept in the partition file, so every executor and every
+    method sees the same faulty data. Rates are fractions of a client's samples."""
+
+    missing_modality: Float = Field(0.0, ge=0, le=1, description="training samples of multimodal clients that "
+                                    "lose one of their two modalities (zero-filled; which one drawn evenly)")
+    label_noise: Float = Field(0.0, ge=0, le=1, description="training samples whose label is replaced by another "
+                               "class drawn evenly")
+    missing_labels: Float = Field(0.0, ge=0, lt=1, description="training samples without a label (left out of "
+                                  "training; every client keeps at least one labelled sample)")
+
+
 class PartitionConfig(_Section):
     """How the training set is split across clients (seeded by ``seed``)."""
 
@@ -188,6 +201,7 @@ class PartitionConfig(_Section):
     min_samples: Int = Field(8, ge=1)
     max_attempts: Int = Field(100, ge=1)
     file: Path = Path("data/partition.json")
+    faults: FaultsConfig = FaultsConfig()
 
 
 class ModelConfig(_Section):
@@ -252,6 +266,22 @@ class ServerConfig(_Section):
                                     "is scaled down to before it is combined; null: no clipping")
     max_change_ratio: Float = Field(10.0, gt=0, allow_inf_nan=False, description="an update whose change is "
                                     "larger than this times max(1, norm of the global model) is refused")
+    optimizer: Literal["auto", "none", "momentum", "adam"] = Field(
+        "auto", description="the server's step after aggregation (Reddi et al., ICLR 2021): none (take the "
+        "aggregate), momentum (FedAvgM), adam (FedAdam); auto: the algorithm's own (fedavgm: momentum, "
+        "fedadam: adam, every other: none)")
+    lr: Float | None = Field(None, gt=0, allow_inf_nan=False, description="server learning rate; null: 1.0 for "
+                             "momentum, 0.01 for adam")
+    momentum: Float = Field(0.9, ge=0, lt=1, description="momentum: the server momentum")
+    betas: tuple[Float, Float] = Field((0.9, 0.99), description="adam: the moments' decay rates")
+    tau: Float = Field(1e-3, gt=0, allow_inf_nan=False, description="adam: the adaptivity (added to sqrt(v))")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("both betas must lie in [0, 1)")
+        return v
 
 
 OptionsT = TypeVar("OptionsT", bound=BaseModel)
@@ -274,6 +304,9 @@ class AlgorithmConfig(BaseModel):
     mu: Float = Field(0.0, ge=0, description="proximal weight for fedprox and fedcmi; 0 turns it off")
     modality: str | None = Field(None, description="the modality trained by 'unimodal'")
     aggregation: Literal["auto", "plain", "modality_aware"] = "auto"
+    control_variates: bool | Literal["auto"] = Field(
+        "auto", description="SCAFFOLD's drift correction (Karimireddy et al., ICML 2020) on top of the "
+        "algorithm's client update; auto: on for scaffold only")
 
     @field_validator("name")
     @classmethod
@@ -322,6 +355,9 @@ class EvaluationConfig(_Section):
         "stop a run as diverged")
     divergence_margin: Float = Field(
         0.02, ge=0, le=1, allow_inf_nan=False, description="within this of chance accuracy counts as at chance")
+    missing_modality: Float = Field(
+        0.0, ge=0, le=1, description="evaluated samples that lose one modality (zero-filled, drawn from the seed "
+        "per split): a test-time fault; the linear probes always see both")
 
 
 class TrackingConfig(_Section):
@@ -360,7 +396,7 @@ class OutputConfig(_Section):
 #: Dataset sections of ``data``, each used only when ``data.name`` names it.
 DATASET_SECTIONS = ("synthetic", "cremad", "ave", "crisismmd")
 #: Settings of ``algorithm`` every algorithm reads.
-SHARED_ALGORITHM_KEYS = ("name", "aggregation")
+SHARED_ALGORITHM_KEYS = ("name", "aggregation", "control_variates")
 #: Keys of ``data.synthetic`` that one generator reads and the other does not.
 SYNTHETIC_ONLY: dict[str, tuple[str, ...]] = {
     "latent": ("strong_blind", "intensity", "weak_noise", "weak_clutter"),
@@ -399,7 +435,16 @@ class Config(_Section):
                 f"data.modalities must be {list(fixed)} for data.name {self.data.name!r}, got {list(mods)}")
         if self.data.name == "synthetic" and self.data.synthetic.strong_modality not in mods:
             raise ValueError(f"data.synthetic.strong_modality must be one of {list(mods)}")
-        _algorithms()[self.algorithm.name].check(self)
+        strategy = _algorithms()[self.algorithm.name]
+        strategy.check(self)
+        own = strategy.server_optimizer
+        if own != "none" and self.server.optimizer not in ("auto", own):
+            raise ValueError(f"server.optimizer {self.server.optimizer!r} contradicts algorithm.name "
+                             f"{self.algorithm.name!r}, whose server step is {own!r}; for another step use "
+                             f"algorithm.name 'fedavg' with server.optimizer {self.server.optimizer!r}")
+        if strategy.control_variates and self.algorithm.control_variates is False:
+            raise ValueError(f"algorithm.control_variates cannot be false for {self.algorithm.name!r}, whose "
+                             "client update is the drift correction; use algorithm.name 'fedavg'")
         if self.federation.clients_per_round > self.partition.num_clients:
             raise ValueError(
                 f"federation.clients_per_round ({self.federation.clients_per_round}) exceeds "
@@ -421,6 +466,20 @@ class Config(_Section):
         if self.algorithm.aggregation != "auto":
             return self.algorithm.aggregation
         return str(_algorithms()[self.algorithm.name].aggregation)
+
+    @property
+    def server_optimizer(self) -> str:
+        """The server step in force: ``server.optimizer``, or the algorithm's own when it is auto."""
+        if self.server.optimizer != "auto":
+            return self.server.optimizer
+        return str(_algorithms()[self.algorithm.name].server_optimizer)
+
+    @property
+    def control_variates(self) -> bool:
+        """Whether clients correct their drift with SCAFFOLD's control variates."""
+        if self.algorithm.control_variates != "auto":
+            return bool(self.algorithm.control_variates)
+        return bool(_algorithms()[self.algorithm.name].control_variates)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from fedcmi.algorithms.aggregation import StateDict
+from fedcmi.algorithms.aggregation import StateDict, model_state
 from fedcmi.checkpoint import Checkpointer, ResumeError
 from fedcmi.config import Config
 from fedcmi.data import DataModule
@@ -142,7 +142,9 @@ def _train(cfg: Config, out_dir: Path, resume: Literal["auto", "never", "must"],
         final = fed.evaluate(state, probe=cfg.evaluation.linear_probe)
     ledger.finish(final.metrics["mm_acc"])
     history = ledger.history
-    return TrainResult(state, history, final.metrics, final.confusion, start, time.perf_counter() - t0)
+    # the model alone: the server's state (moments, control variates) lives on in the checkpoints
+    return TrainResult(model_state(state), history, final.metrics, final.confusion, start,
+                       time.perf_counter() - t0)
 
 
 CURVE_KEYS = ("mm_acc", "uni_acc_", "path_acc_", "worst_class_acc", "mm_f1", "train_loss")

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedcmi.algorithms import ClientContext, ClientUpdate, Strategy, get_strategy
-from fedcmi.algorithms.aggregation import StateDict
+from fedcmi.algorithms.aggregation import StateDict, model_state, split_state
 from fedcmi.algorithms.base import derive_seed
+from fedcmi.algorithms.server_step import client_control
 from fedcmi.config import Config
 from fedcmi.data import DataModule
 from fedcmi.evaluation import EvalResult, evaluate_model
@@ -87,7 +88,8 @@ class Federation:
         return {k: v.detach().cpu().clone() for k, v in build_model(self.cfg, self.data.spec).state_dict().items()}
 
     def load(self, state: StateDict) -> None:
-        self.model.load_state_dict(state, strict=True)
+        """Load the model's part of a federation state (the server's ``aux/`` state stays out of it)."""
+        self.model.load_state_dict(model_state(state), strict=True)
 
     # -- the round's parts ---------------------------------------------------------
     def sample_clients(self, rnd: int) -> list[int]:
@@ -116,8 +118,14 @@ class Federation:
         if ctx is None:
             return None
         self.load(global_state)
+        if self.cfg.control_variates:
+            names = [n for n, _ in self.model.named_parameters()]
+            ctx.control = client_control(split_state(global_state)[1], cid, names)
         torch.manual_seed(ctx.seed)
-        return self.strategy.train_client(self.model, ctx)
+        update = self.strategy.train_client(self.model, ctx)
+        if ctx.control_out is not None:
+            update.extra = ctx.control_out
+        return update
 
     def aggregate(self, global_state: StateDict, updates: Iterable[ClientUpdate], rnd: int) -> RoundResult:
         """Check and fold the updates in client order; fail the round below ``min_clients``."""

@@ -26,8 +26,9 @@ import torch
 
 from fedcmi.admission import Admission
 from fedcmi.algorithms import ClientUpdate, Strategy, UpdateRejected
-from fedcmi.algorithms.aggregation import NonFiniteUpdate, RunawayUpdate, StateDict
+from fedcmi.algorithms.aggregation import NonFiniteUpdate, RunawayUpdate, StateDict, split_state
 from fedcmi.algorithms.base import derive_seed
+from fedcmi.algorithms.server_step import ControlVariates, server_step
 from fedcmi.checkpoint import Checkpointer, DamagedIndex, ResumeError, new_run_id
 from fedcmi.config import Config
 from fedcmi.divergence import Diverged, DivergenceGuard, lr_advice
@@ -118,8 +119,11 @@ class RoundPolicy:
         :class:`RoundDiverged` when every rejection was NaN/Inf) and the global model stays. A round where
         no sampled client has anything to train is idle: the global model stays, and the run goes on.
         """
-        gate = Admission(rnd, frozenset(self.clients(rnd)), partition, strategy, self.cfg.server, global_state)
-        acc = strategy.accumulator(model, global_state)
+        weights, aux = split_state(global_state)
+        gate = Admission(rnd, frozenset(self.clients(rnd)), partition, strategy, self.cfg.server, weights)
+        acc = strategy.accumulator(model, weights)
+        controls = (ControlVariates({n: p.shape for n, p in model.named_parameters()}, len(partition.clients), aux)
+                    if self.cfg.control_variates else None)
         accepted: list[int] = []
         idle: list[int] = []
         rejected: dict[int, str] = {}
@@ -134,6 +138,8 @@ class RoundPolicy:
                     idle.append(cid)
                     continue
                 u = gate.admit(cid, u)
+                if controls is not None:
+                    controls.check(u)
             except UpdateRejected as exc:
                 rejected[cid] = str(exc)
                 if isinstance(exc, NonFiniteUpdate):
@@ -144,6 +150,8 @@ class RoundPolicy:
                 rejected[cid] = failure_reason(cid, exc)
             else:
                 acc.add(u)
+                if controls is not None:
+                    controls.add(u)
                 accepted.append(cid)
                 kept.append(ClientUpdate(u.client_id, {}, u.num_examples, u.modalities, u.metrics))
                 continue
@@ -166,7 +174,10 @@ class RoundPolicy:
         summary = strategy.round_summary(kept)
         if self.cfg.server.clip_norm is not None:
             summary["clipped"] = float(len(gate.clipped))
-        return RoundResult(acc.result(), [], accepted, rejected, summary, idle)
+        if controls is not None:
+            aux = controls.result()
+        state, aux = server_step(self.cfg.server, self.cfg.server_optimizer, weights, acc.result(), aux)
+        return RoundResult({**state, **aux}, [], accepted, rejected, summary, idle)
 
     def record(self, rnd: int, res: RoundResult, metrics: dict[str, float] | None, seconds: float,
                workers: int | None = None) -> dict:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from fedcmi.algorithms.aggregation import StateDict
+from fedcmi.algorithms.aggregation import StateDict, model_state
 from fedcmi.checkpoint import STATE_FILE, Checkpointer
 from fedcmi.config import Config
 from fedcmi.data import DataModule
@@ -240,6 +240,7 @@ def finish(cfg: Config, store: Path, out_model: Path) -> dict | None:
         final = {"metrics": ev.metrics, "confusion": ev.confusion}
         write_json(final_file, final)
     meta = {"kind": "global", "round": cfg.federation.rounds, "algorithm": cfg.algorithm.name}
+    state = model_state(state)  # the server's state stays in the store's checkpoints
     save_state(Path(store) / MODEL, state, meta)
     save_state(out_model, state, meta)
     write_json(Path(store) / "history.json", ledger.history)

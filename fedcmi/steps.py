@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from fedcmi.algorithms.aggregation import StateDict
+from fedcmi.algorithms.aggregation import StateDict, model_state
 from fedcmi.config import Config
 from fedcmi.data import DataModule
 from fedcmi.errors import CommandError
@@ -38,12 +38,13 @@ def _federation(cfg: Config) -> Federation:
 
 def _load_global(fed: Federation, path: str | Path):
     state, meta = load_state(path)
+    weights = model_state(state)  # a global state may carry the server's state (aux/ keys) beside the model
     expected = fed.model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing or set(state) - set(expected):
+    missing = sorted(set(expected) - set(weights))
+    if missing or set(weights) - set(expected):
         raise ModelFileError(
             f"{path} does not fit the {fed.cfg.algorithm.name} model of these params "
-            f"(missing {missing[:3]}, unexpected {sorted(set(state) - set(expected))[:3]})"
+            f"(missing {missing[:3]}, unexpected {sorted(set(weights) - set(expected))[:3]})"
         )
     return state, meta
 
@@ -54,6 +55,7 @@ def load_model(cfg: Config, state: StateDict | str | Path, data: DataModule | No
 
     if not isinstance(state, dict):
         state, _ = load_state(state)
+    state = model_state(state)
     net = build_model(cfg, (data or DataModule(cfg.data.prepared_dir)).spec)
     try:
         net.load_state_dict(state)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedcmi.algorithms.aggregation import ClientUpdate, UpdateRejected
+from fedcmi.algorithms.aggregation import ClientUpdate, UpdateRejected, pack_update, unpack_tensors
 from fedcmi.io import ModelFileError, is_int, load_state, read_state_meta, save_state
 
 MAX_REASON = 2000
@@ -27,7 +27,7 @@ def write_update(path: Path, rnd: int, cid: int, update: ClientUpdate | None, fa
         return save_state(path, {}, {**meta, "kind": "failed", "reason": failure[:MAX_REASON]})
     if update is None:
         return save_state(path, {}, {**meta, "kind": "skipped"})
-    return save_state(path, update.state, {**meta, "kind": "update", "num_examples": update.num_examples,
+    return save_state(path, pack_update(update), {**meta, "kind": "update", "num_examples": update.num_examples,
                                            "modalities": list(update.modalities), "metrics": update.metrics})
 
 
@@ -74,4 +74,5 @@ def read_update(path: str | Path, rnd: int, cid: int | None = None) -> ClientUpd
         raise UpdateRejected(f"{who}: metrics must be a mapping, got {type(metrics).__name__}")
     # the client's own report of its loss and such: numbers only (a NaN loss stays: it tells of divergence)
     clean = {str(k): v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return ClientUpdate(owner, state, n, tuple(mods), clean)
+    model, extra = unpack_tensors(state)
+    return ClientUpdate(owner, model, n, tuple(mods), clean, extra)

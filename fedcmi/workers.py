@@ -43,7 +43,7 @@ from safetensors.torch import load as load_buffer
 from safetensors.torch import load_file, save, save_file
 
 from fedcmi.algorithms import ClientUpdate
-from fedcmi.algorithms.aggregation import StateDict
+from fedcmi.algorithms.aggregation import StateDict, pack_update, unpack_tensors
 from fedcmi.config import Config
 from fedcmi.rounds import Producer, failure_reason
 from fedcmi.update_files import ClientFailed
@@ -152,7 +152,7 @@ def serve(fd: int) -> None:
             outcome = _Outcome(cid, failure=failure_reason(cid, exc))
         else:
             outcome = (_Outcome(cid) if update is None else
-                       _Outcome(cid, save(update.state), update.num_examples, tuple(update.modalities),
+                       _Outcome(cid, save(pack_update(update)), update.num_examples, tuple(update.modalities),
                                 dict(update.metrics)))
         conn.send(("outcome", outcome))
 
@@ -163,8 +163,8 @@ def _unpack(outcome: _Outcome) -> ClientUpdate | None:
         raise ClientFailed(outcome.failure)
     if outcome.payload is None:
         return None
-    return ClientUpdate(outcome.client_id, load_buffer(outcome.payload), outcome.num_examples, outcome.modalities,
-                        outcome.metrics)
+    state, extra = unpack_tensors(load_buffer(outcome.payload))
+    return ClientUpdate(outcome.client_id, state, outcome.num_examples, outcome.modalities, outcome.metrics, extra)
 
 
 class _Worker:

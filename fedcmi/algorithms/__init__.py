@@ -16,12 +16,19 @@ from fedcmi.algorithms.aggregation import Accumulator, ClientUpdate, UpdateRejec
 from fedcmi.algorithms.base import ClientContext, Strategy, derive_seed
 from fedcmi.algorithms.fedavg import FedAvg
 from fedcmi.algorithms.fedcmi import FedCMI
+from fedcmi.algorithms.fedopt import FedAdam, FedAvgM
 from fedcmi.algorithms.fedprox import FedProx
+from fedcmi.algorithms.mmpareto import MMPareto
 from fedcmi.algorithms.ogm_ge import OGMGE
+from fedcmi.algorithms.pmr import PMR
+from fedcmi.algorithms.scaffold import Scaffold
+from fedcmi.algorithms.ume import UME
+from fedcmi.algorithms.umt import UMT
 from fedcmi.algorithms.unimodal import Unimodal
 from fedcmi.config import Config
 
-BUILT_IN: tuple[type[Strategy], ...] = (FedAvg, FedProx, Unimodal, OGMGE, FedCMI)
+BUILT_IN: tuple[type[Strategy], ...] = (FedAvg, FedProx, Unimodal, OGMGE, FedCMI, PMR, UMT, UME, MMPareto,
+                                        FedAvgM, FedAdam, Scaffold)
 ENTRY_POINT_GROUP = "fedcmi.algorithms"
 
 

@@ -41,6 +41,39 @@ class ClientUpdate:
     num_examples: int
     modalities: tuple[str, ...]
     metrics: dict = field(default_factory=dict)
+    #: What the client keeps between rounds and the server reads (SCAFFOLD's control variate), by parameter.
+    extra: StateDict = field(default_factory=dict)
+
+
+#: Keys of the federation's state beyond the model: the server optimiser's moments and the clients' states.
+AUX = "aux/"
+#: Keys of an update's extra tensors when it travels as one tensor file.
+EXTRA = "extra/"
+
+
+def split_state(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, StateDict]:
+    """The model's tensors and the federation's other state (keys under :data:`AUX`), apart. A torch
+    state dict's keys never hold a ``/``, so the two never collide."""
+    model = {k: v for k, v in state.items() if not k.startswith(AUX)}
+    aux = {k: v for k, v in state.items() if k.startswith(AUX)}
+    return model, aux
+
+
+def model_state(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """Only the model's tensors of a federation state (what is evaluated, served and registered)."""
+    return split_state(state)[0]
+
+
+def pack_update(update: ClientUpdate) -> StateDict:
+    """An update's model tensors and extra tensors as one flat mapping (for one tensor file)."""
+    return {**update.state, **{EXTRA + k: v for k, v in update.extra.items()}}
+
+
+def unpack_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[StateDict, StateDict]:
+    """:func:`pack_update` undone: (model tensors, extra tensors)."""
+    state = {k: v for k, v in tensors.items() if not k.startswith(EXTRA)}
+    extra = {k[len(EXTRA):]: v for k, v in tensors.items() if k.startswith(EXTRA)}
+    return state, extra
 
 
 def check_update(global_state: Mapping[str, torch.Tensor], update: ClientUpdate) -> None:
@@ -186,7 +219,7 @@ def clip_change(global_state: Mapping[str, torch.Tensor], update: ClientUpdate, 
     scale = max_norm / norm
     state = {k: (g.double() + (update.state[k].double() - g.double()) * scale).to(g.dtype)
              if g.is_floating_point() else update.state[k] for k, g in global_state.items()}
-    return ClientUpdate(update.client_id, state, update.num_examples, update.modalities, update.metrics)
+    return ClientUpdate(update.client_id, state, update.num_examples, update.modalities, update.metrics, update.extra)
 
 
 def fedavg(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> StateDict:

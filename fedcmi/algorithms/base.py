@@ -50,6 +50,10 @@ class ClientContext:
     num_examples: int
     batches: Callable[[int], Iterable[Batch]]  # epoch -> shuffled batches of this client's data
     device: torch.device
+    #: SCAFFOLD's (c, c_i) by parameter name when ``algorithm.control_variates`` is on; :func:`local_sgd`
+    #: corrects every step by c - c_i and leaves the client's new c_i in :attr:`control_out`.
+    control: tuple[StateDict, StateDict] | None = None
+    control_out: StateDict | None = None
 
     @property
     def seed(self) -> int:
@@ -88,6 +92,7 @@ def local_sgd(
     model.train()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     anchor = {n: p.detach().clone() for n, p in params} if mu > 0 else {}
+    drift = _Drift(model, ctx) if ctx.control is not None else None
     opt = torch.optim.SGD([p for _, p in params], lr=ctx.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     mixed = o.precision != "32"
     half = torch.bfloat16 if o.precision == "bf16-mixed" else torch.float16
@@ -104,9 +109,12 @@ def local_sgd(
                 loss = loss + prox
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if grad_hook is not None:
+            if grad_hook is not None or drift is not None:
                 scaler.unscale_(opt)
+            if grad_hook is not None:
                 grad_hook(model, terms)
+            if drift is not None:
+                drift.correct(params)
             scaler.step(opt)
             scaler.update()
             terms["loss"] = loss.item()
@@ -115,7 +123,42 @@ def local_sgd(
             steps += 1
     out = {k: v / max(steps, 1) for k, v in totals.items()}
     out["steps"] = steps
+    if drift is not None:
+        ctx.control_out = drift.new_control(model, steps, ctx.lr)
     return out
+
+
+class _Drift:
+    """SCAFFOLD's client side (Karimireddy et al., ICML 2020): every local step's gradient gets
+    ``c - c_i``; after K steps at learning rate lr the client's new variate is (option II)
+    ``c_i+ = c_i - c + (x - y) / (K lr)``. A parameter the client never trained (the other modality's
+    encoder on a single-modality client) keeps its ``c_i`` and gets no correction."""
+
+    def __init__(self, model: MultimodalNet, ctx: ClientContext) -> None:
+        assert ctx.control is not None
+        c, ci = ctx.control
+        named = dict(model.named_parameters())
+        self.start = {n: p.detach().to("cpu", torch.float64, copy=True) for n, p in named.items()}
+        self.c = {n: c[n].double().expand(p.shape) for n, p in self.start.items()}
+        self.ci = {n: ci[n].double().expand(p.shape) for n, p in self.start.items()}
+        self.correction = {n: (self.c[n] - self.ci[n]).to(named[n].device, named[n].dtype) for n in named}
+        self.touched: set[str] = set()
+
+    def correct(self, params: list[tuple[str, torch.nn.Parameter]]) -> None:
+        for name, p in params:
+            if p.grad is not None:
+                p.grad.add_(self.correction[name])
+                self.touched.add(name)
+
+    def new_control(self, model: MultimodalNet, steps: int, lr: float) -> StateDict:
+        out: StateDict = {}
+        for name, p in model.named_parameters():
+            if name in self.touched and steps > 0:
+                y = p.detach().to("cpu", torch.float64)
+                out[name] = self.ci[name] - self.c[name] + (self.start[name] - y) / (steps * lr)
+            else:
+                out[name] = self.ci[name].clone(memory_format=torch.contiguous_format)
+        return out
 
 
 def snapshot(model: MultimodalNet) -> StateDict:
@@ -136,6 +179,10 @@ class Strategy(ABC):
     reads: ClassVar[tuple[str, ...]] = ()
     #: The server rule ``algorithm.aggregation: auto`` means for it.
     aggregation: ClassVar[Literal["plain", "modality_aware"]] = "plain"
+    #: The server step ``server.optimizer: auto`` means for it (FedAvgM and FedAdam have their own).
+    server_optimizer: ClassVar[Literal["none", "momentum", "adam"]] = "none"
+    #: Whether ``algorithm.control_variates: auto`` turns SCAFFOLD's correction on (scaffold only).
+    control_variates: ClassVar[bool] = False
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

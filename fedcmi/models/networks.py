@@ -18,7 +18,7 @@ from torch import nn
 from fedcmi.models.encoders import build_encoder
 from fedcmi.models.fusion import build_fusion
 
-_OWNED = ("encoders", "self_proj", "inf_proj", "classifiers")
+_OWNED = ("encoders", "self_proj", "inf_proj", "classifiers", "teachers")
 
 
 def _projector(kind: str, dim: int) -> nn.Module:
@@ -44,6 +44,7 @@ class MultimodalNet(nn.Module):
 
     modalities: tuple[str, ...]
     encoders: nn.ModuleDict
+    num_classes: int
 
     if TYPE_CHECKING:  # nn.Module.__call__ runs forward; this tells the type checker what it returns
         def __call__(self, x: dict[str, torch.Tensor]) -> Output: ...
@@ -157,6 +158,7 @@ class FusionNet(MultimodalNet):
     ) -> None:
         super().__init__()
         self.modalities = tuple(modalities)
+        self.num_classes = num_classes
         self.dim = dim
         vocab = vocab_sizes or {}
         self.encoders = nn.ModuleDict({m: build_encoder(encoders[m], shapes[m], dim, width, m, vocab.get(m))
@@ -193,3 +195,61 @@ class FusionNet(MultimodalNet):
             logits[f"uni/{m}"] = lg
             logits[f"path/{m}"] = lg
         return logits
+
+
+class EnsembleNet(MultimodalNet):
+    """One encoder and one linear classifier per modality, nothing shared: uni-modal models side by side.
+
+    The multimodal prediction is the sum of the present modalities' logits (the uni-modal ensemble of
+    Du et al., ICML 2023); a missing modality simply adds nothing.
+    """
+
+    def __init__(self, modalities: tuple[str, ...], shapes: dict[str, tuple[int, ...]], encoders: Mapping[str, str],
+                 num_classes: int, dim: int, width: int, vocab_sizes: dict[str, int] | None = None) -> None:
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.num_classes = num_classes
+        vocab = vocab_sizes or {}
+        self.encoders = nn.ModuleDict({m: build_encoder(encoders[m], shapes[m], dim, width, m, vocab.get(m))
+                                       for m in modalities})
+        self.classifiers = nn.ModuleDict({m: nn.Linear(dim, num_classes) for m in modalities})
+
+    def forward(self, x: dict[str, torch.Tensor]) -> Output:
+        h = self.encode(x)
+        if not h:
+            raise ValueError(f"batch holds none of the modalities {self.modalities}")
+        uni = {m: self.classifiers[m](hm) for m, hm in h.items()}
+        return Output(torch.stack(list(uni.values())).sum(dim=0), uni, h)
+
+    @torch.no_grad()
+    def eval_logits(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.forward(x)
+        logits = {"mm": out.mm_logits}
+        for m, lg in out.uni_logits.items():
+            logits[f"uni/{m}"] = lg
+            logits[f"path/{m}"] = lg
+        return logits
+
+
+class TeacherStudentNet(FusionNet):
+    """The plain fusion network (the student) with a uni-modal teacher per modality beside it: an encoder
+    (``teachers.<m>``) and a linear classifier (``classifiers.<m>``) each. Forward and evaluation are the
+    student's; :meth:`teach` runs the teachers (Du et al., ICML 2023, uni-modal teacher)."""
+
+    def __init__(self, modalities: tuple[str, ...], shapes: dict[str, tuple[int, ...]], encoders: Mapping[str, str],
+                 num_classes: int, dim: int, width: int, fusion: str = "concat",
+                 vocab_sizes: dict[str, int] | None = None) -> None:
+        super().__init__(modalities, shapes, encoders, num_classes, dim, width, fusion, vocab_sizes)
+        vocab = vocab_sizes or {}
+        self.teachers = nn.ModuleDict({m: build_encoder(encoders[m], shapes[m], dim, width, m, vocab.get(m))
+                                       for m in modalities})
+        self.classifiers = nn.ModuleDict({m: nn.Linear(dim, num_classes) for m in modalities})
+
+    def teach(self, x: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per present modality, the teacher's features and logits."""
+        out = {}
+        for m in self.modalities:
+            if m in x:
+                h = self.teachers[m](x[m])
+                out[m] = (h, self.classifiers[m](h))
+        return out
