@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fedcmi.data import DataModule
+from fedcmi.data.faults import missing_at_test
 from fedcmi.models.networks import MultimodalNet
 
 
@@ -123,12 +124,14 @@ def ridge_probe_accuracy(
 
 def evaluate_model(
     model: MultimodalNet, data: DataModule, batch_size: int, device: torch.device, probe: bool = False,
-    split: str = "test",
+    split: str = "test", missing_modality: float = 0.0, seed: int = 0,
 ) -> EvalResult:
-    """Every metric on ``split`` (the test set by default); with ``probe``, also a ridge probe per encoder
-    fitted on the training split."""
+    """Every metric on ``split`` (the test set by default), with ``missing_modality`` of its samples losing
+    one modality (drawn from ``seed``); with ``probe``, also a ridge probe per encoder fitted on the
+    training split (always on whole samples)."""
     model.eval()
-    logits, y = _collect(model, data.split_batches(split, batch_size), device)
+    faults = missing_at_test(len(data.split(split)), data.spec.modalities, missing_modality, seed, split)
+    logits, y = _collect(model, data.split_batches(split, batch_size, faults=faults), device)
     res = _metrics_from_logits(logits, y, data.spec.num_classes, data.spec.modalities)
     if probe:
         for m in model.modalities:

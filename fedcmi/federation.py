@@ -77,6 +77,7 @@ class Federation:
         self.device = device or resolve_device(cfg.device)
         self.strategy: Strategy = get_strategy(cfg)
         self.model = build_model(cfg, data.spec).to(self.device)
+        self.faults = partition.sample_faults(data.train.labels)  # the partition's faulty samples, if any
 
     @property
     def policy(self) -> RoundPolicy:
@@ -106,9 +107,11 @@ class Federation:
         loader = self.cfg.loader
         pin = loader.pinned(self.device.type)
 
+        indices = shard.labelled
+
         def batches(epoch: int):
-            return self.data.client_batches(shard.indices, mods, bs, derive_seed(seed, rnd, cid, epoch),
-                                            loader.workers, pin)
+            return self.data.client_batches(indices, mods, bs, derive_seed(seed, rnd, cid, epoch),
+                                            loader.workers, pin, self.faults)
 
         return ClientContext(self.cfg, rnd, cid, shard.modalities, shard.num_examples, batches, self.device)
 
@@ -159,4 +162,5 @@ class Federation:
     def evaluate(self, state: StateDict, probe: bool = False, split: str = "test") -> EvalResult:
         self.load(state)
         return evaluate_model(self.model, self.data, self.cfg.evaluation.batch_size, self.device, probe=probe,
+                              missing_modality=self.cfg.evaluation.missing_modality, seed=self.cfg.seed,
                               split=split)

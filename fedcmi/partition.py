@@ -10,12 +10,13 @@ leaves a client below the minimum size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fedcmi.config import Config
+from fedcmi.data.faults import FAULT_STREAM, ClientFaults, SampleFaults, draw_client_faults, split_faults
 from fedcmi.io import is_int, read_json, write_json
 
 FORMAT = "fedcmi-partition/1"
@@ -32,10 +33,19 @@ class ClientShard:
     indices: np.ndarray
     modalities: tuple[str, ...]
     class_histogram: tuple[int, ...]
+    faults: ClientFaults = field(default_factory=ClientFaults.none)
+
+    @property
+    def labelled(self) -> np.ndarray:
+        """The samples it trains on: its indices without the unlabelled ones."""
+        if not len(self.faults.unlabeled):
+            return self.indices
+        return np.setdiff1d(self.indices, self.faults.unlabeled, assume_unique=True)
 
     @property
     def num_examples(self) -> int:
-        return int(len(self.indices))
+        """Samples it trains on (its weight in FedAvg)."""
+        return int(len(self.indices) - len(self.faults.unlabeled))
 
     @property
     def multimodal(self) -> bool:
@@ -66,12 +76,16 @@ class Partition:
             raise PartitionError(f"partition duplicates {int((counts > 1).sum())} sample(s)")
         if (counts == 0).any():
             raise PartitionError(f"partition loses {int((counts == 0).sum())} sample(s)")
-        small = [c.id for c in self.clients if c.num_examples < min_samples]
+        small = [c.id for c in self.clients if len(c.indices) < min_samples]
         if small:
             raise PartitionError(f"client(s) {small} hold fewer than {min_samples} samples")
         for c in self.clients:
             if not c.modalities or not set(c.modalities) <= set(self.modalities):
                 raise PartitionError(f"client {c.id} has modalities {c.modalities}, not a subset of {self.modalities}")
+
+    def sample_faults(self, labels: np.ndarray) -> SampleFaults | None:
+        """The training split's faults as the batch reader applies them (None when the partition has none)."""
+        return split_faults([c.faults for c in self.clients], labels, self.modalities)
 
     def client(self, cid: int) -> ClientShard:
         if not 0 <= cid < len(self.clients):
@@ -92,6 +106,10 @@ class Partition:
                     "num_examples": c.num_examples,
                     "class_histogram": list(c.class_histogram),
                     "indices": c.indices.tolist(),
+                    **({} if c.faults.empty else {"faults": {
+                        "missing": {m: v.tolist() for m, v in c.faults.missing.items()},
+                        "noisy_labels": c.faults.noisy.tolist(),
+                        "unlabeled": c.faults.unlabeled.tolist()}}),
                 }
                 for c in self.clients
             ],
@@ -129,7 +147,9 @@ class Partition:
                 raise PartitionError(f"client #{pos}: class_histogram must be {k} counts")
             if not is_int(c.get("id")):
                 raise PartitionError(f"client #{pos}: id {c.get('id')!r} is not an integer")
-            clients.append(ClientShard(c["id"], np.asarray(idx, dtype=np.int64), tuple(cm), tuple(hist)))
+            indices = np.asarray(idx, dtype=np.int64)
+            faults = _read_faults(c.get("faults"), pos, indices, tuple(cm), k)
+            clients.append(ClientShard(c["id"], indices, tuple(cm), tuple(hist), faults))
         meta = d.get("meta", {})
         return cls(tuple(clients), n, k, (mods[0], mods[1]), meta if isinstance(meta, dict) else {})
 
@@ -146,9 +166,10 @@ class Partition:
             "size_max": int(sizes.max()),
             "size_mean": float(sizes.mean()),
             "clients_by_modalities": kinds,
+            "faults": {k: sum(c.faults.counts()[k] for c in self.clients) for k in ClientFaults.none().counts()},
             "per_client": [
                 {"id": c.id, "num_examples": c.num_examples, "modalities": list(c.modalities),
-                 "class_histogram": list(c.class_histogram)}
+                 "class_histogram": list(c.class_histogram), "faults": c.faults.counts()}
                 for c in self.clients
             ],
         }
@@ -243,13 +264,50 @@ def make_partition(cfg: Config, labels: np.ndarray, modalities: tuple[str, str],
         splitter = DirichletPartitioner(p.alpha, p.max_samples_per_client, p.min_samples, p.max_attempts)
     shares = splitter.split(labels, p.num_clients, rng)
     mods = ModalityAssigner(modalities, p.multimodal_fraction).assign(p.num_clients, rng)
+    f = p.faults
+    fault_rng = np.random.default_rng([cfg.seed, FAULT_STREAM])  # its own stream: the shares never change
     clients = tuple(
-        ClientShard(i, idx, mods[i], tuple(np.bincount(labels[idx], minlength=num_classes).tolist()))
+        ClientShard(i, idx, mods[i], tuple(np.bincount(labels[idx], minlength=num_classes).tolist()),
+                    draw_client_faults(fault_rng, idx, mods[i], labels, num_classes, f.missing_modality,
+                                       f.label_noise, f.missing_labels))
         for i, idx in enumerate(shares)
     )
     part = Partition(clients, len(labels), num_classes, modalities, {"seed": cfg.seed, **p.model_dump(mode="json")})
     part.validate(p.min_samples)
     return part
+
+
+def _read_faults(raw: object, pos: int, indices: np.ndarray, modalities: tuple[str, ...], num_classes: int
+                 ) -> ClientFaults:
+    """A client's ``faults`` entry, checked: every sample among its own, labels among the classes, a missing
+    modality only on a client holding both."""
+    if raw is None:
+        return ClientFaults.none()
+    where = f"client #{pos}: faults"
+    if not isinstance(raw, dict) or set(raw) - {"missing", "noisy_labels", "unlabeled"}:
+        raise PartitionError(f"{where} must hold only missing, noisy_labels and unlabeled")
+    own = set(indices.tolist())
+
+    def samples(v: object, what: str) -> np.ndarray:
+        if not isinstance(v, list) or not all(is_int(i) and i in own for i in v) or len(set(v)) != len(v):
+            raise PartitionError(f"{where}: {what} must list distinct samples of the client's own")
+        return np.asarray(v, dtype=np.int64)
+
+    missing_raw = raw.get("missing", {})
+    if not isinstance(missing_raw, dict) or (missing_raw and len(modalities) != 2) or \
+            not set(missing_raw) <= set(modalities):
+        raise PartitionError(f"{where}: missing must map the modalities of a multimodal client to samples")
+    missing = {m: samples(v, f"missing.{m}") for m, v in missing_raw.items()}
+    noisy_raw = raw.get("noisy_labels", [])
+    if not isinstance(noisy_raw, list) or not all(
+            isinstance(p, list) and len(p) == 2 and is_int(p[0]) and p[0] in own and is_int(p[1])
+            and 0 <= p[1] < num_classes for p in noisy_raw):
+        raise PartitionError(f"{where}: noisy_labels must be [sample, label] pairs of its own samples and classes")
+    noisy = np.asarray(noisy_raw, dtype=np.int64).reshape(-1, 2)
+    unlabeled = samples(raw.get("unlabeled", []), "unlabeled")
+    if len(unlabeled) >= len(indices):
+        raise PartitionError(f"{where}: every sample is unlabelled; a client keeps at least one label")
+    return ClientFaults(missing, noisy, unlabeled)
 
 
 def save_partition(part: Partition, path: str | Path) -> Path:

@@ -123,7 +123,8 @@ def evaluate_step(cfg: Config, model: str | Path, out: str | Path | None = None,
     data = DataModule(cfg.data.prepared_dir)
     device = resolve_device(cfg.device)
     net = load_model(cfg, model, data).to(device)
-    res = evaluate_model(net, data, cfg.evaluation.batch_size, device, probe=probe, split=split)
+    res = evaluate_model(net, data, cfg.evaluation.batch_size, device, probe=probe, split=split,
+                         missing_modality=cfg.evaluation.missing_modality, seed=cfg.seed)
     if out is not None:
         write_json(out, {**report_order(res.metrics), "confusion": res.confusion}, sort_keys=False)
     return {**res.metrics, "confusion": res.confusion}

@@ -122,6 +122,22 @@ def test_dvc_exp_run_compares_algorithms(repo):
     assert all(name in offline for name in (e["revs"][0]["name"] for e in exps))
 
 
+def test_dvc_exp_run_runs_every_method_beyond_fedcmi(repo):
+    """Each method of the suite as a DVC experiment (UMT with a teacher stage that fits the tiny budget)."""
+    names = ["pmr", "umt", "ume", "mmpareto", "fedavgm", "fedadam", "scaffold"]
+    for name in names:
+        sh(DVC + ["exp", "run", "-S", f"algorithm.name={name}", "-S", "tracking.enabled=false",
+                  "-S", "algorithm.umt.teacher_rounds=1", "-S", "partition.multimodal_fraction=0.5"], repo)
+    exps = [e for row in json.loads(sh(DVC + ["exp", "show", "--json"], repo).stdout)
+            for e in (row.get("experiments") or [])]
+    accs = {}
+    for exp in exps:
+        data = exp["revs"][0]["data"]
+        accs[data["params"]["params.yaml"]["data"]["algorithm"]["name"]] = \
+            data["metrics"]["outputs/eval/metrics.json"]["data"]["mm_acc"]
+    assert sorted(accs) == sorted(names) and all(0.0 <= v <= 1.0 for v in accs.values()), accs
+
+
 def test_a_params_typo_stops_dvc_repro_with_one_clear_error(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["algorithm"]["name"] = "fedvag"

@@ -124,15 +124,18 @@ def local_sgd(
     out = {k: v / max(steps, 1) for k, v in totals.items()}
     out["steps"] = steps
     if drift is not None:
-        ctx.control_out = drift.new_control(model, steps, ctx.lr)
+        ctx.control_out = drift.new_control(model, steps, ctx.lr / (1.0 - o.momentum))
     return out
 
 
 class _Drift:
     """SCAFFOLD's client side (Karimireddy et al., ICML 2020): every local step's gradient gets
     ``c - c_i``; after K steps at learning rate lr the client's new variate is (option II)
-    ``c_i+ = c_i - c + (x - y) / (K lr)``. A parameter the client never trained (the other modality's
-    encoder on a single-modality client) keeps its ``c_i`` and gets no correction."""
+    ``c_i+ = c_i - c + (x - y) / (K lr_eff)``. The paper's clients take plain SGD steps (lr_eff = lr);
+    ours keep ``optim.momentum`` m, whose steady step is lr / (1 - m) times the gradient, so
+    lr_eff = lr / (1 - m): dividing by lr alone would make c_i 1 / (1 - m) times the mean gradient (10x
+    at 0.9), and the correction would throw the clients off. A parameter the client never trained (the
+    other modality's encoder on a single-modality client) keeps its ``c_i`` and gets no correction."""
 
     def __init__(self, model: MultimodalNet, ctx: ClientContext) -> None:
         assert ctx.control is not None

@@ -2,7 +2,8 @@
 ICML 2020): FedAvg's client update corrected for client drift by control variates.
 
 Every local step's gradient gets ``c - c_i`` (the server's control variate minus the client's); after the
-client's K steps it sends its new ``c_i+ = c_i - c + (x - y) / (K lr)`` (the paper's option II) with its
+client's K steps it sends its new ``c_i+ = c_i - c + (x - y) / (K lr_eff)`` (the paper's option II, with
+lr_eff = lr / (1 - optim.momentum) for the local momentum the paper's plain SGD does not have) with its
 model, and the server keeps it for that client's next round and moves ``c`` by the mean change over all
 N clients. Client state that survives rounds: it lives under ``aux/control/`` in the federation's state,
 so checkpoints, resume after a kill and the pipeline's global-state artifact carry it, and a client reads

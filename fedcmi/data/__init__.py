@@ -26,6 +26,7 @@ from fedcmi.data.base import (
     write_prepared,
 )
 from fedcmi.data.cache import RecordSource, build_cache
+from fedcmi.data.faults import SampleFaults
 from fedcmi.data.npz import NpzSource
 from fedcmi.data.synthetic import SyntheticSource
 from fedcmi.locks import beside, exclusive
@@ -110,14 +111,14 @@ class DataModule:
 
     def client_batches(
         self, indices: np.ndarray, modalities: Sequence[str], batch_size: int, seed: int, workers: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool = False, faults: SampleFaults | None = None,
     ) -> Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """A client's rows of the training split, shuffled by ``seed``."""
-        return batch_loader(self.train, indices, modalities, batch_size, seed, workers, pin_memory)
+        """A client's rows of the training split, shuffled by ``seed``, with the partition's ``faults``."""
+        return batch_loader(self.train, indices, modalities, batch_size, seed, workers, pin_memory, faults)
 
-    def split_batches(self, name: str, batch_size: int, workers: int = 0, pin_memory: bool = False
-                      ) -> Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """Every sample of split ``name``, in order, with both modalities."""
+    def split_batches(self, name: str, batch_size: int, workers: int = 0, pin_memory: bool = False,
+                      faults: SampleFaults | None = None) -> Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """Every sample of split ``name``, in order, with both modalities (and ``faults`` when given)."""
         split = self.split(name)
         return batch_loader(split, np.arange(len(split)), self.spec.modalities, batch_size, None, workers,
-                            pin_memory)
+                            pin_memory, faults)

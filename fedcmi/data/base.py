@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from fedcmi.data.faults import SampleFaults
 from fedcmi.io import read_json, write_json
 
 SPLITS = ("train", "test")
@@ -129,18 +130,21 @@ class SplitDataset(torch.utils.data.Dataset):
     """A split's rows as a torch dataset of batches: :meth:`__getitems__` reads a whole batch with one
     fancy index per modality (memory-mapped arrays are read once per batch, not per sample)."""
 
-    def __init__(self, split: Split, modalities: Sequence[str]) -> None:
+    def __init__(self, split: Split, modalities: Sequence[str], faults: SampleFaults | None = None) -> None:
         self.split = split
         self.modalities = tuple(modalities)
+        self.faults = faults
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int) -> Batch:
-        return self.split.batch(np.asarray([index], dtype=np.int64), self.modalities)
+        return self.__getitems__([index])
 
     def __getitems__(self, indices: list[int]) -> Batch:
-        return self.split.batch(np.asarray(indices, dtype=np.int64), self.modalities)
+        idx = np.asarray(indices, dtype=np.int64)
+        x, y = self.split.batch(idx, self.modalities)
+        return (x, y) if self.faults is None else self.faults.apply(idx, x, y)
 
 
 class SeededBatches(torch.utils.data.Sampler[list[int]]):
@@ -176,11 +180,13 @@ def batch_loader(
     shuffle_seed: int | None = None,
     workers: int = 0,
     pin_memory: bool = False,
+    faults: SampleFaults | None = None,
 ) -> torch.utils.data.DataLoader:
     """Batches over ``indices`` (shuffled by a seed of their own when given), read by ``workers``
-    processes (0: in this one), into pinned memory when asked (for asynchronous copies to a GPU)."""
+    processes (0: in this one), into pinned memory when asked (for asynchronous copies to a GPU), with
+    ``faults`` (missing modalities zero-filled, noisy labels) applied."""
     return torch.utils.data.DataLoader(
-        SplitDataset(split, modalities), batch_sampler=SeededBatches(indices, batch_size, shuffle_seed),
+        SplitDataset(split, modalities, faults), batch_sampler=SeededBatches(indices, batch_size, shuffle_seed),
         collate_fn=_whole_batch, num_workers=workers, pin_memory=pin_memory)
 
 
