@@ -229,17 +229,17 @@ def _multimodal_client(cfg) -> int:
     return next(c.id for c in part.clients if c.multimodal)
 
 
-@pytest.mark.parametrize("name, without", [
-    ("pmr", {"pmr": {"alpha": 0.0, "entropy_weight": 0.0}}),
-    ("umt", {"umt": {"teacher_rounds": 1, "distill_weight": 0.0}}),
+@pytest.mark.parametrize("name, without, with_", [
+    ("pmr", {"pmr": {"alpha": 0.0, "entropy_weight": 0.0}}, {"pmr": {"entropy_weight": 0.0}}),  # PCE alone
+    ("pmr", {"pmr": {"alpha": 0.0, "entropy_weight": 0.0}}, {"pmr": {"alpha": 0.0}}),  # entropy alone
+    ("umt", {"umt": {"teacher_rounds": 1, "distill_weight": 0.0}}, {"umt": {"teacher_rounds": 1}}),
 ])
-def test_without_its_term_the_method_is_fedavg_and_with_it_it_is_not(tiny, name, without):
+def test_without_its_term_the_method_is_fedavg_and_with_it_it_is_not(tiny, name, without, with_):
     base = {"partition": {"multimodal_fraction": 0.5}, "federation": {"rounds": 3}}
     plain = tiny(**base, algorithm={"name": name, **without})
     cid = _multimodal_client(plain)
     off = _update(plain, cid)
-    on_opts = {"umt": {"teacher_rounds": 1}} if name == "umt" else {}
-    on = _update(tiny(**base, algorithm={"name": name, **on_opts}), cid)
+    on = _update(tiny(**base, algorithm={"name": name, **with_}), cid)
     assert any(not torch.equal(on[k], off[k]) for k in on), "the characteristic term changed nothing"
     if name == "pmr":  # with the term off, PMR's client is FedAvg's, bitwise
         fedavg = _update(tiny(**base, algorithm={"name": "fedavg"}), cid)
