@@ -7,7 +7,9 @@ Two pure functions over tensors, run the same way by every executor:
   pseudo-gradient ``delta = x - aggregate``; momentum keeps ``m = beta m + delta``
   and steps ``x - lr m``; Adam keeps ``m = b1 m + (1 - b1) delta``,
   ``v = b2 v + (1 - b2) delta^2`` and steps ``x - lr m / (sqrt(v) + tau)``
-  (no bias correction, as in the paper).
+  (no bias correction, as in the paper). A parameter no client trained this
+  round (under modality-aware aggregation, a modality no sampled client held)
+  has delta 0, and the momentum still carries it, as a FedAvgM server would.
 - :class:`ControlVariates`: SCAFFOLD's server side (Karimireddy et al.,
   "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning", ICML
   2020): every admitted client sends its new control variate ``c_i+``; the
