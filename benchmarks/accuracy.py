@@ -98,8 +98,7 @@ SUITE = ["PMR", "UMT", "UME", "MMPareto", "FedAvgM", "FedAdam", "SCAFFOLD"]
 SETTING_RUNS: dict[str, list[str]] = {
     "default": list(RUNS),
     # With every client multimodal, modality-aware aggregation is plain aggregation: those runs would repeat.
-    # The suite beyond FedCMI has not been run in this setting yet (BENCHMARKS.md says so): add *SUITE here.
-    "iid": ["FedAvg", "FedAvg audio only", "FedAvg visual only", "FedCMI", "FedCMI w/o infiltration"],
+    "iid": ["FedAvg", "FedAvg audio only", "FedAvg visual only", "FedCMI", "FedCMI w/o infiltration", *SUITE],
 }
 COLUMNS = ["mm_acc", "path_acc_audio", "path_acc_visual", "uni_acc_audio", "uni_acc_visual", "probe_acc_audio",
            "probe_acc_visual", "worst_class_acc"]
