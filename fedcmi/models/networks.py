@@ -67,6 +67,16 @@ class MultimodalNet(nn.Module):
         raise NotImplementedError
 
 
+def uni_modal_views(out: Output) -> dict[str, torch.Tensor]:
+    """The evaluation's views of a network whose modality-only prediction is its uni-modal read-out:
+    ``mm``, and ``uni/<m>`` = ``path/<m>`` for each modality."""
+    logits = {"mm": out.mm_logits}
+    for m, lg in out.uni_logits.items():
+        logits[f"uni/{m}"] = lg
+        logits[f"path/{m}"] = lg
+    return logits
+
+
 class FedCMINet(MultimodalNet):
     """Encoders, self and infiltration projectors, a classifier per modality, fusion.
 
@@ -189,12 +199,7 @@ class FusionNet(MultimodalNet):
 
     @torch.no_grad()
     def eval_logits(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.forward(x)
-        logits = {"mm": out.mm_logits}
-        for m, lg in out.uni_logits.items():
-            logits[f"uni/{m}"] = lg
-            logits[f"path/{m}"] = lg
-        return logits
+        return uni_modal_views(self.forward(x))
 
 
 class EnsembleNet(MultimodalNet):
@@ -223,12 +228,7 @@ class EnsembleNet(MultimodalNet):
 
     @torch.no_grad()
     def eval_logits(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.forward(x)
-        logits = {"mm": out.mm_logits}
-        for m, lg in out.uni_logits.items():
-            logits[f"uni/{m}"] = lg
-            logits[f"path/{m}"] = lg
-        return logits
+        return uni_modal_views(self.forward(x))
 
 
 class TeacherStudentNet(FusionNet):
