@@ -19,9 +19,10 @@ pytestmark = pytest.mark.slow
 DVC = [sys.executable, "-m", "dvc"]
 
 
-def sh(cmd, cwd, check=True):
+def sh(cmd, cwd, check=True, env_extra=None):
     bindir = str(Path(sys.executable).parent)  # where the `fedcmi` console script lives
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT)}
+    env.update(env_extra or {})
     env.pop("MLFLOW_TRACKING_URI", None)
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
     if check and r.returncode != 0:
@@ -46,8 +47,49 @@ def repo(tmp_path):
     return tmp_path
 
 
-def test_dvc_repro_end_to_end_then_only_train_reruns(repo):
-    out = sh(DVC + ["repro"], repo).stdout
+def traced(trace: Path) -> dict:
+    """Run with ``tests/module_trace`` on the path, every Python process records the fedcmi files it imported."""
+    trace.mkdir()
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "module_trace")]),
+            "FEDCMI_MODULE_TRACE": str(trace)}
+
+
+def source_path(path: str) -> str:
+    """``fedcmi/...`` of an imported file, from this checkout or the test's copy of it."""
+    parts = Path(path).resolve().parts
+    return Path(*parts[len(parts) - 1 - parts[::-1].index("fedcmi"):]).as_posix()
+
+
+def loaded_by(trace: Path) -> dict[str, set[str]]:
+    """fedcmi command (``train``, ...) -> the fedcmi source files its process imported."""
+    out: dict[str, set[str]] = {}
+    for f in sorted(trace.glob("*.json")):
+        rec = json.loads(f.read_text())
+        if len(rec["argv"]) > 1 and Path(rec["argv"][0]).name == "fedcmi":
+            out.setdefault(rec["argv"][1], set()).update(source_path(p) for p in rec["files"])
+    return out
+
+
+def check_code_deps(repo: Path, loaded: dict[str, set[str]], validation_only: set[str]) -> None:
+    """Each stage depends on every fedcmi file its command imported; the data stages may leave out what every
+    command imports before it starts (the command line and the whole params file's validation)."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        command = stage["cmd"].split()[1]
+        deps = [str(d).rstrip("/") for d in stage["deps"]]
+        need = loaded[command] - (validation_only if name in ("prepare", "partition") else set())
+        missing = sorted(f for f in need if not any(f == d or f.startswith(d + "/") for d in deps))
+        assert not missing, f"dvc.yaml stage {name!r} runs but does not depend on {missing}"
+
+
+def test_dvc_repro_end_to_end_then_only_train_reruns(repo, tmp_path_factory):
+    trace = tmp_path_factory.mktemp("trace") / "modules"
+    out = sh(DVC + ["repro"], repo, env_extra=traced(trace)).stdout
+    check = tmp_path_factory.mktemp("trace") / "validate"
+    sh([sys.executable, "-c", "import fedcmi.cli as c; c.build_parser(); c.load_config('params.yaml')"], repo,
+       env_extra=traced(check))
+    validation_only = {source_path(p) for f in check.glob("*.json") for p in json.loads(f.read_text())["files"]}
+    check_code_deps(repo, loaded_by(trace), validation_only)
     for stage in ("prepare", "partition", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((repo / "outputs/eval/metrics.json").read_text())
