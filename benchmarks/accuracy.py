@@ -53,12 +53,12 @@ from common import RESULTS, ROOT, ensure_data, save_results
 
 # Imported before the pool forks its workers, so a benchmark that runs for an hour keeps the code it started with.
 from fedcmi.config import apply_overrides, config_from_dict, load_config
-from fedcmi.data.synthetic import bayes_accuracy
+from fedcmi.datasets.synthetic import bayes_accuracy
 from fedcmi.divergence import Diverged
-from fedcmi.engine import train
 from fedcmi.federation import Federation
 from fedcmi.io import write_json, write_text
 from fedcmi.partition import load_partition
+from fedcmi.runners.engine import train
 
 SETTINGS: dict[str, list[str]] = {
     "default": [],
@@ -136,8 +136,8 @@ def run_one(job: tuple) -> tuple[str, dict]:
         return key, out
     seconds = time.perf_counter() - t0
     fed = Federation(cfg, dm, load_partition(cfg.partition.file))
-    val = fed.evaluate(res.state, split="val").metrics
-    out = {"test": res.final, "val": val, "history": res.history, "seconds": seconds}
+    val = fed.evaluate(res.state, split="val").flat()
+    out = {"test": res.final.flat(), "val": val, "history": [r.to_json() for r in res.history], "seconds": seconds}
     write_json(cache, out)
     return key, out
 
@@ -150,7 +150,7 @@ def random_probe(job: tuple) -> tuple[int, dict]:
                                            + ["algorithm.name=fedavg", "tracking.enabled=false", *extra]))
     dm = ensure_data(cfg)
     fed = Federation(cfg, dm, load_partition(cfg.partition.file))
-    ev = fed.evaluate(fed.initial_state(), probe=True).metrics
+    ev = fed.evaluate(fed.initial_state(), probe=True).flat()
     return seed, {k: v for k, v in ev.items() if k.startswith("probe_acc_")}
 
 

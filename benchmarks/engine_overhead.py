@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from common import RESULTS, ROOT, SPEED_SETTING, ensure_data, save_results
 
-from fedcmi.algorithms.base import derive_seed
+from fedcmi.algorithms import build_model
+from fedcmi.checkpoint import Checkpointer
 from fedcmi.config import load_config
-from fedcmi.engine import Checkpointer, train
-from fedcmi.federation import sample_clients
-from fedcmi.models import build_model
 from fedcmi.partition import load_partition
+from fedcmi.round.schedule import sample_clients
+from fedcmi.runners.engine import train
+from fedcmi.seeds import derive_seed
 
 
 def bare_loop(cfg, dm) -> tuple[dict, float]:
@@ -44,7 +45,7 @@ def bare_loop(cfg, dm) -> tuple[dict, float]:
     for rnd in range(fed.rounds):
         sums: dict[str, torch.Tensor] = {}
         total = 0.0
-        for cid in sample_clients(cfg, rnd):
+        for cid in sample_clients(cfg, rnd + 1):  # rounds count from 1; seeds count the rounds before
             idx = part.clients[cid].indices
             model.load_state_dict(glob)
             model.train()
@@ -113,7 +114,7 @@ def main() -> None:
         bare_s.append(time.perf_counter() - t0)
         same = all(torch.equal(res.state[k], state[k]) for k in state)
         print(f"repeat {rep}: engine {engine_s[-1]:.2f}s (checkpoints {ckpt_s[-1]:.2f}s), bare loop {bare_s[-1]:.2f}s, "
-              f"same final model: {same}, accuracy {res.final['mm_acc']:.3f} / {acc:.3f}", flush=True)
+              f"same final model: {same}, accuracy {res.final.mm_acc:.3f} / {acc:.3f}", flush=True)
         if not same:
             raise SystemExit("the engine and the bare loop disagree: the comparison is not of the same work")
     e, b, c = statistics.median(engine_s), statistics.median(bare_s), statistics.median(ckpt_s)

@@ -73,12 +73,12 @@ def config(work: Path, rounds: int, workers: int = 1, threads: int = 1):
 
 
 def run_engine(work: Path, rounds: int, workers: int, threads: int) -> dict:
-    from fedcmi.engine import train
+    from fedcmi.runners.engine import train
 
     cfg, _ = config(work, rounds, workers, threads)
     t0 = time.perf_counter()
     res = train(cfg, work / "engine", resume="never", progress=False)
-    return {"mm_acc": res.final["mm_acc"], "seconds": time.perf_counter() - t0}
+    return {"mm_acc": res.final.mm_acc, "seconds": time.perf_counter() - t0}
 
 
 def run_flower(work: Path, rounds: int, workers: int, threads: int) -> dict:
@@ -107,9 +107,9 @@ def run_flower(work: Path, rounds: int, workers: int, threads: int) -> dict:
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         cid = int(context.node_config["partition-id"])
-        rnd = int(msg.content["config"]["server-round"]) - 1
+        round_no = int(msg.content["config"]["server-round"])  # from 1, as fedcmi counts
         state = msg.content["arrays"].to_torch_state_dict()
-        update = federation().train_client(dict(state), cid, rnd)
+        update = federation().train_client(dict(state), cid, round_no)
         content = RecordDict({"arrays": ArrayRecord(update.state),
                               "metrics": MetricRecord({"num-examples": update.num_examples})})
         return Message(content=content, reply_to=msg)
@@ -124,7 +124,7 @@ def run_flower(work: Path, rounds: int, workers: int, threads: int) -> dict:
         res = strategy.start(grid=grid, initial_arrays=ArrayRecord(fed.initial_state()), num_rounds=rounds,
                              train_config=ConfigRecord({}))
         final = {k: v for k, v in res.arrays.to_torch_state_dict().items()}
-        result["mm_acc"] = fed.evaluate(final).metrics["mm_acc"]
+        result["mm_acc"] = fed.evaluate(final).mm_acc
 
     cpus = os.cpu_count() or 1
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,

@@ -30,19 +30,20 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, ensure_data, save_results  # noqa: E402
 
-from fedcmi.algorithms.aggregation import ClientUpdate, change_norm  # noqa: E402
 from fedcmi.config import load_config  # noqa: E402
 from fedcmi.data import DataModule  # noqa: E402
 from fedcmi.divergence import Diverged  # noqa: E402
-from fedcmi.engine import train  # noqa: E402
-from fedcmi.federation import Federation, RoundFailed  # noqa: E402
+from fedcmi.federation import Federation  # noqa: E402
 from fedcmi.io import read_json  # noqa: E402
+from fedcmi.round.server import RoundFailed  # noqa: E402
+from fedcmi.round.update import ClientUpdate, change_norm  # noqa: E402
+from fedcmi.runners.engine import train  # noqa: E402
 
 LIAR = 0
 RULES = {
     "mean": [],
     "median": ["server.rule=median"],
-    "trimmed_mean": ["server.rule=trimmed_mean", "server.trim_fraction=0.2"],
+    "trimmed_mean": ["server.rule=trimmed_mean", "server.trimmed_mean.trim_fraction=0.2"],
 }
 
 
@@ -50,8 +51,8 @@ def liar(attack: str, scale: float, norms: list[float]):
     """Federation.train_client with client ``LIAR`` lying; every honest change norm goes to ``norms``."""
     honest = Federation.train_client
 
-    def train_client(self: Federation, global_state, cid: int, rnd: int) -> ClientUpdate | None:
-        u = honest(self, global_state, cid, rnd)
+    def train_client(self: Federation, global_state, cid: int, round_no: int) -> ClientUpdate | None:
+        u = honest(self, global_state, cid, round_no)
         if u is None:
             return u
         if cid != LIAR or attack == "none":
@@ -86,8 +87,8 @@ def run(work: Path, rounds: int, seed: int, extra: list[str], attack: str | None
             res = None
             diverged = str(exc).split(";")[0]
     if res is not None:
-        history = res.history
-        final = res.final["mm_acc"]
+        history = [r.to_json() for r in res.history]
+        final = res.final.mm_acc
         evaluated = [r["mm_acc"] for r in history if "mm_acc" in r]
         last5 = sum(evaluated[-5:]) / 5
     else:

@@ -24,9 +24,9 @@ from common import ROOT, SPEED_SETTING, save_results  # noqa: E402  (puts the pr
 
 from fedcmi.config import load_config  # noqa: E402
 from fedcmi.data import DataModule, prepare  # noqa: E402
-from fedcmi.engine import train  # noqa: E402
 from fedcmi.io import load_state  # noqa: E402
 from fedcmi.partition import make_partition, save_partition  # noqa: E402
+from fedcmi.runners.engine import train  # noqa: E402
 
 
 def main() -> None:

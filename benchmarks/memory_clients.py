@@ -28,7 +28,7 @@ from common import RESULTS, ROOT, SPEED_SETTING, ensure_data, monitor, save_resu
 
 def child(clients: int, rounds: int, algorithm: str, work: Path, workers: int) -> dict:
     from fedcmi.config import load_config
-    from fedcmi.engine import train
+    from fedcmi.runners.engine import train
 
     cfg = load_config(ROOT / "params.yaml", [
         *SPEED_SETTING, "threads=1", f"federation.workers={workers}", f"algorithm.name={algorithm}",
@@ -41,7 +41,7 @@ def child(clients: int, rounds: int, algorithm: str, work: Path, workers: int) -
     t0 = time.perf_counter()
     res = train(cfg, resume="never", progress=False)
     return {"clients": clients, "algorithm": algorithm, "workers": workers, "seconds": time.perf_counter() - t0,
-            "seconds_per_round": (time.perf_counter() - t0) / rounds, "mm_acc": res.final["mm_acc"]}
+            "seconds_per_round": (time.perf_counter() - t0) / rounds, "mm_acc": res.final.mm_acc}
 
 
 def main() -> None:

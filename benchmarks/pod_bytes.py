@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np  # noqa: E402
 from common import ROOT, save_results  # noqa: E402  (puts the project on the path)
 
-from fedcmi.algorithms import get_strategy  # noqa: E402
+from fedcmi.algorithms import (
+    build_model,  # noqa: E402
+    get_strategy,  # noqa: E402
+)
 from fedcmi.config import load_config  # noqa: E402
 from fedcmi.data.cache import audio_visual_spec  # noqa: E402
-from fedcmi.models import build_model  # noqa: E402
 from fedcmi.partition import make_partition  # noqa: E402
 
 CREMA_D = {"train": 6698, "test": 744}

@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from common import RESULTS, save_results
 
+from fedcmi.algorithms import build_model
 from fedcmi.config import config_from_dict
 from fedcmi.data import DataModule
 from fedcmi.data.base import DatasetSpec, PreparedWriter
 from fedcmi.data.cache import IMAGENET_NORM
 from fedcmi.federation import Federation
-from fedcmi.models import build_model
 from fedcmi.partition import make_partition, save_partition
 
 
@@ -124,11 +124,11 @@ def engine_epoch(cfg, dm, device: torch.device) -> tuple[float, float | None]:
 
     fed = Federation(cfg, dm, load_partition(cfg.partition.file), device)
     state = fed.initial_state()
-    fed.train_client(state, 0, 0)  # warm-up
+    fed.train_client(state, 0, 1)  # warm-up
     sync(device)
     with GpuPoll(device) as poll:
         t0 = time.perf_counter()
-        fed.train_client(state, 0, 1)
+        fed.train_client(state, 0, 2)
         sync(device)
         seconds = time.perf_counter() - t0
     return seconds, poll.mean
@@ -139,21 +139,31 @@ def round_time(cfg, dm, device: torch.device, client_workers: int = 1) -> dict:
     model's evaluation on the test split, timed after a warm-up round (which also starts the workers). With
     ``client_workers`` > 1 that many processes train clients at once, each on the same device."""
     from fedcmi.partition import load_partition
+    from fedcmi.round.close import close_round
+    from fedcmi.round.outcomes import client_outcomes
+    from fedcmi.round.schedule import sample_clients
     from fedcmi.workers import ClientWorkers
 
     fed = Federation(cfg, dm, load_partition(cfg.partition.file), device)
     with ClientWorkers(cfg, client_workers) as pool:
         workers = pool if client_workers > 1 else None
-        state = fed.run_round(fed.initial_state(), 0, workers).state  # warm-up
+
+        def one_round(state, round_no):
+            clients = sample_clients(cfg, round_no)
+            return close_round(fed, state, clients, client_outcomes(fed, state, clients, round_no, workers),
+                               round_no, evaluate=False)
+
+        state = one_round(fed.initial_state(), 1).state  # warm-up
         sync(device)
         t0 = time.perf_counter()
-        res = fed.run_round(state, 1, workers)
+        res = one_round(state, 2)
         sync(device)
         trained = time.perf_counter() - t0
     t1 = time.perf_counter()
     fed.evaluate(res.state)
     sync(device)
-    return {"clients": len(res.accepted), "client_workers": client_workers, "round_s": round(trained, 3),
+    return {"clients": len(res.record.participation.accepted), "client_workers": client_workers,
+            "round_s": round(trained, 3),
             "evaluate_s": round(time.perf_counter() - t1, 3), "round_samples_per_s": round(len(dm.train) / trained, 2)}
 
 

@@ -2,7 +2,7 @@
 
 No `from __future__ import annotations` here: KFP reads the real annotation objects.
 
-Each function is a thin call into :mod:`fedcmi.segments` and :mod:`fedcmi.tracking`;
+Each function is a thin call into :mod:`fedcmi.runners.store` and :mod:`fedcmi.tracking`;
 KFP ships a function's source alone, so each imports what it needs inside its body.
 They run in the project's image, which carries fedcmi and kfp: nothing is installed
 when a pod starts (``install_kfp_package=False``). Every step works in the project
@@ -30,7 +30,7 @@ def begin_run(
     tracking_uri: str,
     run_name: str,
     global_model: Output[Model],
-) -> NamedTuple("Begin", [("config_json", str), ("store", str), ("start_round", int), ("run_id", str)]):
+) -> NamedTuple("Begin", [("config_json", str), ("store", str), ("committed", int)]):
     """Resolve the run's settings, continue the federation in ``store`` (or start it), open or reopen
     its MLflow run, and hand the global model to the first round."""
     import json
@@ -39,44 +39,48 @@ def begin_run(
     from pathlib import Path
 
     from fedcmi.config import config_with_settings
-    from fedcmi.segments import begin, check_within, resolve_store
+    from fedcmi.runners.store import begin, check_within, resolve_store
 
     os.chdir(data_root)
     cfg = config_with_settings(params_json, {"seed": seed, "algorithm": algorithm, "lr": lr, "mu": mu,
                                              "rounds": rounds, "local_epochs": local_epochs})
     check_within(cfg)  # a pipeline reads only what its data volume holds
     where = resolve_store(store, run_name)
-    start = begin(cfg, where, Path(global_model.path))
-    run_id = ""
+    committed = begin(cfg, where, Path(global_model.path))
     if tracking_uri:
-        from fedcmi.tracking import open_federation_run
+        from fedcmi.data import DataModule
+        from fedcmi.tracking.run import RUN_INFO, TrainingRun
+        from fedcmi.tracking.server import TrackingUnavailable
 
-        run_id = open_federation_run(cfg, where, tracking_uri, run_name, {"runner": "kubeflow"})
-    print(f"[fedcmi] federation {run_name}: {start} of {cfg.federation.rounds} rounds committed in {where}")
-    out = namedtuple("Begin", ["config_json", "store", "start_round", "run_id"])
-    return out(json.dumps(cfg.to_dict(), sort_keys=True), str(where), start, run_id)
+        run = TrainingRun.open(cfg, where / RUN_INFO, uri=tracking_uri, name=run_name, tags={"runner": "kubeflow"},
+                               data=DataModule(cfg.data.prepared_dir))
+        if run.errors:
+            raise TrackingUnavailable(f"the run's parameters could not be logged to {tracking_uri}: {run.errors[0]}")
+    print(f"[fedcmi] federation {run_name}: {committed} of {cfg.federation.rounds} rounds committed in {where}")
+    out = namedtuple("Begin", ["config_json", "store", "committed"])
+    return out(json.dumps(cfg.to_dict(), sort_keys=True), str(where), committed)
 
 
 def train_clients(
     config_json: str,
     data_root: str,
     global_model: Input[Model],
-    start_round: int,
+    committed: int,
     offset: int,
     worker: int,
     per_worker: int,
     updates: Output[Artifact],
 ):
-    """Train this worker's clients of round ``start_round + offset`` (nothing past the last round)."""
+    """Train this worker's clients of round ``committed + offset + 1`` (nothing past the last round)."""
     import os
     from pathlib import Path
 
     from fedcmi.config import config_with_settings
-    from fedcmi.segments import train_worker
+    from fedcmi.runners.store import train_worker
 
     os.chdir(data_root)
     cfg = config_with_settings(config_json, {})
-    train_worker(cfg, Path(global_model.path), start_round + offset, worker, per_worker, Path(updates.path),
+    train_worker(cfg, Path(global_model.path), committed + offset + 1, worker, per_worker, Path(updates.path),
                  progress=lambda line: print(f"[fedcmi] {line}"))
 
 
@@ -86,35 +90,41 @@ def conclude_round(
     store: str,
     global_model: Input[Model],
     updates: Input[List[Artifact]],
-    start_round: int,
+    committed: int,
     offset: int,
     tracking_uri: str,
-    run_id: str,
     new_global: Output[Model],
+    round_metrics: Output[Metrics],
 ):
-    """Aggregate the round, evaluate it when scheduled, commit it to the store, log its record."""
+    """Close the round: aggregate, evaluate when scheduled, commit it to the store; its figures go to the
+    federation's MLflow run and to this step's metrics artifact."""
     import os
     from pathlib import Path
 
     from fedcmi.config import config_with_settings
-    from fedcmi.segments import conclude
+    from fedcmi.runners.store import conclude
+    from fedcmi_components.sinks import KfpMetrics
 
     os.chdir(data_root)
     cfg = config_with_settings(config_json, {})
-    tracker = None
-    if tracking_uri and run_id:
-        from fedcmi.tracking import RunTracker
+    sinks: list = [KfpMetrics(round_metrics, cfg.algorithm.name)]
+    run = None
+    if tracking_uri:  # the federation's run, as begin_run opened it, is found through the store
+        from fedcmi.tracking.run import RUN_INFO, TrainingRun
+        from fedcmi.tracking.sink import MlflowSink
 
-        tracker = RunTracker(cfg, uri=tracking_uri, run_id=run_id)
-    rnd = start_round + offset
-    rec = conclude(cfg, Path(store), Path(global_model.path), [Path(u.path) for u in updates], rnd,
-                   Path(new_global.path), on_round=tracker.log_round if tracker else None)
+        run = TrainingRun.attach(cfg, Path(store) / RUN_INFO)
+        sinks.append(MlflowSink(run))
+    round_no = committed + offset + 1
+    rec = conclude(cfg, Path(store), Path(global_model.path), [Path(u.path) for u in updates], round_no,
+                   Path(new_global.path), sinks=sinks)
     if rec is not None:
-        acc = f", accuracy {rec['mm_acc']:.4f}" if "mm_acc" in rec else ""
-        print(f"[fedcmi] round {rnd + 1}/{cfg.federation.rounds}: accepted {rec['accepted']}, "
-              f"rejected {sorted(rec['rejected'])}{acc}")
-    if tracker is not None:
-        for e in tracker.errors + tracker.unlogged:
+        acc = f", accuracy {rec.evaluation.mm_acc:.4f}" if rec.evaluation is not None else ""
+        print(f"[fedcmi] round {round_no}/{cfg.federation.rounds}: accepted {rec.participation.accepted}, "
+              f"rejected {sorted(rec.participation.rejected)}{acc}")
+    if run is not None:
+        run.calls.drain()
+        for e in run.errors + run.unlogged:
             print(f"warning: tracking: {e}; the round is committed in {store}")
 
 
@@ -124,7 +134,6 @@ def finish_run(
     store: str,
     global_model: Input[Model],
     tracking_uri: str,
-    run_id: str,
     model: Output[Model],
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
@@ -136,27 +145,27 @@ def finish_run(
     from pathlib import Path
 
     from fedcmi.config import config_with_settings
+    from fedcmi.data import DataModule
     from fedcmi.io import load_state, save_state
-    from fedcmi.segments import finish, status
+    from fedcmi.runners.store import finish, status
+    from fedcmi_components.sinks import KfpMetrics
 
     os.chdir(data_root)
     cfg = config_with_settings(config_json, {})
-    final = finish(cfg, Path(store), Path(model.path))
+    final = finish(cfg, Path(store), Path(model.path), sinks=[KfpMetrics(metrics, cfg.algorithm.name)])
     info = status(cfg, Path(store))
     if final is None:  # rounds remain: the next run continues; this one hands on its last model
         save_state(model.path, *load_state(global_model.path))
         print(f"[fedcmi] {info['completed_rounds']} of {info['rounds']} rounds committed; submit the next run to go on")
         return json.dumps(info)
-    for k, v in final["metrics"].items():
-        metrics.log_metric(k, float(v))
-    confusion.log_confusion_matrix(final["class_names"] or [str(i) for i in range(len(final["confusion"]))],
-                                   final["confusion"])
-    if tracking_uri and run_id:
-        from fedcmi.tracking import finish_federation_run
+    spec = DataModule(cfg.data.prepared_dir).spec
+    confusion.log_confusion_matrix(list(spec.class_names) or [str(i) for i in range(len(final.confusion))],
+                                   final.confusion)
+    if tracking_uri:
+        from fedcmi.tracking.model_registry import register_federation
 
-        info["registered"] = finish_federation_run(cfg, Path(store), tracking_uri, run_id, Path(model.path),
-                                                   final["metrics"])
-    print(f"[fedcmi] federation complete: {cfg.federation.rounds} rounds, accuracy {final['metrics']['mm_acc']:.4f}")
+        info["registered"] = register_federation(cfg, Path(store), Path(model.path), final)
+    print(f"[fedcmi] federation complete: {cfg.federation.rounds} rounds, accuracy {final.mm_acc:.4f}")
     return json.dumps(info)
 
 
@@ -167,18 +176,17 @@ def close_run(status: dsl.PipelineTaskFinalStatus, data_root: str, store: str, r
         return
     import os
 
-    from fedcmi.segments import resolve_store
-    from fedcmi.tracking import RUN_INFO, fail_run, read_run_info
+    from fedcmi.runners.store import resolve_store
+    from fedcmi.tracking.run import RUN_INFO, fail_recorded_run
 
     os.chdir(data_root)
-    info_file = resolve_store(store, run_name) / RUN_INFO
-    if not info_file.is_file():
+    run_id = fail_recorded_run(resolve_store(store, run_name) / RUN_INFO,
+                               f"Kubeflow run {status.pipeline_job_resource_name} ended {status.state}: "
+                               f"{status.error_message}")
+    if run_id is None:
         print(f"[fedcmi] run ended {status.state}; no MLflow run was opened")
         return
-    info = read_run_info(info_file)
-    fail_run(info["tracking_uri"], info["run_id"],
-             f"Kubeflow run {status.pipeline_job_resource_name} ended {status.state}: {status.error_message}")
-    print(f"[fedcmi] run ended {status.state}; MLflow run {info['run_id']} marked FAILED")
+    print(f"[fedcmi] run ended {status.state}; MLflow run {run_id} marked FAILED")
 
 
 def make_components(image: str) -> SimpleNamespace:

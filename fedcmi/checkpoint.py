@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcmi.algorithms.aggregation import StateDict
+import torch
+
+from fedcmi.errors import FedcmiError
 from fedcmi.io import (
     ModelFileError,
     load_state,
@@ -31,13 +33,14 @@ from fedcmi.io import (
     write_json,
 )
 
+StateDict = dict[str, torch.Tensor]
 log = logging.getLogger("fedcmi")
 STATE_FILE = "state.json"
 ENGINE_FORMAT = "fedcmi-engine/1"
 PATTERN = "round_*.safetensors"
 
 
-class ResumeError(RuntimeError):
+class ResumeError(FedcmiError, RuntimeError):
     """A checkpoint that cannot be resumed under the current settings."""
 
 

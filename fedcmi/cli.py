@@ -16,12 +16,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fedcmi.config import Config, ConfigError, load_config
-from fedcmi.divergence import Diverged
-
-EXIT_CONFIG = 2
-EXIT_FAILURE = 1
-EXIT_DIVERGED = 3
+from fedcmi.config import Config, load_config
+from fedcmi.errors import EXIT_FAILURE, EXIT_INTERRUPTED, FedcmiError
 
 
 def _common() -> argparse.ArgumentParser:
@@ -73,87 +69,80 @@ def cmd_partition(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _resume_fingerprint(cfg: Config) -> str | None:
-    """The fingerprint a checkpoint of ``cfg`` carries (None when the data or partition is not there yet)."""
-    from fedcmi.data import DataModule
-    from fedcmi.engine import run_fingerprint
-
-    try:
-        return run_fingerprint(cfg, cfg.partition.file, DataModule(cfg.data.prepared_dir).meta)
-    except (OSError, ValueError):
-        return None
-
-
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    from fedcmi.data import DataModule
+    from fedcmi.federation import check_inputs
     from fedcmi.locks import exclusive, inside
+    from fedcmi.partition import load_partition
 
     out = Path(args.out) if args.out else cfg.output.dir / "train"
+    # the inputs first: a mismatch is one line with nothing written, not even the output folder's lock
+    check_inputs(cfg, DataModule(cfg.data.prepared_dir), load_partition(cfg.partition.file))
     if cfg.tracking.enabled and not args.no_tracking:
-        from fedcmi.tracking import check_reachable, tracking_uri
+        from fedcmi.tracking.server import check_reachable, tracking_uri
 
         check_reachable(tracking_uri(cfg))  # before anything is made, the output folder's lock included
     with exclusive(inside(out), f"the output folder {out}"):  # training, outputs and tracking: one writer
         return _train(cfg, args, out)
 
 
+def _continues(cfg: Config, out: Path, data) -> bool:
+    """Whether a training in ``out`` continues the one its checkpoint holds (same settings and data)."""
+    from fedcmi.round.ledger import Ledger, checkpoint_folder
+
+    return Ledger.of(cfg, checkpoint_folder(out), data).matches()
+
+
 def _train(cfg: Config, args: argparse.Namespace, out: Path) -> int:
-    from fedcmi.engine import train, write_outputs
-    from fedcmi.plots import round_curves, run_title
+    from fedcmi.data import DataModule
+    from fedcmi.outputs import TrainFiles, write_model
+    from fedcmi.runners.engine import train
 
-    tracker, run_id = None, None
+    files = TrainFiles(cfg, out)
+    sinks: list = [files]
+    run = None
     if cfg.tracking.enabled and not args.no_tracking:
-        from fedcmi.tracking import RunTracker, continued_run
+        from fedcmi.tracking.run import RUN_INFO, TrainingRun
+        from fedcmi.tracking.sink import MlflowSink
 
-        run_id = continued_run(cfg, out, _resume_fingerprint(cfg) if args.resume != "never" else None)
+        data = DataModule(cfg.data.prepared_dir)
         # the same training, resumed, goes on in its run (curves unbroken); else a new run
-        if run_id is not None:
-            tracker = RunTracker(cfg, run_id=run_id)
-        else:
-            from fedcmi.data import DataModule
-
-            tracker = RunTracker(cfg, data=DataModule(cfg.data.prepared_dir))
+        resume = args.resume != "never" and _continues(cfg, out, data)
+        run = TrainingRun.open(cfg, out / RUN_INFO, data=data, resume=resume)
+        sinks.append(MlflowSink(run))
     try:
-        result = train(cfg, out, resume=args.resume, progress=not args.no_progress,
-                       on_round=tracker.log_round if tracker else None)
+        result = train(cfg, out, resume=args.resume, progress=not args.no_progress, sinks=sinks)
     except BaseException:
-        if tracker is not None:  # the run ends FAILED, not left RUNNING; checkpoints keep the finished rounds
-            tracker.errors.append("training stopped")
-            tracker.close()
+        if run is not None:  # the run ends FAILED, not left RUNNING; checkpoints keep the finished rounds
+            run.fail("training stopped")
         raise
-    paths = write_outputs(result, cfg, out)
-    paths["curves"] = round_curves(result.history, cfg.data.modalities, out / "curves.png",
-                                   run_title(cfg))
-    summary: dict = {"final": {k: round(v, 4) for k, v in result.final.items() if not k.startswith("class_acc_")},
+    paths = {"model": write_model(out, result.state, cfg), **files.paths}
+    final = {k: round(v, 4) for k, v, meta in result.final.items() if meta["per"] != "class"}
+    summary: dict = {"final": final,
                      "files": {k: str(v) for k, v in paths.items()},
                      "resumed_from_round": result.resumed_from, "seconds": round(result.seconds, 2)}
-    if tracker is not None and run_id is not None and result.resumed_from >= cfg.federation.rounds:
+    if run is not None and result.resumed_from >= cfg.federation.rounds and run.model_uri:
         # nothing trained: the run already holds this model and its figures; log nothing twice
-        from fedcmi.tracking import read_run_info
-
-        info = read_run_info(out / "mlflow_run.json")
-        tracker.close()
-        summary["mlflow"] = {**info, "note": "all rounds were done; nothing new to log"}
-    elif tracker is not None:
-        from fedcmi.data import DataModule
+        run.close()
+        summary["mlflow"] = {"run_id": run.run_id, "tracking_uri": run.uri, "model_uri": run.model_uri,
+                             "note": "all rounds were done; nothing new to log"}
+    elif run is not None:
         from fedcmi.serving import ModelPackage
-        from fedcmi.tracking import write_run_info
 
         package = ModelPackage.of(cfg, result.state, DataModule(cfg.data.prepared_dir))
-        errors = tracker.log_outcome([paths["history"], paths["metrics"], paths["curves"]], package)
-        info = {"run_id": tracker.run_id, "tracking_uri": tracker.uri, "model_uri": tracker.model_uri,
-                "experiment": cfg.tracking.experiment, "errors": errors, "replayed": tracker.replayed}
-        write_run_info(out / "mlflow_run.json", info)
-        summary["mlflow"] = info
-        if tracker.replayed:
-            print(f"fedcmi: warning: the tracking server was away; {len(tracker.replayed)} call(s) were logged "
+        errors = run.finish([paths["history"], paths["metrics"], paths["curves"]], package)
+        summary["mlflow"] = {"run_id": run.run_id, "tracking_uri": run.uri, "model_uri": run.model_uri,
+                             "experiment": cfg.tracking.experiment, "errors": errors, "replayed": run.replayed}
+        if run.replayed:
+            print(f"fedcmi: warning: the tracking server was away; {len(run.replayed)} call(s) were logged "
                   "late, once it answered again.", file=sys.stderr)
         if errors:
             print(f"fedcmi: warning: tracking failed {len(errors)} time(s), first: {errors[0]}. "
                   f"Training finished and every result is in {out}.", file=sys.stderr)
     else:
-        from fedcmi.io import write_json
+        from fedcmi.tracking.run import RUN_INFO, record_disabled
 
-        write_json(out / "mlflow_run.json", {"run_id": None, "reason": "tracking disabled"})
+        record_disabled(out / RUN_INFO)
     _print_json(summary)
     return 0
 
@@ -161,30 +150,28 @@ def _train(cfg: Config, args: argparse.Namespace, out: Path) -> int:
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.data import DataModule
     from fedcmi.io import write_json
+    from fedcmi.outputs import MODEL
     from fedcmi.plots import confusion, confusion_records
-    from fedcmi.steps import evaluate_step
+    from fedcmi.runners.files import evaluate_step
+    from fedcmi.tracking.run import RUN_INFO, add_to_run, read_run_info
 
-    model = Path(args.model) if args.model else cfg.output.dir / "train" / "model.safetensors"
+    model = Path(args.model) if args.model else cfg.output.dir / "train" / MODEL
     out = Path(args.out) if args.out else None
-    run_info = model.parent / "mlflow_run.json"
+    run_info = model.parent / RUN_INFO
     logs = args.log and cfg.tracking.enabled and run_info.is_file()
     if logs:  # a damaged run record is an error before anything is evaluated or written
-        from fedcmi.tracking import read_run_info
-
         logs = bool(read_run_info(run_info).get("run_id"))
-    metrics = evaluate_step(cfg, model, out, probe=args.probe, split=args.split)
-    cm = metrics.pop("confusion")
+    ev = evaluate_step(cfg, model, out, probe=args.probe, split=args.split)
+    metrics = ev.flat()
     if args.plots:
         plots = Path(args.plots)
         names = DataModule(cfg.data.prepared_dir).spec.class_names
-        write_json(plots / "confusion.json", confusion_records(cm, names))
-        confusion(cm, names, plots / "confusion.png")
+        write_json(plots / "confusion.json", confusion_records(ev.confusion, names))
+        confusion(ev.confusion, names, plots / "confusion.png")
     if logs:
-        from fedcmi.tracking import log_to_run
-
         # the test split's figures are the last round's (the same model), already in the run as eval/...
         logged = {} if args.split == "test" else {f"{args.split}/{k}": v for k, v in metrics.items()}
-        errors = log_to_run(cfg, run_info, logged,
+        errors = add_to_run(cfg, run_info, logged,
                             [p for p in (out, Path(args.plots) / "confusion.png" if args.plots else None) if p])
         for e in errors:
             print(f"fedcmi: warning: tracking failed: {e}", file=sys.stderr)
@@ -204,21 +191,21 @@ def cmd_plots_template(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
-    from fedcmi.steps import init_step
+    from fedcmi.runners.files import init_step
 
     print(init_step(cfg, args.out))
     return 0
 
 
 def cmd_sample(cfg: Config, args: argparse.Namespace) -> int:
-    from fedcmi.steps import sample_step
+    from fedcmi.runners.files import sample_step
 
     _print_json({"round": args.round, "clients": sample_step(cfg, args.round)})
     return 0
 
 
 def cmd_client_train(cfg: Config, args: argparse.Namespace) -> int:
-    from fedcmi.steps import client_train_step
+    from fedcmi.runners.files import client_train_step
 
     path = client_train_step(cfg, args.global_model, args.client, args.round, args.out)
     print(path if path else f"client {args.client} has nothing to train under {cfg.algorithm.name}; no update written")
@@ -227,9 +214,10 @@ def cmd_client_train(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_aggregate(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.io import write_json
-    from fedcmi.steps import aggregate_step
+    from fedcmi.runners.files import aggregate_step
 
-    path, summary = aggregate_step(cfg, args.global_model, args.updates, args.round, args.out)
+    path, rec = aggregate_step(cfg, args.global_model, args.updates, args.round, args.out)
+    summary = rec.to_json()
     if args.summary:
         write_json(args.summary, summary)
     _print_json({"model": str(path), **summary})
@@ -280,16 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init", cmd_init, "Write the seeded initial global model.")
     p.add_argument("--out", required=True, help="model file to write")
     p = add("sample", cmd_sample, "The clients a round samples (what aggregate admits), as JSON.")
-    p.add_argument("--round", type=int, required=True, help="round index, from 0")
+    p.add_argument("--round", type=int, required=True, help="round number, from 1")
     p = add("client-train", cmd_client_train, "One client's local training for one round, file to file.")
     p.add_argument("--global-model", required=True, help="the round's global model (safetensors)")
     p.add_argument("--client", type=int, required=True, help="client id")
-    p.add_argument("--round", type=int, required=True, help="round index, from 0")
+    p.add_argument("--round", type=int, required=True, help="round number, from 1")
     p.add_argument("--out", required=True, help="update file to write")
     p = add("aggregate", cmd_aggregate, "Aggregate a round's client update files into the next global model.")
     p.add_argument("--global-model", required=True, help="the round's global model")
     p.add_argument("--updates", nargs="+", required=True, help="client update files")
-    p.add_argument("--round", type=int, required=True, help="round index, from 0")
+    p.add_argument("--round", type=int, required=True, help="round number, from 1")
     p.add_argument("--out", required=True, help="global model file to write")
     p.add_argument("--summary", help="write the round summary JSON here")
     _extend(sub, common)
@@ -305,27 +293,11 @@ def _extend(sub, common) -> None:
     """Subcommands of the tracking layer, and of the extensions installed (see :data:`COMMANDS_GROUP`)."""
     from importlib.metadata import entry_points
 
-    from fedcmi import tracking_cli
+    from fedcmi.tracking import cli as tracking_cli
 
     tracking_cli.add_commands(sub, common)
     for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
         ep.load()(sub, common)
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from fedcmi.data import DataError
-    from fedcmi.data.text import TextError
-    from fedcmi.engine import ResumeError
-    from fedcmi.errors import CommandError
-    from fedcmi.federation import RoundFailed
-    from fedcmi.io import JsonFileError, ModelFileError
-    from fedcmi.locks import Busy
-    from fedcmi.models import EncoderError
-    from fedcmi.partition import PartitionError
-    from fedcmi.tracking import TrackingUnavailable
-
-    return (DataError, TextError, ResumeError, RoundFailed, ModelFileError, EncoderError, PartitionError,
-            TrackingUnavailable, CommandError, Busy, JsonFileError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,23 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         cfg = load_config(args.params, args.overrides)
-    except ConfigError as exc:
-        print(f"fedcmi: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    try:
         return int(args.func(cfg, args) or 0)
-    except ConfigError as exc:
+    except FedcmiError as exc:  # a condition fedcmi recognised: its message, its exit code, no traceback
         print(f"fedcmi: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except Diverged as exc:
-        print(f"fedcmi: error: {exc}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except _known_errors() as exc:
+        return exc.exit_code
+    except OSError as exc:  # the file system's refusal (a full disk, a permission), already saying which file
         print(f"fedcmi: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("fedcmi: interrupted; the last complete round is checkpointed", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

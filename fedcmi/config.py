@@ -17,141 +17,80 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails
 
-DATASET_MODALITIES = {"cremad": ("audio", "visual"), "ave": ("audio", "visual"), "crisismmd": ("image", "text")}
-
+from fedcmi.errors import EXIT_USAGE, FedcmiError
+from fedcmi.metrics import headline_names
+from fedcmi.registry import ALGORITHMS, DATASETS, RULES, Registry
 
 #: Numbers in settings: YAML's true/false is never taken for 1/0 (``federation.rounds: true`` is an error).
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
 
 
-class ConfigError(ValueError):
+class ConfigError(FedcmiError, ValueError):
     """A params file or override that does not make a valid :class:`Config`."""
 
+    exit_code = EXIT_USAGE
 
-class _Section(BaseModel):
+
+class Section(BaseModel):
+    """A section of settings: unknown keys and NaN or infinite numbers are errors."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-class SyntheticConfig(_Section):
-    """The embedded default dataset: an audio-like (strong) and a visual-like (weak) modality.
-
-    ``generator: latent`` (the default) draws both modalities from one per-sample
-    latent; ``templates`` is the first version's generator, kept so that its
-    figures can be reproduced (see fedcmi.data.synthetic).
-    """
-
-    generator: Literal["latent", "templates"] = "latent"
-    num_train: Int = Field(2400, ge=10)
-    num_test: Int = Field(600, ge=10)
-    num_val: Int = Field(600, ge=0, description="validation samples, for choosing settings; 0 for none")
-    num_classes: Int = Field(6, ge=2, le=64)
-    strong_modality: str = "audio"
-    spectrogram: tuple[int, int] = (16, 16)
-    frames: Int = Field(2, ge=1, le=16)
-    frame_size: Int = Field(16, ge=8, le=64)
-    strong_snr: Float = Field(4.0, gt=0, allow_inf_nan=False)
-    weak_snr: Float = Field(1.75, gt=0, allow_inf_nan=False)
-    strong_blind: Float = Field(
-        0.3, ge=0, le=1, description="latent: fraction of samples where the strong modality shows only the class "
-        "pair, not the class (its blind spot: uncertain between the two, never confidently wrong)")
-    intensity: tuple[float, float] = Field(
-        (0.5, 1.5), description="latent: range of the per-sample expression intensity that scales the class "
-        "evidence in both modalities at once")
-    weak_noise: tuple[float, float] = Field(
-        (0.5, 4.0), description="latent: range of the per-clip white-noise level of the weak modality (its "
-        "recording quality); a learned encoder filters it, a random one does not")
-    weak_clutter: Float = Field(
-        1.0, ge=0, le=100, allow_inf_nan=False, description="latent: strength of 8 fixed patterns that carry "
-        "no class information in the weak modality (a learned encoder tunes them out, a random one cannot)")
-    strong_confusion: Float = Field(
-        0.2, ge=0, lt=0.5, description="templates: fraction of samples where the strong modality shows the "
-        "partner class")
-
-    @field_validator("intensity", "weak_noise")
-    @classmethod
-    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not (0 <= v[0] <= v[1] < 100):
-            raise ValueError("must be [low, high] with 0 <= low <= high < 100")
-        return v
-
-    @field_validator("spectrogram")
-    @classmethod
-    def _spec_size(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if min(v) < 8 or max(v) > 512:
-            raise ValueError("each spectrogram side must be between 8 and 512")
-        return v
+OptionsT = TypeVar("OptionsT", bound=BaseModel)
 
 
-class AudioVisualConfig(_Section):
-    """Audio to a log spectrogram, frames picked evenly: what CREMA-D and AVE share."""
-
-    sample_rate: Int = Field(16000, ge=1000, le=192000, description="audio is resampled to this rate")
-    audio_seconds: Float = Field(3.0, gt=0, le=600, description="audio tiled (short clips) and cut to this length")
-    nperseg: Int = Field(512, ge=16, le=8192, description="spectrogram window (scipy.signal.spectrogram)")
-    noverlap: Int = Field(353, ge=0, description="spectrogram window overlap; below nperseg")
-    frames: Int = Field(1, ge=1, le=64, description="frames per clip, picked evenly from the sorted frame list")
-    frame_size: Int = Field(224, ge=8, le=1024, description="frames resized to frame_size x frame_size")
-    fps: Int = Field(1, ge=1, le=60, description="frames per second when frames are taken from the videos")
-    audio_dir: str = "AudioWAV"
-    frames_dir: str = "Image-01-FPS"
-    video_dir: str = "VideoFlash"
-
-    @model_validator(mode="after")
-    def _overlap(self) -> AudioVisualConfig:
-        if self.noverlap >= self.nperseg:
-            raise ValueError(f"noverlap ({self.noverlap}) must be below nperseg ({self.nperseg})")
-        if int(self.audio_seconds * self.sample_rate) < self.nperseg:
-            raise ValueError("audio_seconds * sample_rate must hold at least one spectrogram window (nperseg)")
-        return self
-
-
-class CremaDConfig(AudioVisualConfig):
-    """CREMA-D: 6 emotions from the clip names; the common split lists or a seeded split by speaker."""
-
-    split: Literal["lists", "speakers"] = "lists"
-    train_list: str = "train.csv"
-    test_list: str = "test.csv"
-    test_speakers: Float = Field(0.1, gt=0, lt=1, description="fraction of actors held out (split: speakers)")
-    val_fraction: Float = Field(0.0, ge=0, lt=0.5, description="of the training actors, held out as validation")
+def validate_plugin_sections(section: BaseModel, registry: Registry, where: str) -> None:
+    """Validate, in place, the sections of every plug-in in ``registry`` that has settings (``Options``) among
+    ``section``'s extra keys (defaults where one is absent); any other extra key is an unknown setting."""
+    extra = section.__pydantic_extra__ if section.__pydantic_extra__ is not None else {}
+    # a plug-in's section is keyed by its name, unless it names another (``section``: OGM-GE's ``ogm``)
+    sections = {getattr(cls, "section", None) or name: cls.Options  # type: ignore[attr-defined]
+                for name, cls in registry.all().items()
+                if getattr(cls, "Options", None)}
+    errors = []
+    for key in sorted(set(extra) - set(sections)):
+        errors.append(InitErrorDetails(type="extra_forbidden", loc=(key,), input=extra[key]))
+    for key, options in sections.items():
+        raw = extra.get(key, {})
+        if isinstance(raw, options):
+            continue
+        try:
+            extra[key] = options.model_validate(raw)
+        except ValidationError as err:
+            errors += [InitErrorDetails(type=e["type"], loc=(key, *e["loc"]), input=e["input"],
+                                        ctx=e.get("ctx", {})) for e in err.errors()]
+    if errors:
+        raise ValidationError.from_exception_data(where, errors)
+    section.__pydantic_extra__ = extra
 
 
-class AVEConfig(AudioVisualConfig):
-    """AVE: 28 event classes; audio and frames inside each annotated event segment."""
-
-    audio_seconds: Float = Field(10.0, gt=0, le=600)
-    frames: Int = Field(4, ge=1, le=64)
-    audio_dir: str = "audio"
-    frames_dir: str = "frames"
-    video_dir: str = "AVE"
-    train_list: str = "trainSet.txt"
-    val_list: str = "valSet.txt"
-    test_list: str = "testSet.txt"
+def plugin_options(section: BaseModel, cls: type[OptionsT]) -> OptionsT:
+    """The validated plug-in section of type ``cls`` among ``section``'s extras."""
+    for value in (section.__pydantic_extra__ or {}).values():
+        if isinstance(value, cls):
+            return value
+    raise KeyError(f"no section of type {cls.__name__}")
 
 
-class CrisisMMDConfig(_Section):
-    """CrisisMMD v2.0: tweet image + text, the informative (2) or humanitarian (8) task."""
+class PluginSection(BaseModel):
+    """A section that also holds the sections of its plug-ins (``algorithm.fedcmi``, ``server.krum``,
+    ``data.cremad``), validated against the registry."""
 
-    task: Literal["informative", "humanitarian"] = "informative"
-    split_dir: str = "crisismmd_datasplit_all"
-    label_column: Literal["label", "label_text", "label_image", "label_text_image"] = "label"
-    merge_humanitarian: bool = Field(False, description="fold injured/dead and missing/found into "
-                                     "affected_individuals: 6 classes instead of 8")
-    image_size: Int = Field(224, ge=8, le=1024)
-    text: Literal["vocab", "vectors"] = Field(
-        "vocab", description="vocab: token ids over a vocabulary from the training split, for the trainable "
-        "'text' encoder; vectors: the mean of pretrained word vectors (text_model), for the 'mlp' encoder")
-    max_tokens: Int = Field(48, ge=1, le=1024)
-    min_token_count: Int = Field(2, ge=1, description="training-split count a token needs to enter the vocabulary")
-    max_vocab: Int = Field(20000, ge=10)
-    text_model: Path | None = Field(None, description="word vectors stored locally, one 'word v1 v2 ...' per line "
-                                       "(GloVe, word2vec or fastText text format), for text: vectors")
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
+
+    def options(self, cls: type[OptionsT]) -> OptionsT:
+        """The validated plug-in section of type ``cls``."""
+        return plugin_options(self, cls)
 
 
-class DataConfig(_Section):
-    """Which dataset, where it lives and which two modalities it holds."""
+class DataConfig(PluginSection):
+    """Which dataset, where it lives and which two modalities it holds; each dataset's own settings at
+    ``data.<name>`` (see :mod:`fedcmi.datasets`)."""
 
-    name: Literal["synthetic", "npz", "cremad", "ave", "crisismmd"] = "synthetic"
+    name: str = Field("synthetic", description="a registered dataset (fedcmi.registry.DATASETS): synthetic "
+                      "(embedded default), npz (bring your own), cremad, ave, crisismmd")
     path: Path = Path("data/raw")
     prepared_dir: Path = Path("data/prepared")
     modalities: tuple[str, str] = ("audio", "visual")
@@ -159,10 +98,13 @@ class DataConfig(_Section):
                          description="processes decoding files in prepare; 0: one per CPU but one, at most 8")
     max_bad_fraction: Float = Field(0.01, ge=0, le=1, description="unreadable or unlabelled samples prepare "
                                     "skips and reports; above this fraction of all samples it stops")
-    synthetic: SyntheticConfig = SyntheticConfig()
-    cremad: CremaDConfig = CremaDConfig()
-    ave: AVEConfig = AVEConfig()
-    crisismmd: CrisisMMDConfig = CrisisMMDConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(DATASETS.names())}")
+        return v
 
     @field_validator("modalities")
     @classmethod
@@ -174,8 +116,13 @@ class DataConfig(_Section):
             raise ValueError("the two modalities must have different names")
         return v
 
+    @model_validator(mode="after")
+    def _sections(self) -> DataConfig:
+        validate_plugin_sections(self, DATASETS, "DataConfig")
+        return self
 
-class FaultsConfig(_Section):
+
+class FaultsConfig(Section):
     """Data faults as real deployments have them (FedMultimodal, Feng et al., KDD 2023), drawn per sample
     from the seed when the partition is made and kept in the partition file, so every executor and every
     method sees the same faulty data. Rates are fractions of a client's samples."""
@@ -188,7 +135,7 @@ class FaultsConfig(_Section):
                                   "training; every client keeps at least one labelled sample)")
 
 
-class PartitionConfig(_Section):
+class PartitionConfig(Section):
     """How the training set is split across clients (seeded by ``seed``)."""
 
     num_clients: Int = Field(10, ge=1, le=100_000)
@@ -204,7 +151,7 @@ class PartitionConfig(_Section):
     faults: FaultsConfig = FaultsConfig()
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Encoders per modality and the heads on top of them."""
 
     encoders: dict[str, Literal["mlp", "cnn", "clip", "resnet18", "text"]] = {"audio": "cnn", "visual": "clip"}
@@ -215,7 +162,7 @@ class ModelConfig(_Section):
     fusion: Literal["concat", "sum", "film", "gated"] = "concat"
 
 
-class FederationConfig(_Section):
+class FederationConfig(Section):
     """Rounds, client sampling and local work."""
 
     rounds: Int = Field(20, ge=1, le=100_000)
@@ -235,7 +182,7 @@ class FederationConfig(_Section):
         return v
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """Local SGD; the learning rate decays by round, never re-created per client."""
 
     lr: Float = Field(0.02, gt=0, allow_inf_nan=False)
@@ -247,21 +194,21 @@ class OptimConfig(_Section):
         "32", description="local training precision: 32, or mixed with bfloat16 / float16 (loss scaling) autocast")
 
 
-class ServerConfig(_Section):
+class ServerConfig(PluginSection):
     """What the server admits into a round and how it combines what it admits.
 
     Every update is checked against the round first (sampled client, this round, once, the global model's
     keys, dtypes and shapes, finite values, a sample count within the client's shard, the client's own
     modalities); then a change larger than ``max_change_ratio`` times the global model's norm is refused.
-    ``rule`` combines the admitted updates: ``mean`` is FedAvg's sample-weighted mean (one running sum,
-    memory flat in the number of clients); ``median`` and ``trimmed_mean`` are coordinate-wise and
-    unweighted (Yin et al., ICML 2018), robust to a minority of lying clients, and hold every admitted
-    update of a round in memory. ``clip_norm`` scales each client's change down to that L2 norm first.
+    ``clip_norm`` scales each client's change down to that L2 norm. ``rule`` combines the admitted updates
+    (see :mod:`fedcmi.rules`; each rule's own settings at ``server.<rule>``): ``mean`` is FedAvg's
+    sample-weighted mean (one running sum, memory flat in the number of clients); ``median``,
+    ``trimmed_mean``, ``krum`` and ``multi_krum`` are unweighted and robust to a minority of lying clients,
+    and hold every admitted update of a round in memory. ``optimizer`` steps from the aggregate.
     """
 
-    rule: Literal["mean", "median", "trimmed_mean"] = "mean"
-    trim_fraction: Float = Field(0.2, ge=0, lt=0.5, description="trimmed_mean: share of the clients dropped at "
-                                 "each end of every coordinate (rounded down)")
+    rule: str = Field("mean", description="the aggregation rule (fedcmi.registry.RULES): mean, median, "
+                      "trimmed_mean, krum, multi_krum")
     clip_norm: Float | None = Field(None, gt=0, allow_inf_nan=False, description="L2 norm each client's change "
                                     "is scaled down to before it is combined; null: no clipping")
     max_change_ratio: Float = Field(10.0, gt=0, allow_inf_nan=False, description="an update whose change is "
@@ -283,27 +230,35 @@ class ServerConfig(_Section):
             raise ValueError("both betas must lie in [0, 1)")
         return v
 
+    @field_validator("rule")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in RULES:
+            raise ValueError(f"unknown aggregation rule {v!r}; known: {', '.join(RULES.names())}")
+        return v
 
-OptionsT = TypeVar("OptionsT", bound=BaseModel)
+    @model_validator(mode="after")
+    def _sections(self) -> ServerConfig:
+        validate_plugin_sections(self, RULES, "ServerConfig")
+        return self
+
+    def rule_options(self, rule: type) -> BaseModel | None:
+        """The settings of aggregation rule class ``rule`` (None when it has none)."""
+        options = getattr(rule, "Options", None)
+        return self.options(options) if options is not None else None
 
 
-def _algorithms() -> dict[str, Any]:
-    """The registered strategies (imported when a config is validated, so importing this module stays light)."""
-    from fedcmi.algorithms import STRATEGIES
-
-    return STRATEGIES
-
-
-class AlgorithmConfig(BaseModel):
+class AlgorithmConfig(PluginSection):
     """Which algorithm trains, the settings algorithms share, and each algorithm's own section
     (``algorithm.<section>``, declared by its strategy: ``fedcmi``, ``ogm``, ...)."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
-
-    name: str = Field("fedcmi", description="a registered algorithm (fedcmi.algorithms.STRATEGIES)")
+    name: str = Field("fedcmi", description="a registered algorithm (fedcmi.registry.ALGORITHMS)")
     mu: Float = Field(0.0, ge=0, description="proximal weight for fedprox and fedcmi; 0 turns it off")
     modality: str | None = Field(None, description="the modality trained by 'unimodal'")
-    aggregation: Literal["auto", "plain", "modality_aware"] = "auto"
+    aggregation: Literal["auto", "plain", "modality_aware"] = Field(
+        "auto", description="which clients average each parameter: every client (plain), or a modality's "
+        "parameters only the clients holding it (modality_aware); auto: the algorithm's own (FedCMI: "
+        "modality_aware)")
     control_variates: bool | Literal["auto"] = Field(
         "auto", description="SCAFFOLD's drift correction (Karimireddy et al., ICML 2020) on top of the "
         "algorithm's client update; auto: on for scaffold only")
@@ -311,42 +266,17 @@ class AlgorithmConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _registered(cls, v: str) -> str:
-        known = _algorithms()
-        if v not in known:
-            raise ValueError(f"unknown algorithm {v!r}; known: {', '.join(known)}")
+        if v not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {v!r}; known: {', '.join(ALGORITHMS.names())}")
         return v
 
     @model_validator(mode="after")
     def _sections(self) -> AlgorithmConfig:
-        """Every registered strategy's section, validated (defaults where absent); anything else is unknown."""
-        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
-        sections = {s.options_key(): s.Options for s in _algorithms().values() if s.Options is not None}
-        errors = []
-        for key in sorted(set(extra) - set(sections)):
-            errors.append(InitErrorDetails(type="extra_forbidden", loc=(key,), input=extra[key]))
-        for key, options in sections.items():
-            raw = extra.get(key, {})
-            if isinstance(raw, options):
-                continue
-            try:
-                extra[key] = options.model_validate(raw)
-            except ValidationError as err:
-                errors += [InitErrorDetails(type=e["type"], loc=(key, *e["loc"]), input=e["input"],
-                                            ctx=e.get("ctx", {})) for e in err.errors()]
-        if errors:
-            raise ValidationError.from_exception_data("AlgorithmConfig", errors)
-        self.__pydantic_extra__ = extra
+        validate_plugin_sections(self, ALGORITHMS, "AlgorithmConfig")
         return self
 
-    def options(self, cls: type[OptionsT]) -> OptionsT:
-        """The validated section of type ``cls``."""
-        for value in (self.__pydantic_extra__ or {}).values():
-            if isinstance(value, cls):
-                return value
-        raise KeyError(f"no algorithm section of type {cls.__name__}")
 
-
-class EvaluationConfig(_Section):
+class EvaluationConfig(Section):
     every: Int = Field(1, ge=1)
     batch_size: Int = Field(256, ge=1)
     linear_probe: bool = Field(True, description="fit a ridge probe on each frozen encoder at the final round")
@@ -360,7 +290,7 @@ class EvaluationConfig(_Section):
         "per split): a test-time fault; the linear probes always see both")
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     """MLflow tracking and the model registry."""
 
     enabled: bool = True
@@ -376,7 +306,7 @@ class TrackingConfig(_Section):
                                "past it, what is left is not sent (the local files keep everything) and reported")
 
 
-class LoaderConfig(_Section):
+class LoaderConfig(Section):
     """How batches reach the model (never what they hold: the order is the seed's alone)."""
 
     workers: Int = Field(0, ge=0, le=64, description="processes reading batches (0: the training process); "
@@ -388,35 +318,29 @@ class LoaderConfig(_Section):
         return device_type == "cuda" if self.pin_memory == "auto" else bool(self.pin_memory)
 
 
-class OutputConfig(_Section):
+class OutputConfig(Section):
     dir: Path = Path("outputs")
     keep_checkpoints: Int = Field(2, ge=1)
 
 
-#: Dataset sections of ``data``, each used only when ``data.name`` names it.
-DATASET_SECTIONS = ("synthetic", "cremad", "ave", "crisismmd")
 #: Settings of ``algorithm`` every algorithm reads.
 SHARED_ALGORITHM_KEYS = ("name", "aggregation", "control_variates")
-#: Keys of ``data.synthetic`` that one generator reads and the other does not.
-SYNTHETIC_ONLY: dict[str, tuple[str, ...]] = {
-    "latent": ("strong_blind", "intensity", "weak_noise", "weak_clutter"),
-    "templates": ("strong_confusion",),
-}
 
 
-class Config(_Section):
+class Config(Section):
     """Everything a run needs; see ``params.yaml`` for the defaults."""
 
     seed: Int = Field(0, ge=0, lt=2**31)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Int = Field(1, ge=0, le=1024)
-    data: DataConfig = DataConfig()
+    # the sections that hold plug-ins' settings are built on first use: they read the registries
+    data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = PartitionConfig()
     model: ModelConfig = ModelConfig()
     federation: FederationConfig = FederationConfig()
     optim: OptimConfig = OptimConfig()
-    server: ServerConfig = ServerConfig()
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)  # validated lazily: it reads the registry
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     loader: LoaderConfig = LoaderConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -429,13 +353,8 @@ class Config(_Section):
             raise ValueError(
                 f"model.encoders must name exactly the modalities {list(mods)}, got {sorted(self.model.encoders)}"
             )
-        fixed = DATASET_MODALITIES.get(self.data.name)
-        if fixed is not None and tuple(mods) != fixed:
-            raise ValueError(
-                f"data.modalities must be {list(fixed)} for data.name {self.data.name!r}, got {list(mods)}")
-        if self.data.name == "synthetic" and self.data.synthetic.strong_modality not in mods:
-            raise ValueError(f"data.synthetic.strong_modality must be one of {list(mods)}")
-        strategy = _algorithms()[self.algorithm.name]
+        DATASETS.get(self.data.name).check(self)
+        strategy = ALGORITHMS.get(self.algorithm.name)
         strategy.check(self)
         own = strategy.server_optimizer
         if own != "none" and self.server.optimizer not in ("auto", own):
@@ -452,8 +371,7 @@ class Config(_Section):
             )
         if self.federation.min_clients > self.federation.clients_per_round:
             raise ValueError("federation.min_clients exceeds federation.clients_per_round")
-        headlines = ["mm_acc", "mm_f1", "worst_class_acc",
-                     *(f"{kind}_{m}" for kind in ("uni_acc", "path_acc", "probe_acc") for m in mods)]
+        headlines = headline_names(mods)
         if self.tracking.headline_metric not in headlines:
             raise ValueError(f"tracking.headline_metric {self.tracking.headline_metric!r} is not a figure the "
                              f"evaluation reports where higher is better; one of {', '.join(headlines)}")
@@ -462,33 +380,28 @@ class Config(_Section):
     # -- derived values -------------------------------------------------
     @property
     def aggregation(self) -> str:
-        """The aggregation rule in force: the algorithm's own (FedCMI's is modality-aware) unless set."""
+        """Which clients average each parameter: ``algorithm.aggregation``, or the algorithm's own (FedCMI's
+        is modality-aware) when it is auto."""
         if self.algorithm.aggregation != "auto":
             return self.algorithm.aggregation
-        return str(_algorithms()[self.algorithm.name].aggregation)
+        return str(ALGORITHMS.get(self.algorithm.name).aggregation)
 
     @property
     def server_optimizer(self) -> str:
         """The server step in force: ``server.optimizer``, or the algorithm's own when it is auto."""
         if self.server.optimizer != "auto":
             return self.server.optimizer
-        return str(_algorithms()[self.algorithm.name].server_optimizer)
+        return str(ALGORITHMS.get(self.algorithm.name).server_optimizer)
 
     @property
     def control_variates(self) -> bool:
         """Whether clients correct their drift with SCAFFOLD's control variates."""
         if self.algorithm.control_variates != "auto":
             return bool(self.algorithm.control_variates)
-        return bool(_algorithms()[self.algorithm.name].control_variates)
+        return bool(ALGORITHMS.get(self.algorithm.name).control_variates)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-    def with_data_paths(self, prepared_dir: str | Path, partition_file: str | Path) -> Config:
-        """The same config reading its prepared data and partition from other paths."""
-        raw = self.to_dict()
-        raw["data"]["prepared_dir"], raw["partition"]["file"] = str(prepared_dir), str(partition_file)
-        return Config.model_validate(raw)
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view, as logged to MLflow."""
@@ -506,14 +419,15 @@ class Config(_Section):
 
     def applicable(self) -> dict[str, Any]:
         """:meth:`flat` without the settings this run does not use: the sections of other datasets, of
-        the other synthetic generator, and of algorithms other than this one (what MLflow shows)."""
-        unused = {f"data.{name}" for name in DATASET_SECTIONS if name != self.data.name}
-        strategy = _algorithms()[self.algorithm.name]
+        other aggregation rules and of other algorithms, and what its own dataset does not read (what MLflow
+        shows)."""
+        dataset = DATASETS.get(self.data.name)
+        unused = {f"data.{key}" for key in (self.data.__pydantic_extra__ or {}) if key != self.data.name}
+        unused |= dataset.unused_settings(self)
+        unused |= {f"server.{key}" for key in (self.server.__pydantic_extra__ or {}) if key != self.server.rule}
+        strategy = ALGORITHMS.get(self.algorithm.name)
         used = {*SHARED_ALGORITHM_KEYS, *strategy.reads, strategy.options_key()}
         unused |= {f"algorithm.{key}" for key in self.algorithm.model_dump() if key not in used}
-        if self.data.name == "synthetic":
-            other = "templates" if self.data.synthetic.generator == "latent" else "latent"
-            unused |= {f"data.synthetic.{key}" for key in SYNTHETIC_ONLY[other]}
         # a key is left out when it is an unused setting or lies inside an unused section
         return {k: v for k, v in self.flat().items()
                 if not any(k == u or k.startswith(u + ".") for u in unused)}

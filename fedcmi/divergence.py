@@ -22,13 +22,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedcmi.errors import EXIT_DIVERGED, FedcmiError
+from fedcmi.round.record import RoundRecord
+
 RISEN = 0.10  # how far above chance a run must have been before a return to chance counts as falling
 BLOWUP = 100.0  # a training loss this many times the first round's has run away
 DEAD = 1e-4  # logits that vary this little with the input come from a dead network
 
 
-class Diverged(RuntimeError):
+class Diverged(FedcmiError, RuntimeError):
     """Training diverged; the last good round stays checkpointed."""
+
+    exit_code = EXIT_DIVERGED
 
 
 def lr_advice(lr: float) -> str:
@@ -56,10 +61,10 @@ class DivergenceGuard:
     def _advice(self) -> str:
         return lr_advice(self.lr)
 
-    def check_round(self, rec: dict) -> str | None:
+    def check_round(self, rec: RoundRecord) -> str | None:
         """The reason this round shows divergence, or None. Call once per round, after its evaluation."""
-        rnd = rec.get("round")
-        loss = rec.get("train_loss")
+        rnd = rec.round
+        loss = rec.train.get("loss")
         if isinstance(loss, (int, float)):
             if not math.isfinite(loss):
                 return f"diverged: the training loss became {loss} in round {rnd}" + self._advice()
@@ -68,15 +73,15 @@ class DivergenceGuard:
             elif self.first_loss > 0 and loss > BLOWUP * self.first_loss:
                 return (f"diverged: the training loss ran away to {loss:.4g} in round {rnd} (round 1: "
                         f"{self.first_loss:.4g})" + self._advice())
-        acc = rec.get("mm_acc")
-        if not isinstance(acc, (int, float)):
+        if rec.evaluation is None:
             return None
+        acc = rec.evaluation.mm_acc
         if not math.isfinite(acc):
             return f"diverged: the test accuracy became {acc} in round {rnd}" + self._advice()
         self.best = max(self.best, acc)
         at_chance = acc <= self.chance + self.margin
         fell = self.best >= self.chance + RISEN
-        dead = rec.get("mm_logit_spread", 1.0) <= DEAD
+        dead = rec.evaluation.mm_logit_spread <= DEAD
         self.near_chance = self.near_chance + 1 if at_chance and (fell or dead) else 0
         if self.near_chance < self.patience:
             return None

@@ -23,6 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+from fedcmi.errors import FedcmiError
+
 StateDict = dict[str, torch.Tensor]
 FORMAT = "fedcmi-state/2"  # /2: a content checksum in the metadata
 OLD_FORMATS = ("fedcmi-state/1",)
@@ -35,7 +37,7 @@ def is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class ModelFileError(ValueError):
+class ModelFileError(FedcmiError, ValueError):
     """A model file that is missing, corrupt, or not in a safe format."""
 
 
@@ -123,7 +125,7 @@ def write_json(target: str | Path, obj: Any, sort_keys: bool = True) -> Path:
     return write_text(target, json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=True) + "\n")
 
 
-class JsonFileError(ValueError):
+class JsonFileError(FedcmiError, ValueError):
     """A JSON file that is damaged, nested past reason, or not the kind of value expected."""
 
 

@@ -22,13 +22,15 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from fedcmi.errors import FedcmiError
+
 log = logging.getLogger("fedcmi")
 LOCK_NAME = ".fedcmi.lock"
 BESIDE_SUFFIX = ".fedcmi-lock"
 _held: set[Path] = set()
 
 
-class Busy(RuntimeError):
+class Busy(FedcmiError, RuntimeError):
     """Another process is writing where this one was asked to write."""
 
 

@@ -17,13 +17,14 @@ import numpy as np
 
 from fedcmi.config import Config
 from fedcmi.data.faults import FAULT_STREAM, ClientFaults, SampleFaults, draw_client_faults, split_faults
+from fedcmi.errors import FedcmiError
 from fedcmi.io import is_int, read_json, write_json
 
 FORMAT = "fedcmi-partition/1"
 MAX_SAMPLES = 10**9  # far above any dataset here, far below an allocation that would take the machine down
 
 
-class PartitionError(ValueError):
+class PartitionError(FedcmiError, ValueError):
     """A partition that cannot be made, or a partition file that is invalid."""
 
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedcmi.io import write_bytes, write_with
+from fedcmi.round.record import RoundRecord
 
 
 def _plt():
@@ -22,19 +23,19 @@ def run_title(cfg) -> str:
     return f"{cfg.algorithm.name}, seed {cfg.seed}, lr {cfg.optim.lr:g}, {cfg.federation.rounds} rounds"
 
 
-def curves_figure(history: Sequence[dict], modalities: Sequence[str], title: str = ""):
+def curves_figure(history: Sequence[RoundRecord], modalities: Sequence[str], title: str = ""):
     """The figure of :func:`round_curves` (rounds on whole-number ticks)."""
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
-    rows = [r for r in history if "mm_acc" in r]
-    x = [r["round"] for r in rows]
+    rows = [(r.round, r.evaluation) for r in history if r.evaluation is not None]
+    x = [rnd for rnd, _ in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(x, [r["mm_acc"] for r in rows], label="multimodal", lw=2.2, color="black")
+    ax.plot(x, [ev.mm_acc for _, ev in rows], label="multimodal", lw=2.2, color="black")
     for m in modalities:
-        if any(f"uni_acc_{m}" in r for r in rows):
-            ax.plot(x, [r.get(f"uni_acc_{m}", float("nan")) for r in rows], label=f"{m} head")
-    ax.plot(x, [r["worst_class_acc"] for r in rows], label="worst class", ls=":", color="grey")
+        if any(m in ev.uni_acc for _, ev in rows):
+            ax.plot(x, [ev.uni_acc.get(m, float("nan")) for _, ev in rows], label=f"{m} head")
+    ax.plot(x, [ev.worst_class_acc for _, ev in rows], label="worst class", ls=":", color="grey")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
@@ -46,7 +47,7 @@ def curves_figure(history: Sequence[dict], modalities: Sequence[str], title: str
     return fig
 
 
-def round_curves(history: Sequence[dict], modalities: Sequence[str], path: Path, title: str = "") -> Path:
+def round_curves(history: Sequence[RoundRecord], modalities: Sequence[str], path: Path, title: str = "") -> Path:
     """Multimodal, uni-modal and worst-class accuracy per round, as a PNG."""
     fig = curves_figure(history, modalities, title)
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -42,11 +42,20 @@ from types import TracebackType
 from safetensors.torch import load as load_buffer
 from safetensors.torch import load_file, save, save_file
 
-from fedcmi.algorithms import ClientUpdate
-from fedcmi.algorithms.aggregation import StateDict, pack_update, unpack_tensors
 from fedcmi.config import Config
-from fedcmi.rounds import Producer, failure_reason
-from fedcmi.update_files import ClientFailed
+from fedcmi.data import DataModule
+from fedcmi.errors import FedcmiError
+from fedcmi.federation import Federation
+from fedcmi.partition import load_partition
+from fedcmi.round.update import (
+    ClientFailed,
+    ClientUpdate,
+    Producer,
+    StateDict,
+    failure_reason,
+    pack_update,
+    unpack_tensors,
+)
 
 __all__ = ["ClientWorkers", "WorkerError", "resolve_workers", "usable_cpus"]
 
@@ -54,7 +63,7 @@ log = logging.getLogger("fedcmi")
 TRIES = 2  # a client whose worker dies this many times is rejected
 
 
-class WorkerError(RuntimeError):
+class WorkerError(FedcmiError, RuntimeError):
     """A worker process could not start (its set-up failed): not one client's fault."""
 
 
@@ -127,10 +136,6 @@ def serve(fd: int) -> None:
     try:
         cfg, level = conn.recv()
         logging.basicConfig(level=level, format="%(levelname)s %(name)s (worker %(process)d): %(message)s")
-        from fedcmi.data import DataModule
-        from fedcmi.federation import Federation
-        from fedcmi.partition import load_partition
-
         fed = Federation(cfg, DataModule(cfg.data.prepared_dir), load_partition(cfg.partition.file))
     except EOFError:
         return
@@ -141,13 +146,13 @@ def serve(fd: int) -> None:
     current: tuple[str, StateDict] | None = None
     while True:
         try:
-            global_file, cid, rnd = conn.recv()
+            global_file, cid, round_no = conn.recv()
         except EOFError:
             return
         if current is None or current[0] != global_file:
             current = (global_file, load_file(global_file))
         try:
-            update = fed.train_client(current[1], cid, rnd)
+            update = fed.train_client(current[1], cid, round_no)
         except Exception as exc:  # the round rejects it, as the sequential engine does
             outcome = _Outcome(cid, failure=failure_reason(cid, exc))
         else:
@@ -230,22 +235,22 @@ class ClientWorkers:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
-    def _publish(self, global_state: StateDict, rnd: int) -> Path:
-        """Write round ``rnd``'s global model once for every worker (the last round's file goes)."""
-        if self._published is not None and self._published[0] == rnd:
+    def _publish(self, global_state: StateDict, round_no: int) -> Path:
+        """Write round ``round_no``'s global model once for every worker (the last round's file goes)."""
+        if self._published is not None and self._published[0] == round_no:
             return self._published[1]
         if self._dir is None:
             self._dir = _scratch()
-        path = self._dir / f"global_{rnd:06d}.safetensors"
+        path = self._dir / f"global_{round_no:06d}.safetensors"
         save_file({k: v.detach().cpu().contiguous() for k, v in global_state.items()}, str(path))
         if self._published is not None:
             self._published[1].unlink(missing_ok=True)
-        self._published = (rnd, path)
+        self._published = (round_no, path)
         return path
 
-    def outcomes(self, global_state: StateDict, clients: list[int], rnd: int) -> Iterator[tuple[int, Producer]]:
+    def outcomes(self, global_state: StateDict, clients: list[int], round_no: int) -> Iterator[tuple[int, Producer]]:
         """(client id, producer) for each of ``clients`` in the order given, trained ahead in the workers."""
-        path = self._publish(global_state, rnd)
+        path = self._publish(global_state, round_no)
         for i, w in enumerate(self._workers):  # still busy with a round its caller gave up on: its answer is stale
             if w.client is not None:
                 w.stop(kill=True)
@@ -263,13 +268,13 @@ class ClientWorkers:
                         w.client = todo.popleft()
                         busy += 1
                         try:
-                            w.conn.send((str(path), w.client, rnd))
+                            w.conn.send((str(path), w.client, round_no))
                         except OSError:  # it died: collected below like any death
                             pass
-                self._collect(done, deaths, todo, rnd)
+                self._collect(done, deaths, todo, round_no)
             yield cid, partial(_unpack, done.pop(cid))
 
-    def _collect(self, done: dict[int, _Outcome], deaths: dict[int, int], todo: deque[int], rnd: int) -> None:
+    def _collect(self, done: dict[int, _Outcome], deaths: dict[int, int], todo: deque[int], round_no: int) -> None:
         """Wait for at least one busy worker to answer or die; a dead worker is replaced, its client retried
         first or, at its last try, rejected."""
         busy = {w.conn: w for w in self._workers if w.client is not None}
@@ -286,7 +291,7 @@ class ClientWorkers:
                 self._workers[self._workers.index(w)] = _Worker(self.cfg)
                 if deaths[cid] < TRIES:
                     log.warning("round %d: the worker training client %d died (%s); training it again",
-                                rnd + 1, cid, why)
+                                round_no, cid, why)
                     todo.appendleft(cid)
                 else:
                     done[cid] = _Outcome(cid, failure=f"client {cid}: training failed: its worker process died "

@@ -30,7 +30,9 @@ def _quantity(what: str):
     return parse
 
 
-def _count(minimum: int):
+def _count(minimum: int, maximum: int = 100_000):
+    """A whole number within [minimum, maximum]: a count of pods, retries or accelerators (the cap keeps a
+    typo from reaching Kubernetes, whose counts are 32-bit)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -38,6 +40,8 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} is above {maximum}")
         return value
     return parse
 
@@ -161,7 +165,7 @@ def cmd_drive(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_run_local(cfg: Config, args: argparse.Namespace) -> int:
     """The whole federation with kfp.local, run after run, as `drive` would on a cluster."""
     from fedcmi.io import load_state, save_state
-    from fedcmi.segments import MODEL, resolve_store, status
+    from fedcmi.runners.store import MODEL, resolve_store, status
     from fedcmi_pipelines.driver import DriveError, LocalExecutor, drive
     from fedcmi_pipelines.federated import local_runner, run_local
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from fedcmi.errors import FedcmiError
 from fedcmi.io import read_json, write_json
 
 FORMAT = "fedcmi-drive/1"
@@ -28,7 +29,7 @@ SUCCEEDED = "SUCCEEDED"
 IN_FLIGHT = "SUBMITTED"
 
 
-class DriveError(RuntimeError):
+class DriveError(FedcmiError, RuntimeError):
     """A federation the driver cannot go on with; the message says why and what to do."""
 
 

@@ -12,7 +12,7 @@ federation is complete, and a run that fails or is lost is resubmitted without
 losing or repeating a round (each round is committed to the store atomically).
 The training settings users compare (seed, algorithm, lr, mu, rounds,
 local_epochs) are run-time parameters; clients are drawn at run time by
-:class:`fedcmi.rounds.RoundPolicy`, exactly as the engine draws them.
+:class:`fedcmi.round.schedule.Schedule`, exactly as the engine draws them.
 """
 
 
@@ -32,7 +32,7 @@ from kfp.dsl import Input, Model
 
 from fedcmi import __version__
 from fedcmi.config import Config
-from fedcmi.rounds import RoundPolicy
+from fedcmi.round.schedule import Schedule
 from fedcmi_components import make_components
 
 DEFAULT_IMAGE = f"fedcmi:{__version__}"
@@ -68,7 +68,7 @@ def build_pipeline(cfg: Config, opts: PipelineOptions):
     comp = make_components(opts.image)
     params_json = json.dumps(cfg.to_dict(), sort_keys=True)
     slots = opts.slots(cfg)
-    workers = list(range(RoundPolicy(cfg).workers(opts.clients_per_pod)))
+    workers = list(range(Schedule(cfg).workers(opts.clients_per_pod)))
     parallelism = opts.parallelism or len(workers)
 
     def volume(task):
@@ -91,11 +91,11 @@ def build_pipeline(cfg: Config, opts: PipelineOptions):
         return step(task, name, retry)
 
     @dsl.pipeline(name="fedcmi-round", description="One round: training pods in parallel, then conclude.")
-    def fl_round(config_json: str, data_root: str, store: str, global_model: Input[Model], start_round: int,
-                 offset: int, tracking_uri: str, run_id: str) -> Model:
+    def fl_round(config_json: str, data_root: str, store: str, global_model: Input[Model], committed: int,
+                 offset: int, tracking_uri: str) -> Model:
         with dsl.ParallelFor(items=workers, parallelism=parallelism, name="workers") as w:
             t = comp.train_clients(config_json=config_json, data_root=data_root, global_model=global_model,
-                                   start_round=start_round, offset=offset, worker=w,
+                                   committed=committed, offset=offset, worker=w,
                                    per_worker=opts.clients_per_pod)
             t.set_cpu_request(opts.cpu).set_cpu_limit(opts.cpu)
             t.set_memory_request(opts.memory).set_memory_limit(opts.memory)
@@ -104,8 +104,8 @@ def build_pipeline(cfg: Config, opts: PipelineOptions):
             step(t, "train")
         c = light(comp.conclude_round(config_json=config_json, data_root=data_root, store=store,
                                       global_model=global_model, updates=dsl.Collected(t.outputs["updates"]),
-                                      start_round=start_round, offset=offset, tracking_uri=tracking_uri,
-                                      run_id=run_id), "conclude")
+                                      committed=committed, offset=offset, tracking_uri=tracking_uri),
+                  "conclude")
         return c.outputs["new_global"]
 
     @dsl.pipeline(
@@ -131,15 +131,15 @@ def build_pipeline(cfg: Config, opts: PipelineOptions):
                                          rounds=rounds, local_epochs=local_epochs, data_root=data_root,
                                          store=store, tracking_uri=tracking_uri, run_name=run_name), "begin")
             conf, where = begin.outputs["config_json"], begin.outputs["store"]
-            start, run_id = begin.outputs["start_round"], begin.outputs["run_id"]
+            committed = begin.outputs["committed"]
             model = begin.outputs["global_model"]
             for k in range(slots):
                 rnd = fl_round(config_json=conf, data_root=data_root, store=where, global_model=model,
-                               start_round=start, offset=k, tracking_uri=tracking_uri, run_id=run_id)
+                               committed=committed, offset=k, tracking_uri=tracking_uri)
                 rnd.set_display_name(f"round-{k + 1}").set_caching_options(False)
                 model = rnd.output
             light(comp.finish_run(config_json=conf, data_root=data_root, store=where, global_model=model,
-                                  tracking_uri=tracking_uri, run_id=run_id), "finish")
+                                  tracking_uri=tracking_uri), "finish")
 
     return fedcmi_pipeline
 

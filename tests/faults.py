@@ -143,7 +143,7 @@ Federation.train_client = _train_client
 
 def worker_fault(site: Path, round: int, client: int, always: bool) -> dict[str, str]:
     """Environment that makes every Python process started with it SIGKILL itself when it starts training
-    ``client`` in ``round`` (0-based): once (a marker file remembers) or ``always``. The code goes in a
+    ``client`` in ``round`` (from 1): once (a marker file remembers) or ``always``. The code goes in a
     ``sitecustomize`` module under ``site``, so it reaches worker processes that a run starts itself."""
     site.mkdir(parents=True, exist_ok=True)
     (site / "sitecustomize.py").write_text(_WORKER_FAULT)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedcmi.engine import train
 from fedcmi.io import ModelFileError, load_state, read_state_meta
+from fedcmi.runners.engine import train
 
 ROUNDS = {"rounds": 3, "clients_per_round": 2, "batch_size": 16, "local_epochs": 1}
 
@@ -73,9 +73,9 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def rounds(history: list[dict]) -> list[dict]:
+def rounds(history) -> list[dict]:
     """The history without wall-clock seconds (the one field a rerun changes)."""
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+    return [{k: v for k, v in r.to_json().items() if k != "seconds"} for r in history]
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))

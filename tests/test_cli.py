@@ -63,15 +63,15 @@ def test_single_steps_from_the_command_line(tmp_path):
     fedcmi("prepare", cwd=tmp_path)
     fedcmi("partition", cwd=tmp_path)
     assert fedcmi("init", "--out", "g0.safetensors", cwd=tmp_path).returncode == 0
-    r = fedcmi("sample", "--round", "0", cwd=tmp_path)
+    r = fedcmi("sample", "--round", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     clients = json.loads(r.stdout)["clients"]
     for cid in clients:
-        r = fedcmi("client-train", "--global-model", "g0.safetensors", "--client", str(cid), "--round", "0",
+        r = fedcmi("client-train", "--global-model", "g0.safetensors", "--client", str(cid), "--round", "1",
                    "--out", f"u{cid}.safetensors", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
     r = fedcmi("aggregate", "--global-model", "g0.safetensors", "--updates", *(f"u{c}.safetensors" for c in clients),
-               "--round", "0", "--out", "g1.safetensors", cwd=tmp_path)
+               "--round", "1", "--out", "g1.safetensors", cwd=tmp_path)
     assert r.returncode == 0 and json.loads(r.stdout)["accepted"] == clients
 
 

@@ -7,14 +7,21 @@ import hashlib
 import numpy as np
 import pytest
 
-from fedcmi.config import SyntheticConfig, config_from_dict
+from fedcmi.config import config_from_dict
 from fedcmi.data import DataError, DataModule, prepare
-from fedcmi.data.synthetic import CLUTTER, SyntheticSource, bayes_accuracy, draw_latent, num_groups
+from fedcmi.datasets.synthetic import (
+    CLUTTER,
+    SyntheticOptions,
+    SyntheticSource,
+    bayes_accuracy,
+    draw_latent,
+    num_groups,
+)
 from fedcmi.evaluation import ridge_probe_accuracy
 
 
 def test_synthetic_is_seeded_and_shaped():
-    cfg = SyntheticConfig(num_train=60, num_test=30, spectrogram=(8, 12), frames=3, frame_size=8)
+    cfg = SyntheticOptions(num_train=60, num_test=30, spectrogram=(8, 12), frames=3, frame_size=8)
     a = SyntheticSource(cfg, ("audio", "visual"), 1).generate()
     b = SyntheticSource(cfg, ("audio", "visual"), 1).generate()
     c = SyntheticSource(cfg, ("audio", "visual"), 2).generate()
@@ -26,14 +33,14 @@ def test_synthetic_is_seeded_and_shaped():
 
 
 def test_synthetic_design_makes_the_multimodal_optimum_beat_either_modality():
-    bayes = bayes_accuracy(SyntheticConfig(), n=40_000)
+    bayes = bayes_accuracy(SyntheticOptions(), n=40_000)
     assert bayes["multimodal"] > bayes["strong"] + 0.05 > bayes["weak"] + 0.1
-    old = bayes_accuracy(SyntheticConfig(generator="templates", strong_snr=4.0, weak_snr=1.5), n=40_000)
+    old = bayes_accuracy(SyntheticOptions(generator="templates", strong_snr=4.0, weak_snr=1.5), n=40_000)
     assert old["multimodal"] > old["strong"] + 0.05 > old["weak"] + 0.1
 
 
 def test_latent_blind_spots_are_uncertainty_not_wrong_labels():
-    cfg = SyntheticConfig(strong_blind=0.3)
+    cfg = SyntheticOptions(strong_blind=0.3)
     labels = np.arange(60_000) % cfg.num_classes
     lat = draw_latent(np.random.default_rng(0), labels, cfg)
     rows = np.arange(len(labels))
@@ -54,7 +61,7 @@ def test_latent_blind_spots_are_uncertainty_not_wrong_labels():
 
 
 def test_latent_weak_modality_needs_a_nonlinear_encoder():
-    cfg = SyntheticConfig(num_train=1200, num_test=300, num_val=0)
+    cfg = SyntheticOptions(num_train=1200, num_test=300, num_val=0)
     splits = SyntheticSource(cfg, ("audio", "visual"), 0).generate()
     x = splits["train"].features["visual"].reshape(1200, -1).astype(np.float64)
     y = splits["train"].labels
@@ -70,7 +77,7 @@ def test_latent_weak_modality_needs_a_nonlinear_encoder():
 
 
 def test_templates_generator_reproduces_the_first_version_bit_for_bit():
-    cfg = SyntheticConfig(generator="templates", strong_snr=4.0, weak_snr=1.5, num_train=60, num_test=30, num_val=12,
+    cfg = SyntheticOptions(generator="templates", strong_snr=4.0, weak_snr=1.5, num_train=60, num_test=30, num_val=12,
                           spectrogram=(8, 8), frames=1, frame_size=8)
     splits = SyntheticSource(cfg, ("audio", "visual"), 5).generate()
     h = hashlib.sha256()
@@ -83,7 +90,7 @@ def test_templates_generator_reproduces_the_first_version_bit_for_bit():
 
 
 def test_strong_modality_is_configurable():
-    cfg = SyntheticConfig(num_train=600, num_test=30, strong_modality="visual", spectrogram=(8, 8), frame_size=8)
+    cfg = SyntheticOptions(num_train=600, num_test=30, strong_modality="visual", spectrogram=(8, 8), frame_size=8)
     src = SyntheticSource(cfg, ("audio", "visual"), 0)
     assert src.strong == "visual" and src.weak == "audio"
 
@@ -112,8 +119,8 @@ def _npz_cfg(tmp_path):
 
 
 def test_npz_prepares_and_trains(tmp_path):
-    from fedcmi.engine import train
     from fedcmi.partition import make_partition, save_partition
+    from fedcmi.runners.engine import train
 
     _write_npz(tmp_path / "raw")
     cfg = _npz_cfg(tmp_path)
@@ -122,7 +129,7 @@ def test_npz_prepares_and_trains(tmp_path):
     dm = DataModule(cfg.data.prepared_dir)
     assert dm.spec.shapes == {"vec": (10,), "img": (1, 6, 6)}
     save_partition(make_partition(cfg, dm.train.labels, dm.spec.modalities, 3), cfg.partition.file)
-    assert 0 <= train(cfg, progress=False).final["mm_acc"] <= 1
+    assert 0 <= train(cfg, progress=False).final.mm_acc <= 1
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,9 @@ import torch
 
 from fedcmi.data import DataModule
 from fedcmi.data.faults import missing_at_test
-from fedcmi.engine import train
 from fedcmi.federation import Federation
 from fedcmi.partition import PartitionError, load_partition, make_partition, save_partition
+from fedcmi.runners.engine import train
 
 RATES = {"missing_modality": 0.5, "label_noise": 0.25, "missing_labels": 0.3}
 
@@ -52,7 +52,7 @@ def test_batches_carry_the_faults_and_unlabelled_samples_are_not_trained_on(tiny
     cfg = _faulty(tiny, **RATES)
     fed = Federation(cfg, DataModule(cfg.data.prepared_dir), load_partition(cfg.partition.file))
     shard = next(c for c in fed.partition.clients if c.multimodal)
-    ctx = fed.client_context(shard.id, 0)
+    ctx = fed.client_context(shard.id, 1)
     assert ctx is not None and ctx.num_examples == len(shard.indices) - len(shard.faults.unlabeled)
     labels = fed.data.train.labels
     noisy = dict(shard.faults.noisy.tolist())
@@ -96,8 +96,8 @@ def test_test_time_missing_modality_is_seeded_and_lowers_nothing_it_should_not(t
         kept = ~everything.missing[m]
         assert kept.any() and np.array_equal(clean[f"uni/{m}"][kept], broken[f"uni/{m}"][kept])
     half = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"missing_modality": 0.5})})
-    metrics = Federation(half, fed.data, fed.partition).evaluate(res.state).metrics
-    assert 0.0 <= metrics["mm_acc"] <= 1.0
+    ev = Federation(half, fed.data, fed.partition).evaluate(res.state)
+    assert 0.0 <= ev.mm_acc <= 1.0
 
 
 @pytest.mark.parametrize("damage, says", [

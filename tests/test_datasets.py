@@ -130,15 +130,15 @@ def _cfg(tmp_path, data: dict, encoders: dict, modalities: list[str]) -> object:
 
 
 def _partition_and_train(cfg) -> dict:
-    from fedcmi.engine import train
     from fedcmi.partition import make_partition, save_partition
+    from fedcmi.runners.engine import train
 
     dm = DataModule(cfg.data.prepared_dir)
     save_partition(make_partition(cfg, dm.train.labels, dm.spec.modalities, dm.spec.num_classes), cfg.partition.file)
     res = train(cfg, progress=False)
-    assert len(res.history) == 1 and 0 <= res.final["mm_acc"] <= 1
+    assert len(res.history) == 1 and 0 <= res.final.mm_acc <= 1
     assert all(torch.isfinite(v).all() for v in res.state.values() if v.is_floating_point())
-    return res.final
+    return res.final.flat()
 
 
 CREMAD = {"sample_rate": 8000, "audio_seconds": 0.5, "nperseg": 64, "noverlap": 32, "frames": 2, "frame_size": 16}
@@ -184,13 +184,13 @@ def test_cremad_speaker_split_holds_out_whole_actors_and_is_seeded(cremad_root, 
     data = {"name": "cremad", "path": str(root), "cremad": {**CREMAD, "split": "speakers", "test_speakers": 0.25,
                                                           "val_fraction": 0.34}}
     cfg = _cfg(tmp_path, data, {"audio": "cnn", "visual": "clip"}, ["audio", "visual"])
-    from fedcmi.data.cremad import CremaDSource, clip_actor
+    from fedcmi.datasets.cremad import CremaDOptions, CremaDSource, clip_actor
 
-    recs, _ = CremaDSource(root, cfg.data.cremad, cfg.seed).records()
+    recs, _ = CremaDSource(root, cfg.data.options(CremaDOptions), cfg.seed).records()
     actors = {s: {clip_actor(r.key) for r in recs[s]} for s in recs}
     assert len(actors["test"]) == 1 and len(actors["val"]) == 1 and len(actors["train"]) == 2
     assert not (actors["test"] & actors["train"]) and not (actors["val"] & actors["train"])
-    again, _ = CremaDSource(root, cfg.data.cremad, cfg.seed).records()
+    again, _ = CremaDSource(root, cfg.data.options(CremaDOptions), cfg.seed).records()
     assert again == recs
     info = prepare(cfg)
     assert info["val"] > 0

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedcmi.evaluation import confusion_matrix, macro_f1
+from fedcmi.metrics import Evaluation, confusion_matrix, headline_names, macro_f1
 
 
 def test_macro_f1_counts_a_class_that_is_only_predicted():
@@ -25,9 +25,23 @@ def test_confusion_matrix_rows_are_the_true_class():
 
 
 def test_a_metrics_file_lists_the_headline_first_and_classes_by_number():
-    from fedcmi.evaluation import report_order
+    ev = Evaluation(mm_acc=0.8, uni_acc={"visual": 0.3, "audio": 0.7}, pred_top_frac=0.2,
+                    class_acc=[0.5] * 11)
+    names = list(ev.flat())
+    assert names[:3] == ["mm_acc", "uni_acc_audio", "uni_acc_visual"]
+    assert names.index("pred_top_frac") < names.index("class_acc_0")
+    assert names[-11:] == [f"class_acc_{c}" for c in range(11)]  # classes by number: 2 before 10
 
-    metrics = {f"class_acc_{c}": 0.5 for c in (10, 2, 0)} | {"pred_top_frac": 0.2, "uni_acc_visual": 0.3,
-                                                           "mm_acc": 0.8, "uni_acc_audio": 0.7, "zzz": 1.0}
-    assert list(report_order(metrics)) == ["mm_acc", "uni_acc_audio", "uni_acc_visual", "pred_top_frac",
-                                           "class_acc_0", "class_acc_2", "class_acc_10", "zzz"]
+
+def test_the_flat_figures_read_back_into_the_same_record():
+    ev = Evaluation(mm_acc=0.8, uni_acc={"audio": 0.7, "visual": 0.3}, path_acc={"audio": 0.6, "visual": 0.2},
+                    probe_acc={"audio": 0.75}, worst_class_acc=0.1, mm_f1=0.7, imbalance_ratio=2.33,
+                    class_acc_spread=0.5, pred_top_frac=0.3, mm_logit_spread=0.9, class_acc=[0.1, 0.6, 0.9])
+    assert Evaluation.from_flat(ev.flat()) == ev
+    assert Evaluation.from_flat({"round": 3}) is None
+
+
+def test_the_headline_figures_are_the_ones_where_higher_is_better():
+    names = headline_names(("audio", "visual"))
+    assert names[0] == "mm_acc" and {"mm_f1", "worst_class_acc", "path_acc_visual", "probe_acc_audio"} <= set(names)
+    assert "imbalance_ratio" not in names and "pred_top_frac" not in names

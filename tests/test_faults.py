@@ -23,8 +23,8 @@ from conftest import TINY, merge
 from faults import ROOT, fedcmi_project, run_cli
 
 from fedcmi.config import load_config
-from fedcmi.federation import sample_clients
 from fedcmi.io import load_state, write_bytes
+from fedcmi.round.schedule import sample_clients
 
 ROUNDS = 4
 
@@ -78,11 +78,11 @@ def assert_same_as_baseline(project: Path, name: str, baseline) -> None:
 
 
 def second_client_of_round_2(project: Path) -> int:
-    return sample_clients(load_config(project / "params.yaml"), 1)[1]
+    return sample_clients(load_config(project / "params.yaml"), 2)[1]
 
 
 CRASHES = {
-    "inside a client's training in round 2": ({"kind": "kill_client", "round": 1}, 1),
+    "inside a client's training in round 2": ({"kind": "kill_client", "round": 2}, 1),
     "half-way through writing the round-2 model": ({"kind": "kill_before_replace", "file": "round_00002.safetensors"}, 1),
     "between the round-2 model and its state.json": ({"kind": "kill_after_replace", "file": "round_00002.safetensors"}, 1),
     "half-way through writing state.json of round 3": ({"kind": "kill_before_replace", "file": "state.json", "nth": 3}, 2),
@@ -152,29 +152,29 @@ REASONS = {"raises": "CUDA error", "NaN": "NaN or Inf", "Inf": "NaN or Inf", "sh
 
 @pytest.mark.parametrize("kind", list(REASONS))
 def test_a_bad_client_update_is_rejected_with_its_reason_and_the_round_completes(tiny, monkeypatch, caplog, kind):
-    from fedcmi.engine import train
     from fedcmi.federation import Federation
+    from fedcmi.runners.engine import train
 
     cfg = tiny(algorithm={"name": "fedcmi"}, federation={"rounds": 2, "clients_per_round": 3, "batch_size": 16})
-    bad = sample_clients(cfg, 0)[1]
+    bad = sample_clients(cfg, 1)[1]
     real = Federation.train_client
 
     def faulty(self, state, cid, rnd):
         u = real(self, state, cid, rnd)
-        return _corrupt(kind)(u) if (rnd, cid) == (0, bad) else u
+        return _corrupt(kind)(u) if (rnd, cid) == (1, bad) else u
 
     monkeypatch.setattr(Federation, "train_client", faulty)
     res = train(cfg, progress=False)
-    first = res.history[0]
-    assert list(first["rejected"]) == [bad] and REASONS[kind] in first["rejected"][bad]
-    assert first["accepted"] == [c for c in first["clients"] if c != bad]
+    first = res.history[0].participation
+    assert list(first.rejected) == [bad] and REASONS[kind] in first.rejected[bad]
+    assert first.accepted == [c for c in first.sampled if c != bad]
     assert any(REASONS[kind] in rec.message for rec in caplog.records if rec.levelname == "WARNING")
     assert all(torch.isfinite(v).all() for v in res.state.values() if v.is_floating_point())
-    assert res.history[1]["rejected"] == {}
+    assert res.history[1].participation.rejected == {}
 
 
 def test_a_round_without_enough_valid_updates_fails_and_the_last_good_model_stays(project, baseline):
-    r = train(project, "round_fails", {"kind": "raise_clients", "round": 2})
+    r = train(project, "round_fails", {"kind": "raise_clients", "round": 3})
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "round 3: 0 valid update(s), federation.min_clients is 1" in r.stderr
     assert "injected fault" in r.stderr
@@ -190,17 +190,20 @@ def test_a_round_where_no_sampled_client_can_train_leaves_the_model_and_goes_on(
     from fedcmi.data import DataModule
     from fedcmi.federation import Federation
     from fedcmi.partition import load_partition
+    from fedcmi.round.close import close_round
+    from fedcmi.round.outcomes import client_outcomes
 
     cfg = tiny(algorithm={"name": "unimodal", "modality": "audio"}, partition={"multimodal_fraction": 0.0,
                "num_clients": 4, "min_samples": 4})
     fed = Federation(cfg, DataModule(cfg.data.prepared_dir), load_partition(cfg.partition.file))
     visual_only = {c.id for c in fed.partition.clients if c.modalities == ("visual",)}
-    rnd = next(r for r in range(1000) if set(sample_clients(cfg, r)) <= visual_only)  # a round of only them
+    rnd = next(r for r in range(1, 1000) if set(sample_clients(cfg, r)) <= visual_only)  # a round of only them
     clients = sample_clients(cfg, rnd)
     state = fed.initial_state()
-    res = fed._fold(state, ((cid, lambda cid=cid: fed.train_client(state, cid, rnd)) for cid in clients), rnd)
+    closed = close_round(fed, state, clients, client_outcomes(fed, state, clients, rnd), rnd)
+    res = closed.record.participation
     assert res.idle == clients and res.accepted == []
-    assert all(torch.equal(res.state[k], state[k]) for k in state)
+    assert all(torch.equal(closed.state[k], state[k]) for k in state)
 
 
 # -- the disk -------------------------------------------------------------------------------------------
@@ -332,7 +335,7 @@ def test_a_crafted_pickle_given_to_the_command_line_is_refused(project, tmp_path
     torch.save({"w": _Exploit(marker)}, tmp_path / "evil.pt")
     for args in (["evaluate", "--model", str(tmp_path / "evil.pt")],
                  ["aggregate", "--global-model", str(tmp_path / "evil.pt"), "--updates", str(tmp_path / "evil.pt"),
-                  "--round", "0", "--out", str(tmp_path / "g.safetensors")]):
+                  "--round", "1", "--out", str(tmp_path / "g.safetensors")]):
         r = run_cli(args, project)
         assert r.returncode == 1 and "refused" in r.stderr and "Traceback" not in r.stderr
     assert not marker.exists() and not (tmp_path / "g.safetensors").exists()

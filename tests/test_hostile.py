@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import merge
 from safetensors.torch import save as save_bytes
 
-from fedcmi.algorithms.aggregation import (
-    Accumulator,
-    ClientUpdate,
-    RobustAccumulator,
-    change_norm,
-    clip_change,
-)
-from fedcmi.federation import RoundFailed
+from fedcmi.config import config_from_dict
 from fedcmi.io import FORMAT, _assemble, _digest, _split, load_state, save_state
 from fedcmi.partition import load_partition
-from fedcmi.steps import aggregate_step, client_train_step, init_step, sample_step
+from fedcmi.registry import RULES
+from fedcmi.round.clipping import clip_change
+from fedcmi.round.server import RoundFailed
+from fedcmi.round.update import ClientUpdate, change_norm
+from fedcmi.rules.mean import Mean
+from fedcmi.rules.trimmed_mean import TrimmedMeanOptions
+from fedcmi.runners.files import aggregate_step, client_train_step, init_step, sample_step
 
 ROUNDS = {"rounds": 1, "clients_per_round": 3, "batch_size": 16, "min_clients": 1}
 
@@ -42,9 +42,9 @@ def round_files(tiny, tmp_path):
     """A round's honest update files, and the model the honest files alone give."""
     cfg = tiny(federation=ROUNDS)
     g = init_step(cfg, tmp_path / "g0.safetensors")
-    clients = sample_step(cfg, 0)
-    honest = [client_train_step(cfg, g, cid, 0, tmp_path / f"u{cid}.safetensors") for cid in clients]
-    expected, _ = aggregate_step(cfg, g, honest, 0, tmp_path / "expected.safetensors")
+    clients = sample_step(cfg, 1)
+    honest = [client_train_step(cfg, g, cid, 1, tmp_path / f"u{cid}.safetensors") for cid in clients]
+    expected, _ = aggregate_step(cfg, g, honest, 1, tmp_path / "expected.safetensors")
     return cfg, g, clients, honest, load_state(expected)[0]
 
 
@@ -55,9 +55,15 @@ def lie(path: Path, out: Path, change_state=None, **meta_changes) -> Path:
     return save_state(out, state, {**meta, **meta_changes})
 
 
+def summary_of(rec) -> dict:
+    """A round record's participation, with ``clipped``, as a dict by client id."""
+    p = rec.participation
+    return {"accepted": p.accepted, "rejected": p.rejected, "idle": p.idle, "clipped": p.clipped}
+
+
 def conclude(cfg, g, files, tmp_path) -> tuple[dict[str, torch.Tensor], dict]:
-    out, summary = aggregate_step(cfg, g, files, 0, tmp_path / "g1.safetensors")
-    return load_state(out)[0], summary
+    out, rec = aggregate_step(cfg, g, files, 1, tmp_path / "g1.safetensors")
+    return load_state(out)[0], summary_of(rec)
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -94,7 +100,7 @@ LIES = {
     "finite 3e38 values": (_huge, {}, "above the bound"),
     "a change 1000 times too large": (_scaled(1000.0), {}, "above the bound"),
     "a transposed tensor": (_transposed, {}, "has shape"),
-    "a round other than this one": (None, {"round": 5}, "the file is from round 6, this is round 1"),
+    "a round other than this one": (None, {"round": 6}, "the file is from round 6, this is round 1"),
     "no round": (None, {"round": None}, "the file is from round None"),
     "empty modalities": (None, {"modalities": []}, "modalities must be a non-empty list"),
     "bogus modalities": (None, {"modalities": ["smell"]}, "claims modalities ['smell']"),
@@ -157,7 +163,7 @@ def test_missing_metadata_keys_are_refused(round_files, tmp_path):
 def test_a_round_of_skipped_markers_from_clients_that_train_fails(round_files, tmp_path):
     """'Nothing to train' is checked against the partition: every client here holds both modalities."""
     cfg, g, clients, honest, _ = round_files
-    skipped = [save_state(tmp_path / f"s{cid}.safetensors", {}, {"kind": "skipped", "round": 0, "client_id": cid})
+    skipped = [save_state(tmp_path / f"s{cid}.safetensors", {}, {"kind": "skipped", "round": 1, "client_id": cid})
                for cid in clients]
     with pytest.raises(RoundFailed, match="reported nothing to train, but it holds audio\\+visual"):
         conclude(cfg, g, skipped, tmp_path)
@@ -168,10 +174,11 @@ def test_a_skipped_marker_is_honoured_where_the_algorithm_gives_the_client_nothi
                partition={"multimodal_fraction": 0.0})
     part = load_partition(cfg.partition.file)
     g = init_step(cfg, tmp_path / "g0.safetensors")
-    files = [client_train_step(cfg, g, cid, 0, tmp_path / f"u{cid}.safetensors") or tmp_path / f"u{cid}.safetensors"
-             for cid in sample_step(cfg, 0)]
-    _, summary = aggregate_step(cfg, g, files, 0, tmp_path / "g1.safetensors")
-    audio_only = [c for c in sample_step(cfg, 0) if part.client(c).modalities == ("audio",)]
+    files = [client_train_step(cfg, g, cid, 1, tmp_path / f"u{cid}.safetensors") or tmp_path / f"u{cid}.safetensors"
+             for cid in sample_step(cfg, 1)]
+    _, rec = aggregate_step(cfg, g, files, 1, tmp_path / "g1.safetensors")
+    summary = summary_of(rec)
+    audio_only = [c for c in sample_step(cfg, 1) if part.client(c).modalities == ("audio",)]
     assert summary["idle"] == audio_only and not summary["rejected"]
 
 
@@ -193,7 +200,7 @@ GLOBAL = {"a.w": torch.tensor([0.0]), "b.w": torch.tensor([0.0])}
 
 
 def _rule(rule: str, values: list[float], trim: float = 0.25, owner=None, mods=None) -> dict[str, torch.Tensor]:
-    acc = RobustAccumulator(GLOBAL, owner, rule, trim)
+    acc = RULES.get(rule)(GLOBAL, owner, TrimmedMeanOptions(trim_fraction=trim))
     for i, v in enumerate(values):
         acc.add(_update(i, v, n=1000 if v >= 100 else 1, mods=(mods or {}).get(i, ("a", "b"))))
     return acc.result()
@@ -202,7 +209,7 @@ def _rule(rule: str, values: list[float], trim: float = 0.25, owner=None, mods=N
 def test_the_median_ignores_one_liar_and_its_sample_count():
     assert float(_rule("median", [1.0, 2.0, 100.0])["a.w"]) == 2.0
     assert float(_rule("median", [1.0, 2.0, 3.0, 100.0])["a.w"]) == 2.5  # even: the two middle values' mean
-    mean = Accumulator(GLOBAL)
+    mean = Mean(GLOBAL)
     for i, v in enumerate([1.0, 2.0, 100.0]):
         mean.add(_update(i, v, n=1000 if v >= 100 else 1))
     assert float(mean.result()["a.w"]) > 99  # the weighted mean is the liar's
@@ -235,13 +242,14 @@ def test_the_server_settings_are_validated_by_name(tiny):
 
     with pytest.raises(ConfigError, match="server.rule"):
         tiny(server={"rule": "mode"})
-    with pytest.raises(ConfigError, match="server.trim_fraction"):
-        tiny(server={"trim_fraction": 0.5})
+    with pytest.raises(ConfigError, match="server.trimmed_mean.trim_fraction"):
+        tiny(server={"trimmed_mean": {"trim_fraction": 0.5}})
     with pytest.raises(ConfigError, match="server.max_change_ratio"):
         tiny(server={"max_change_ratio": float("inf")})
 
 
-@pytest.mark.parametrize("server", [{"rule": "median"}, {"rule": "trimmed_mean", "trim_fraction": 0.34},
+@pytest.mark.parametrize("server", [{"rule": "median"}, {"rule": "trimmed_mean", "trimmed_mean": {"trim_fraction": 0.34}},
+                                    {"rule": "krum"}, {"rule": "multi_krum", "multi_krum": {"select": 2}},
                                     {"clip_norm": 0.05}])
 def test_a_robust_server_keeps_the_honest_model_with_a_liar_in_the_round(round_files, tmp_path, tiny, server):
     """A liar within the change bound (10x its honest change, claiming its whole shard) moves the mean far,
@@ -251,9 +259,9 @@ def test_a_robust_server_keeps_the_honest_model_with_a_liar_in_the_round(round_f
     liar = lie(honest[0], tmp_path / "liar.safetensors",
                lambda s: {k: g_state[k] + 8 * (v - g_state[k]) if v.is_floating_point() else v for k, v in s.items()})
     mean_state, _ = conclude(cfg, g, [liar, *honest[1:]], tmp_path)
-    robust_cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=server)})
-    robust_state, summary = aggregate_step(robust_cfg, g, [liar, *honest[1:]], 0, tmp_path / "r.safetensors")
-    robust_state = load_state(robust_state)[0]
+    robust_cfg = config_from_dict(merge(cfg.to_dict(), {"server": server}))
+    robust_state, rec = aggregate_step(robust_cfg, g, [liar, *honest[1:]], 1, tmp_path / "r.safetensors")
+    robust_state, summary = load_state(robust_state)[0], summary_of(rec)
     assert summary["accepted"] == clients
     assert change_norm(expected, robust_state) < 0.5 * change_norm(expected, mean_state)
     if "clip_norm" in server:

@@ -17,8 +17,8 @@ from faults import ROOT, run_cli
 
 from fedcmi.config import ConfigError, load_config
 from fedcmi.data import DataError
-from fedcmi.data.npz import NpzSource
-from fedcmi.segments import StoreError, check_within, resolve_store
+from fedcmi.datasets.npz import NpzSource
+from fedcmi.runners.store import StoreError, check_within, resolve_store
 
 MODS = ("vec", "img")
 
@@ -159,14 +159,14 @@ def project(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("rnd", ["-1", str(10**30), "2"])
+@pytest.mark.parametrize("rnd", ["-1", "0", str(10**30), "3"])
 def test_a_round_outside_the_federation_is_one_clear_error(project, tmp_path, rnd):
     r = run_cli(["init", "--out", str(tmp_path / "g.safetensors")], project)
     assert r.returncode == 0, r.stderr
     r = run_cli(["client-train", "--global-model", str(tmp_path / "g.safetensors"), "--client", "0",
                  "--round", rnd, "--out", str(tmp_path / "u.safetensors")], project)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert "is not a round of this federation: rounds are 0..1" in r.stderr
+    assert "is not a round of this federation: rounds are 1..2" in r.stderr
     assert not (tmp_path / "u.safetensors").exists()
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedcmi.algorithms.aggregation import AUX, ClientUpdate, UpdateRejected
 from fedcmi.algorithms.mmpareto import min_norm_weight, pareto_combine
 from fedcmi.algorithms.pmr import (
     class_prototypes,
@@ -18,13 +17,16 @@ from fedcmi.algorithms.pmr import (
     prototype_score,
     rebalance_weights,
 )
-from fedcmi.algorithms.server_step import SERVER_CONTROL, ControlVariates, client_control_prefix, server_step
 from fedcmi.algorithms.ume import ensemble_loss
 from fedcmi.algorithms.umt import feature_distillation
 from fedcmi.config import ConfigError, ServerConfig, config_from_dict
-from fedcmi.engine import train
 from fedcmi.federation import Federation
 from fedcmi.io import load_state
+from fedcmi.round.client_state import SERVER_CONTROL, ControlVariates, client_control_prefix
+from fedcmi.round.server_optimizer import server_step
+from fedcmi.round.stage import ServerState
+from fedcmi.round.update import AUX, ClientUpdate, UpdateRejected
+from fedcmi.runners.engine import train
 
 NEW = ["pmr", "umt", "ume", "mmpareto", "fedavgm", "fedadam", "scaffold"]
 
@@ -153,15 +155,15 @@ def test_scaffold_server_keeps_each_clients_variate_and_moves_c_by_the_mean_chan
     u3 = ClientUpdate(3, {}, 1, ("a",), extra={"w": torch.tensor([3.0, 1.0])})
     u5 = ClientUpdate(5, {}, 1, ("a",), extra={"w": torch.tensor([0.0, 4.0])})
     for u in (u3, u5):
-        cv.check(u)
-        cv.add(u)
-    out = cv.result()
+        cv.admit(u.client_id, u)
+        cv.accept(u)
+    out = cv.conclude(ServerState({}, {}, aux)).aux
     assert torch.equal(out[client_control_prefix(5) + "w"], torch.tensor([0.0, 4.0], dtype=torch.float64))
     change = (torch.tensor([3.0, 1.0]) - old_ci) + torch.tensor([0.0, 4.0])
     assert torch.allclose(out[SERVER_CONTROL + "w"], torch.tensor([0.5, 0.5], dtype=torch.float64) + change / 4)
     for bad in ({}, {"w": torch.tensor([float("nan"), 0.0])}, {"w": torch.zeros(3)}):
         with pytest.raises(UpdateRejected, match="control variate"):
-            cv.check(ClientUpdate(1, {}, 1, ("a",), extra=bad))
+            cv.admit(1, ClientUpdate(1, {}, 1, ("a",), extra=bad))
 
 
 def test_scaffold_client_variate_is_the_mean_raw_gradient_under_plain_sgd(tiny):
@@ -171,7 +173,7 @@ def test_scaffold_client_variate_is_the_mean_raw_gradient_under_plain_sgd(tiny):
 
     cfg = tiny(optim={"momentum": 0.0, "weight_decay": 0.0}, algorithm={"name": "scaffold"})
     fed = Federation(cfg, *_data(cfg))
-    ctx = fed.client_context(0, 0)
+    ctx = fed.client_context(0, 1)
     assert isinstance(ctx, ClientContext)
     names = [n for n, _ in fed.model.named_parameters()]
     c = {n: torch.full_like(p, 0.01, dtype=torch.float64) for n, p in fed.model.named_parameters()}
@@ -217,7 +219,7 @@ def _data(cfg):
 
 
 # -- each method's characteristic term changes the client's update -------------------------------------
-def _update(cfg, cid: int, rnd: int = 1) -> dict[str, torch.Tensor]:
+def _update(cfg, cid: int, rnd: int = 2) -> dict[str, torch.Tensor]:
     fed = Federation(cfg, *_data(cfg))
     u = fed.train_client(fed.initial_state(), cid, rnd)
     assert u is not None
@@ -252,8 +254,8 @@ def test_umt_trains_teachers_first_then_only_the_student(tiny):
     cid = _multimodal_client(cfg)
     fed = Federation(cfg, *_data(cfg))
     start = fed.initial_state()
-    teach = fed.train_client(start, cid, 0)
-    student = fed.train_client(start, cid, 1)
+    teach = fed.train_client(start, cid, 1)
+    student = fed.train_client(start, cid, 2)
     assert teach is not None and student is not None
 
     def moved(u, prefix):
@@ -291,7 +293,7 @@ def _same(a, b) -> bool:
 def test_each_method_resumes_bitwise_and_its_pipeline_steps_equal_the_engine(tiny, tmp_path, name):
     from test_segments import _run_steps
 
-    from fedcmi.segments import MODEL
+    from fedcmi.runners.store import MODEL
 
     if name == "fedcmi+scaffold+momentum":  # SCAFFOLD and a server optimiser on FedCMI's client update
         settings = _settings("fedcmi")
@@ -307,13 +309,13 @@ def test_each_method_resumes_bitwise_and_its_pipeline_steps_equal_the_engine(tin
     train(two, tmp_path / "resumed", progress=False)  # what a run killed after round 2 leaves
     resumed = train(cfg, tmp_path / "resumed", progress=False)
     assert resumed.resumed_from == 2 and _same(resumed.state, whole.state), "resume is not bitwise"
-    timeless = [{k: v for k, v in h.items() if k != "seconds"} for h in whole.history]
-    assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed.history] == timeless
+    timeless = [{k: v for k, v in h.to_json().items() if k != "seconds"} for h in whole.history]
+    assert [{k: v for k, v in h.to_json().items() if k != "seconds"} for h in resumed.history] == timeless
 
     store = tmp_path / "store"
-    _run_steps(cfg, store, tmp_path / "a", per_worker=2, rounds=range(2))  # one pipeline run of two rounds
+    _run_steps(cfg, store, tmp_path / "a", per_worker=2, rounds=range(1, 3))  # one pipeline run of two rounds
     _run_steps(cfg, store, tmp_path / "b", per_worker=2)  # the next run reads the state the first left
-    from fedcmi.segments import finish
+    from fedcmi.runners.store import finish
 
     finish(cfg, store, tmp_path / "final.safetensors")
     state, _ = load_state(store / MODEL)
@@ -324,7 +326,7 @@ def test_each_method_resumes_bitwise_and_its_pipeline_steps_equal_the_engine(tin
     assert any(k.startswith(AUX) for k in ckpt) == stateful  # the server's state lives in the checkpoint
     if name in ("scaffold", "fedcmi+scaffold+momentum"):
         kept = {k.split("/")[3] for k in ckpt if k.startswith(AUX + "control/client/")}
-        trained = {c for h in whole.history for c in h["accepted"]}
+        trained = {c for h in whole.history for c in h.participation.accepted}
         assert kept == {str(c) for c in trained}  # every client that trained left its variate
 
 
@@ -369,16 +371,16 @@ def test_kill_9_inside_a_client_with_client_and_server_state_resumes_to_the_unin
     from faults import fedcmi_project, run_cli
 
     from fedcmi.config import load_config
-    from fedcmi.rounds import sample_clients
+    from fedcmi.round.schedule import sample_clients
 
     project = fedcmi_project(tmp_path, rounds=3)
     sets = ["--set", "algorithm.name=scaffold", "--set", "server.optimizer=adam", "--no-progress"]
     r = run_cli(["train", *sets, "--set", "output.dir=outputs/whole"], project)
     assert r.returncode == 0, r.stderr[-2000:]
     cfg = load_config(project / "params.yaml", ["algorithm.name=scaffold", "server.optimizer=adam"])
-    victim = sample_clients(cfg, 1)[-1]
+    victim = sample_clients(cfg, 2)[-1]
     r = run_cli(["train", *sets, "--set", "output.dir=outputs/killed"], project,
-                {"kind": "kill_client", "round": 1, "client": victim})
+                {"kind": "kill_client", "round": 2, "client": victim})
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     r = run_cli(["train", *sets, "--set", "output.dir=outputs/killed", "--resume", "must"], project)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -106,7 +106,7 @@ def test_submit_to_an_unreachable_host_is_a_clear_error():
 SITECUSTOMIZE = """
 import os
 import fedcmi.federation as fed
-import fedcmi.segments as seg
+import fedcmi.runners.store as seg
 
 FAIL_ROUND, FAIL_CLIENT, LOSE_ROUND = {fail_round}, {fail_client}, {lose_round}
 _train, _conclude = fed.Federation.train_client, seg.conclude
@@ -118,12 +118,12 @@ def train_client(self, state, cid, rnd):
     return _train(self, state, cid, rnd)
 
 
-def conclude(cfg, store, global_model, worker_dirs, rnd, out, on_round=None):
+def conclude(cfg, store, global_model, worker_dirs, rnd, out, sinks=()):
     marker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lost-once")
     if rnd == LOSE_ROUND and not os.path.exists(marker):
         open(marker, "w").close()
         raise RuntimeError("injected: the conclude pod was evicted")
-    return _conclude(cfg, store, global_model, worker_dirs, rnd, out, on_round)
+    return _conclude(cfg, store, global_model, worker_dirs, rnd, out, sinks)
 
 
 fed.Federation.train_client = train_client
@@ -135,17 +135,17 @@ def _project(tmp_path, **sections):
     """A tiny prepared project (FedCMI, half the clients multimodal) and the engine's run of it, in which
     client ``fail_client`` of round ``fail_round`` raises as it will in its pod."""
     from fedcmi.data import DataModule, prepare
-    from fedcmi.engine import train
     from fedcmi.federation import Federation
     from fedcmi.partition import make_partition, save_partition
-    from fedcmi.rounds import sample_clients
+    from fedcmi.round.schedule import sample_clients
+    from fedcmi.runners.engine import train
 
     raw = merge(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), sections)
     raw["algorithm"]["name"] = "fedcmi"
     raw["partition"]["multimodal_fraction"] = 0.5
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     cfg = config_from_dict(raw)
-    fail_round = 1
+    fail_round = 2
     fail_client = sample_clients(cfg, fail_round)[0]
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -166,7 +166,7 @@ def _project(tmp_path, **sections):
     finally:
         Federation.train_client = real  # type: ignore[method-assign]
         os.chdir(cwd)
-    assert fail_client in engine.history[fail_round]["rejected"]
+    assert fail_client in engine.history[fail_round - 1].participation.rejected
     return cfg, engine, fail_round, fail_client
 
 
@@ -187,7 +187,7 @@ def test_a_chained_local_run_with_a_failing_client_and_a_lost_run_equals_the_eng
         tmp_path, federation={"rounds": 3, "clients_per_round": 3}, evaluation={"every": 2})
     (tmp_path / "faults").mkdir()
     (tmp_path / "faults" / "sitecustomize.py").write_text(
-        SITECUSTOMIZE.format(fail_round=fail_round, fail_client=fail_client, lose_round=2))
+        SITECUSTOMIZE.format(fail_round=fail_round, fail_client=fail_client, lose_round=3))
     store = f"sqlite:///{tmp_path}/pipeline-mlflow.db"
     r = fedcmi("pipeline", "run-local", "--rounds-per-run", "2", "--clients-per-pod", "2", "--out", "pipe.safetensors",
                "--tracking-uri", store, "--env", f"PYTHONPATH={tmp_path / 'faults'}:{ROOT}", cwd=tmp_path)
@@ -202,8 +202,18 @@ def test_a_chained_local_run_with_a_failing_client_and_a_lost_run_equals_the_eng
     assert _same(state, engine.state), "expected bitwise equality with the engine"
     history = read_json(tmp_path / "outputs" / "federations" / "fedcmi-seed3" / "history.json")
     assert [h["round"] for h in history] == [1, 2, 3]
-    assert history[fail_round]["rejected"] == {str(fail_client): engine.history[fail_round]["rejected"][fail_client]}
-    assert [h.get("mm_acc") for h in history] == [h.get("mm_acc") for h in engine.history]
+    engine_history = [h.to_json() for h in engine.history]
+    assert history[fail_round - 1]["rejected"] == {str(fail_client): engine_history[fail_round - 1]["rejected"][str(fail_client)]}
+    assert [h.get("mm_acc") for h in history] == [h.get("mm_acc") for h in engine_history]
+    # the Kubeflow run shows every round: each conclude step's Metrics artifact (what the KFP UI lists)
+    shown = {}
+    for out in sorted((tmp_path / "outputs" / "kfp_local").glob("*/conclude-round*/executor_output.json")):
+        for art in read_json(out)["artifacts"].get("round_metrics", {}).get("artifacts", []):
+            if art["metadata"]:
+                shown[int(art["metadata"]["round"])] = art["metadata"]
+    assert sorted(shown) == [1, 2, 3]
+    assert shown[2]["eval/mm_acc"] == engine_history[1]["mm_acc"] and shown[2]["round/rejected_clients"] == 1.0
+    assert "eval/mm_acc" not in shown[1]  # evaluation.every=2: round 1 was not evaluated
 
     client = MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
@@ -214,7 +224,7 @@ def test_a_chained_local_run_with_a_failing_client_and_a_lost_run_equals_the_eng
     assert rejected == {1: 0.0, 2: 1.0, 3: 0.0}
     champion = client.get_model_version_by_alias(cfg.tracking.registered_model, "champion")
     assert champion.run_id == run.info.run_id
-    from fedcmi.tracking import data_hash
+    from fedcmi.tracking.inputs import data_hash
 
     cwd = os.getcwd()
     os.chdir(tmp_path)

@@ -4,10 +4,11 @@ import numpy as np
 
 from fedcmi.config import config_from_dict
 from fedcmi.plots import confusion_figure, curves_figure, run_title
+from fedcmi.round.record import RoundRecord
 
 
 def test_rounds_are_whole_numbers_on_the_curves():
-    history = [{"round": r, "mm_acc": 0.3 + 0.1 * r, "worst_class_acc": 0.1} for r in (1, 2, 3)]
+    history = [RoundRecord.from_json({"round": r, "mm_acc": 0.3 + 0.1 * r, "worst_class_acc": 0.1}) for r in (1, 2, 3)]
     fig = curves_figure(history, ["audio", "visual"])
     ax = fig.axes[0]
     lo, hi = ax.get_xlim()

@@ -4,18 +4,19 @@ import pytest
 import torch
 
 from fedcmi.divergence import Diverged
-from fedcmi.engine import train
 from fedcmi.io import load_state, read_json
-from fedcmi.rounds import RoundPolicy
-from fedcmi.segments import DIVERGED, MODEL, StoreError, begin, conclude, finish, status, train_worker
+from fedcmi.outputs import HISTORY
+from fedcmi.round.schedule import Schedule
+from fedcmi.runners.engine import train
+from fedcmi.runners.store import DIVERGED, MODEL, StoreError, begin, conclude, finish, status, train_worker
 
 
 def _run_steps(cfg, store, tmp, per_worker: int, rounds: range | None = None):
-    """What one pipeline run does, in this process: begin, then per round the workers and conclude."""
-    policy = RoundPolicy(cfg)
+    """What one pipeline run does, in this process: begin, then per round (from 1) the workers and conclude."""
+    policy = Schedule(cfg)
     model = tmp / "begin.safetensors"
     start = begin(cfg, store, model)
-    for rnd in rounds if rounds is not None else range(start, cfg.federation.rounds):
+    for rnd in rounds if rounds is not None else range(start + 1, cfg.federation.rounds + 1):
         dirs = []
         for w in range(policy.workers(per_worker)):
             d = tmp / f"r{rnd}w{w}"
@@ -29,36 +30,36 @@ def _run_steps(cfg, store, tmp, per_worker: int, rounds: range | None = None):
 
 def test_workers_split_a_round_into_runs_of_the_sorted_sample(tiny):
     cfg = tiny(federation={"rounds": 4, "clients_per_round": 3}, evaluation={"every": 3})
-    policy = RoundPolicy(cfg)
+    policy = Schedule(cfg)
     assert policy.workers(2) == 2 and policy.workers(1) == 3 and policy.workers(5) == 1
-    for rnd in range(4):
+    for rnd in range(1, 5):
         assert [c for w in range(2) for c in policy.clients_of_worker(rnd, w, 2)] == policy.clients(rnd)
-    assert [policy.evaluates(r) for r in range(4)] == [False, False, True, True]  # every 3, and the last
+    assert [policy.evaluates(r) for r in range(1, 5)] == [False, False, True, True]  # every 3, and the last
 
 
 def test_steps_through_a_store_equal_the_engine_and_a_retried_conclude_commits_nothing_twice(tiny, tmp_path):
     cfg = tiny(federation={"rounds": 3, "clients_per_round": 3})
     engine = train(cfg, tmp_path / "engine", progress=False)
     store = tmp_path / "store"
-    _run_steps(cfg, store, tmp_path / "a", per_worker=2, rounds=range(2))  # a run of two rounds
+    _run_steps(cfg, store, tmp_path / "a", per_worker=2, rounds=range(1, 3))  # a run of two rounds
     assert status(cfg, store) == {"completed_rounds": 2, "rounds": 3, "complete": False}
     assert finish(cfg, store, tmp_path / "final.safetensors") is None
     _run_steps(cfg, store, tmp_path / "b", per_worker=2)  # the next run continues after round 2
     # a retried conclude of round 3 (its pod lost after committing) returns the committed round
-    again = conclude(cfg, store, tmp_path / "b" / "begin.safetensors", [tmp_path / "b" / "r2w0", tmp_path / "b" / "r2w1"],
-                     2, tmp_path / "again.safetensors")
-    assert again is not None and again["round"] == 3
+    again = conclude(cfg, store, tmp_path / "b" / "begin.safetensors", [tmp_path / "b" / "r3w0", tmp_path / "b" / "r3w1"],
+                     3, tmp_path / "again.safetensors")
+    assert again is not None and again.round == 3
     final = finish(cfg, store, tmp_path / "final.safetensors")
-    assert final is not None and [h["round"] for h in final["history"]] == [1, 2, 3]
+    assert final is not None and [h["round"] for h in read_json(store / HISTORY)] == [1, 2, 3]
     state, _ = load_state(store / MODEL)
     assert all(torch.equal(state[k], engine.state[k]) for k in state)
-    assert final["metrics"]["mm_acc"] == engine.final["mm_acc"]
+    assert final.mm_acc == engine.final.mm_acc
 
 
 def test_a_store_of_another_federation_is_refused(tiny, tmp_path):
     cfg = tiny(federation={"rounds": 2, "clients_per_round": 2})
     store = tmp_path / "store"
-    _run_steps(cfg, store, tmp_path / "a", per_worker=1, rounds=range(1))
+    _run_steps(cfg, store, tmp_path / "a", per_worker=1, rounds=range(1, 2))
     other = cfg.model_copy(update={"seed": cfg.seed + 1})
     with pytest.raises(StoreError, match="another run name"):
         begin(other, store, tmp_path / "x.safetensors")

@@ -12,8 +12,8 @@ def logged(tiny, tmp_path):
     """A tiny trained-shape model logged to a SQLite MLflow store; returns (config, package, model uri)."""
     import mlflow
 
+    from fedcmi.algorithms import build_model
     from fedcmi.data import DataModule
-    from fedcmi.models import build_model
     from fedcmi.serving import ModelPackage
 
     cfg = tiny()

@@ -20,13 +20,13 @@ torch.set_num_threads(int(sys.argv[1]))          # what this process would use o
 from pathlib import Path
 from conftest import tiny_config
 from fedcmi.config import config_from_dict
-from fedcmi.engine import train
+from fedcmi.runners.engine import train
 cfg = tiny_config(Path({tmp!r}))
 raw = cfg.to_dict(); raw["threads"] = int(sys.argv[2]); raw["model"]["width"] = 16; raw["model"]["embed_dim"] = 32
 cfg = config_from_dict(raw)
 res = train(cfg, Path(sys.argv[3]), progress=False)
 digest = hashlib.sha256(b"".join(res.state[k].numpy().tobytes() for k in sorted(res.state))).hexdigest()
-print(json.dumps({{"digest": digest, "threads": [r["threads"] for r in res.history]}}))
+print(json.dumps({{"digest": digest, "threads": [r.timing.threads for r in res.history]}}))
 """
 
 
@@ -52,7 +52,7 @@ def test_the_setting_not_the_process_default_decides_the_model(tiny, tmp_path):
 
 def test_threads_is_part_of_the_checkpoint_identity(tiny):
     from fedcmi.data import DataModule
-    from fedcmi.engine import run_fingerprint
+    from fedcmi.round.ledger import run_fingerprint
 
     cfg = tiny()
     meta = DataModule(cfg.data.prepared_dir).meta

@@ -235,21 +235,27 @@ def test_unreachable_server_fails_before_training(project):
 def _train_with_server_events(project, uri, events, probe_every=30.0):
     """Train 4 rounds in-process while ``events[round]()`` runs after that round is logged."""
     from fedcmi.config import load_config
-    from fedcmi.engine import train
-    from fedcmi.tracking import RunTracker
+    from fedcmi.runners.engine import train
+    from fedcmi.tracking.run import RUN_INFO, TrainingRun
+    from fedcmi.tracking.sink import MlflowSink
 
     os.environ.update({"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     cwd = os.getcwd()
     os.chdir(project)
     try:
         cfg = load_config("params.yaml", ["federation.rounds=4"])
-        tracker = RunTracker(cfg, probe_every=probe_every)
+        tracker = TrainingRun.open(cfg, project / RUN_INFO, probe_every=probe_every)
+        sink = MlflowSink(tracker)
 
-        def log_then(rec):
-            tracker.log_round(rec)
-            events.get(rec["round"], lambda: None)()
+        class LogThen:
+            def log_round(self, rec):
+                sink.log_round(rec)
+                events.get(rec.round, lambda: None)()
 
-        res = train(cfg, progress=False, on_round=log_then)
+            def log_final(self, final, history):
+                pass
+
+        res = train(cfg, progress=False, sinks=[LogThen()])
         errors = tracker.close()
     finally:
         os.chdir(cwd)
@@ -266,7 +272,7 @@ def test_server_lost_mid_run_for_good_loses_no_local_result_and_leaves_no_open_r
         res, tracker, errors = _train_with_server_events(project, uri, {1: lambda: stop(proc)})
     finally:
         stop(proc)
-    assert [r["round"] for r in res.history] == [1, 2, 3, 4]
+    assert [r.round for r in res.history] == [1, 2, 3, 4]
     assert tracker.unlogged == ["round 2 metrics", "round 3 metrics", "round 4 metrics"]
     assert len(errors) == 1 and "still unreachable" in errors[0] and "round 4 metrics" in errors[0]
     # nothing left open for MLflow's exit handler, which would retry against the dead server for minutes
@@ -292,7 +298,7 @@ def test_server_lost_mid_run_and_back_gets_every_round_replayed(project, tmp_pat
         hist = get(uri, f"/api/2.0/mlflow/metrics/get-history?run_id={tracker.run_id}&metric_key=eval/mm_acc")["metrics"]
         by_step = {m["step"]: m["value"] for m in hist}
         assert sorted(by_step) == [1, 2, 3, 4]
-        assert all(by_step[r["round"]] == pytest.approx(r["mm_acc"]) for r in res.history)
+        assert all(by_step[r.round] == pytest.approx(r.evaluation.mm_acc) for r in res.history)
         assert get(uri, f"/api/2.0/mlflow/runs/get?run_id={tracker.run_id}")["run"]["info"]["status"] == "FINISHED"
     finally:
         for p in procs:

@@ -92,8 +92,9 @@ def test_an_api_that_fails_while_health_answers_stops_before_training(project, p
 
 def _train(project, uri, rounds=4, events=None, **tracking):  # noqa: F811
     from fedcmi.config import load_config
-    from fedcmi.engine import train
-    from fedcmi.tracking import RunTracker
+    from fedcmi.runners.engine import train
+    from fedcmi.tracking.run import RUN_INFO, TrainingRun
+    from fedcmi.tracking.sink import MlflowSink
 
     cwd = os.getcwd()
     os.chdir(project)
@@ -101,13 +102,18 @@ def _train(project, uri, rounds=4, events=None, **tracking):  # noqa: F811
     try:
         cfg = load_config("params.yaml", [f"federation.rounds={rounds}",
                                           *(f"tracking.{k}={v}" for k, v in tracking.items())])
-        tracker = RunTracker(cfg, probe_every=0.0)
+        tracker = TrainingRun.open(cfg, project / RUN_INFO, probe_every=0.0)
+        sink = MlflowSink(tracker)
 
-        def log_then(rec):
-            tracker.log_round(rec)
-            (events or {}).get(rec["round"], lambda: None)()
+        class LogThen:
+            def log_round(self, rec):
+                sink.log_round(rec)
+                (events or {}).get(rec.round, lambda: None)()
 
-        res = train(cfg, progress=False, on_round=log_then)
+            def log_final(self, final, history):
+                pass
+
+        res = train(cfg, progress=False, sinks=[LogThen()])
         return res, tracker, tracker.close()
     finally:
         os.chdir(cwd)
@@ -138,7 +144,7 @@ def test_a_slow_server_costs_at_most_the_time_budget_with_one_warning(project, p
 
     with caplog.at_level(logging.WARNING, logger="fedcmi"):
         res, tracker, errors = _train(project, proxy.uri, events={1: slow}, time_budget=2.0)
-    assert [r["round"] for r in res.history] == [1, 2, 3, 4]  # training never waits past the budget
+    assert [r.round for r in res.history] == [1, 2, 3, 4]  # training never waits past the budget
     assert tracker.out_of_time and tracker.spent < 2.0 + 2 * 1.5 + 2.0
     assert len(errors) == 1 and "tracking.time_budget (2 s) was spent; not logged: round" in errors[0]
     assert sum("time_budget" in r.message for r in caplog.records) == 1

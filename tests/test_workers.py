@@ -22,9 +22,9 @@ from conftest import TINY, merge
 from faults import ROOT, fedcmi_project, run_cli, worker_fault
 
 from fedcmi.config import ConfigError, config_from_dict, load_config
-from fedcmi.federation import sample_clients
 from fedcmi.io import load_state
-from fedcmi.update_files import read_update
+from fedcmi.round.schedule import sample_clients
+from fedcmi.round.update_files import read_update
 from fedcmi.workers import resolve_workers
 
 ROUNDS = 3
@@ -105,16 +105,16 @@ def test_a_killed_run_leaves_no_worker_behind_and_resumes_to_the_same_model(proj
 
 
 def test_a_worker_killed_in_a_client_costs_a_retry_not_the_result(project, one_process, tmp_path):
-    victim = sample_clients(load_config(project / "params.yaml"), 1)[2]
-    r = train(project, "retried", 2, env=worker_fault(tmp_path / "site", 1, victim, always=False))
+    victim = sample_clients(load_config(project / "params.yaml"), 2)[2]
+    r = train(project, "retried", 2, env=worker_fault(tmp_path / "site", 2, victim, always=False))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"the worker training client {victim} died (signal 9); training it again" in r.stderr
     assert_same(final(project, "retried"), one_process)
 
 
 def test_a_client_that_kills_its_worker_every_time_is_rejected_and_the_run_goes_on(project, tmp_path):
-    victim = sample_clients(load_config(project / "params.yaml"), 1)[0]
-    r = train(project, "deadly", 2, env=worker_fault(tmp_path / "site", 1, victim, always=True))
+    victim = sample_clients(load_config(project / "params.yaml"), 2)[0]
+    r = train(project, "deadly", 2, env=worker_fault(tmp_path / "site", 2, victim, always=True))
     assert r.returncode == 0, r.stderr[-3000:]
     history = json.loads((project / "outputs/deadly/train/history.json").read_text())
     assert history[1]["rejected"] == {str(victim): f"client {victim}: training failed: its worker process died "
@@ -124,17 +124,17 @@ def test_a_client_that_kills_its_worker_every_time_is_rejected_and_the_run_goes_
 
 
 def test_a_pipeline_worker_step_writes_the_same_updates_with_processes(tiny, tmp_path):
-    from fedcmi import segments
+    from fedcmi.runners import store as store_
 
     cfg = tiny(federation={"clients_per_round": 4, "workers": 2})
     store, start = tmp_path / "store", tmp_path / "global.safetensors"
-    segments.begin(cfg, store, start)
+    store_.begin(cfg, store, start)
     files = {}
     for workers in (1, 2):
         c = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"workers": workers})})
         out = tmp_path / f"w{workers}"
-        assert segments.train_worker(c, start, 0, 0, 4, out, progress=lambda s: None) == sorted(range(4))
-        files[workers] = {p.name: read_update(p, 0) for p in sorted(out.iterdir())}
+        assert store_.train_worker(c, start, 1, 0, 4, out, progress=lambda s: None) == sorted(range(4))
+        files[workers] = {p.name: read_update(p, 1) for p in sorted(out.iterdir())}
     assert files[1].keys() == files[2].keys() and len(files[1]) == 4
     for name, one in files[1].items():
         two = files[2][name]

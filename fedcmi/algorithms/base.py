@@ -2,11 +2,12 @@
 
 A strategy declares its settings (:attr:`Strategy.Options`, found at
 ``algorithm.<section>`` in params), the shared algorithm settings it reads,
-the network it trains, how a client trains and how the server aggregates
-(:attr:`Strategy.aggregation` names the rule ``algorithm.aggregation: auto``
-takes). It is registered in :mod:`fedcmi.algorithms`, and nothing else
-branches on its name. A strategy never owns data or files: the engine (or a
-Kubeflow component) loads the global state into a model, hands it a
+the network it trains, how a client trains, and which clients average each
+parameter (:attr:`Strategy.aggregation`, what ``algorithm.aggregation: auto``
+takes). A module of this package holding a subclass with a ``name`` is
+registered (:data:`fedcmi.registry.ALGORITHMS`), and nothing else branches on
+its name. A strategy never owns data or files: the engine (or a Kubeflow
+component) loads the global state into a model, hands it a
 :class:`ClientContext` and gets a :class:`ClientUpdate` back.
 """
 
@@ -21,10 +22,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from fedcmi.algorithms.aggregation import Accumulator, ClientUpdate, RobustAccumulator, StateDict
 from fedcmi.algorithms.losses import proximal_term
 from fedcmi.config import Config
 from fedcmi.models.networks import FusionNet, MultimodalNet
+from fedcmi.round.update import ClientUpdate, StateDict
+from fedcmi.seeds import derive_seed
 
 if TYPE_CHECKING:
     from fedcmi.data.base import DatasetSpec
@@ -34,17 +36,13 @@ OptionsT = TypeVar("OptionsT", bound=BaseModel)
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes and platforms."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
-
-
 @dataclass
 class ClientContext:
     """Everything one client's local training needs besides the model."""
 
     cfg: Config
-    round: int
+    #: the round, from 1
+    round_no: int
     client_id: int
     modalities: tuple[str, ...]
     num_examples: int
@@ -56,13 +54,18 @@ class ClientContext:
     control_out: StateDict | None = None
 
     @property
+    def rounds_done(self) -> int:
+        """Rounds the federation completed before this one (what warm-ups, decays and seeds count)."""
+        return self.round_no - 1
+
+    @property
     def seed(self) -> int:
-        return derive_seed(self.cfg.seed, self.round, self.client_id)
+        return derive_seed(self.cfg.seed, self.rounds_done, self.client_id)
 
     @property
     def lr(self) -> float:
         o = self.cfg.optim
-        return o.lr * o.lr_decay ** (self.round // o.lr_decay_every)
+        return o.lr * o.lr_decay ** (self.rounds_done // o.lr_decay_every)
 
     def device_batches(self, epoch: int) -> Iterator[Batch]:
         asynchronous = self.cfg.loader.pinned(self.device.type)  # non_blocking only helps from pinned memory
@@ -180,7 +183,8 @@ class Strategy(ABC):
     section: ClassVar[str | None] = None
     #: The shared ``algorithm`` settings it reads besides ``name`` and ``aggregation`` (``mu``, ``modality``).
     reads: ClassVar[tuple[str, ...]] = ()
-    #: The server rule ``algorithm.aggregation: auto`` means for it.
+    #: Which clients average each parameter under ``algorithm.aggregation: auto``: every client (plain), or
+    #: a modality's parameters only the clients holding it (modality_aware).
     aggregation: ClassVar[Literal["plain", "modality_aware"]] = "plain"
     #: The server step ``server.optimizer: auto`` means for it (FedAvgM and FedAdam have their own).
     server_optimizer: ClassVar[Literal["none", "momentum", "adam"]] = "none"
@@ -222,24 +226,21 @@ class Strategy(ABC):
     def train_client(self, model: MultimodalNet, ctx: ClientContext) -> ClientUpdate:
         """Train ``model`` (holding the global state) on one client; return its update."""
 
-    def accumulator(self, model: MultimodalNet, global_state: StateDict) -> Accumulator:
-        """The server's running aggregate for one round (updates are folded in client-id order)."""
-        owner = model.owner if self.cfg.aggregation == "modality_aware" else None
-        server = self.cfg.server
-        if server.rule == "mean":
-            return Accumulator(global_state, owner)
-        return RobustAccumulator(global_state, owner, server.rule, server.trim_fraction)
-
-    def round_summary(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
-        """Round-level figures from the clients' metrics (mean loss and such)."""
+    def train_summary(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        """The round's training figures: the mean of each number the admitted clients reported (loss and
+        its terms), by name."""
         if not updates:
             return {}
         keys = sorted({k for u in updates for k, v in u.metrics.items() if isinstance(v, (int, float))})
         out = {}
         for k in keys:
             vals = [u.metrics[k] for u in updates if isinstance(u.metrics.get(k), (int, float))]
-            out[f"train_{k}"] = float(np.mean(vals))
+            out[k] = float(np.mean(vals))
         return out
+
+    def algorithm_summary(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        """The algorithm's own figures for the round (none by default), by name."""
+        return {}
 
 
 def cross_entropy(model: MultimodalNet, x: dict[str, torch.Tensor], y: torch.Tensor

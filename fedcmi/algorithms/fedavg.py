@@ -3,9 +3,9 @@ AISTATS 2017) on the plain fusion network."""
 
 from __future__ import annotations
 
-from fedcmi.algorithms.aggregation import ClientUpdate
 from fedcmi.algorithms.base import ClientContext, Strategy, cross_entropy, local_sgd, snapshot
 from fedcmi.models.networks import MultimodalNet
+from fedcmi.round.update import ClientUpdate
 
 
 class FedAvg(Strategy):

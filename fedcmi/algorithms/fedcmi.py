@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedcmi.algorithms.aggregation import ClientUpdate
 from fedcmi.algorithms.base import ClientContext, Strategy, local_sgd, snapshot
 from fedcmi.algorithms.losses import (
     Dominance,
@@ -40,6 +39,7 @@ from fedcmi.algorithms.losses import (
 )
 from fedcmi.config import Config, Float, Int
 from fedcmi.models.networks import FedCMINet, MultimodalNet
+from fedcmi.round.update import ClientUpdate
 
 if TYPE_CHECKING:
     from fedcmi.data.base import DatasetSpec
@@ -118,7 +118,7 @@ class FedCMI(Strategy):
         num_classes = model.num_classes
         multimodal = len(ctx.modalities) == 2
         first = c.first_distillation_round(ctx.cfg.federation.local_epochs)
-        use_inf = multimodal and c.infiltration and c.lambda_inf > 0 and ctx.round >= first
+        use_inf = multimodal and c.infiltration and c.lambda_inf > 0 and ctx.rounds_done >= first
         metrics: dict = {}
         teacher: FedCMINet | None = None
         round_dom: Dominance | None = None
@@ -174,8 +174,9 @@ class FedCMI(Strategy):
             metrics["dominant"] = max(dom_counts, key=lambda k: dom_counts[k])
         return ClientUpdate(ctx.client_id, snapshot(model), ctx.num_examples, ctx.modalities, metrics)
 
-    def round_summary(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
-        out = super().round_summary(updates)
+    def algorithm_summary(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        """The share of clients that found each modality dominant, and the mean class temperatures."""
+        out: dict[str, float] = {}
         mods = self.cfg.data.modalities
         decided = [u.metrics["dominant"] for u in updates if "dominant" in u.metrics]
         if decided:

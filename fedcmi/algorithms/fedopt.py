@@ -2,8 +2,8 @@
 Optimization", ICLR 2021; FedAvgM: Hsu et al., "Measuring the Effects of Non-Identical Data Distribution
 for Federated Visual Classification", 2019).
 
-The server step itself is :func:`fedcmi.algorithms.server_step.server_step`; ``server.optimizer`` puts it
-after any other algorithm's aggregation (FedCMI with server momentum: ``algorithm.name: fedcmi``,
+The server step itself is :class:`fedcmi.round.server_optimizer.ServerOptimizer`; ``server.optimizer`` puts
+it after any other algorithm's aggregation (FedCMI with server momentum: ``algorithm.name: fedcmi``,
 ``server.optimizer: momentum``).
 """
 

@@ -25,9 +25,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from fedcmi.algorithms.aggregation import ClientUpdate
 from fedcmi.algorithms.base import ClientContext, Strategy, cross_entropy, local_sgd, snapshot
 from fedcmi.models.networks import MultimodalNet
+from fedcmi.round.update import ClientUpdate
 
 
 def min_norm_weight(g1: torch.Tensor, g2: torch.Tensor) -> float:

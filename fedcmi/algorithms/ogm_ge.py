@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedcmi.algorithms.aggregation import ClientUpdate
 from fedcmi.algorithms.base import ClientContext, Strategy, local_sgd, snapshot
 from fedcmi.algorithms.losses import ogm_coefficients
 from fedcmi.config import Float
 from fedcmi.models.networks import MultimodalNet
+from fedcmi.round.update import ClientUpdate
 
 
 class OGMOptions(BaseModel):

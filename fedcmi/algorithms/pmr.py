@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedcmi.algorithms.aggregation import ClientUpdate
 from fedcmi.algorithms.base import ClientContext, Strategy, cross_entropy, local_sgd, snapshot
 from fedcmi.config import Float, Int
 from fedcmi.models.networks import MultimodalNet
+from fedcmi.round.update import ClientUpdate
 
 
 class PMROptions(BaseModel):
@@ -107,7 +107,7 @@ class PMR(Strategy):
         opts = self.options(PMROptions)
         mods = model.modalities
         protos = self.prototypes(model, ctx, model.num_classes)
-        entropy_on = opts.entropy_weight > 0 and ctx.round * ctx.cfg.federation.local_epochs < opts.entropy_epochs
+        entropy_on = opts.entropy_weight > 0 and ctx.rounds_done * ctx.cfg.federation.local_epochs < opts.entropy_epochs
 
         def loss_fn(m: MultimodalNet, x: dict[str, torch.Tensor], y: torch.Tensor
                     ) -> tuple[torch.Tensor, dict[str, float]]:

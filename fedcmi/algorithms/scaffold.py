@@ -18,7 +18,7 @@ from fedcmi.algorithms.fedavg import FedAvg
 
 class Scaffold(FedAvg):
     """FedAvg with SCAFFOLD's control variates (the correction in :class:`fedcmi.algorithms.base._Drift`,
-    the server side in :class:`fedcmi.algorithms.server_step.ControlVariates`)."""
+    the server side in :class:`fedcmi.round.client_state.ControlVariates`)."""
 
     name = "scaffold"
     control_variates = True

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from fedcmi.algorithms.aggregation import ClientUpdate
 from fedcmi.algorithms.base import ClientContext, Strategy, local_sgd, snapshot
 from fedcmi.config import Config
 from fedcmi.models.networks import EnsembleNet, MultimodalNet
+from fedcmi.round.update import ClientUpdate
 
 if TYPE_CHECKING:
     from fedcmi.data.base import DatasetSpec

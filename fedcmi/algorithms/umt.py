@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedcmi.algorithms.aggregation import ClientUpdate
 from fedcmi.algorithms.base import ClientContext, Strategy, local_sgd, snapshot
 from fedcmi.algorithms.ume import ensemble_loss
 from fedcmi.config import Config, Float, Int
 from fedcmi.models.networks import MultimodalNet, TeacherStudentNet
+from fedcmi.round.update import ClientUpdate
 
 if TYPE_CHECKING:
     from fedcmi.data.base import DatasetSpec
@@ -69,7 +69,7 @@ class UMT(Strategy):
         if not isinstance(model, TeacherStudentNet):
             raise TypeError(f"UMT trains a TeacherStudentNet, not a {type(model).__name__}")
         opts = self.options(UMTOptions)
-        teaching = ctx.round < opts.teacher_rounds
+        teaching = ctx.rounds_done < opts.teacher_rounds
         frozen = [p for name, p in model.named_parameters()
                   if name.startswith(("teachers.", "classifiers.")) != teaching]
         for p in frozen:  # the other stage's parameters stay exactly as received

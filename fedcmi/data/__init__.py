@@ -8,8 +8,8 @@ batches. Models never see where the data came from.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,31 +27,10 @@ from fedcmi.data.base import (
 )
 from fedcmi.data.cache import RecordSource, build_cache
 from fedcmi.data.faults import SampleFaults
-from fedcmi.data.npz import NpzSource
-from fedcmi.data.synthetic import SyntheticSource
 from fedcmi.locks import beside, exclusive
+from fedcmi.registry import DATASETS
 
-__all__ = ["DataError", "DatasetSpec", "Split", "DataModule", "prepare", "make_source"]
-
-
-def make_source(cfg: Config):
-    """The configured dataset: in-memory (synthetic, npz) or read from files (cremad, ave, crisismmd)."""
-    d = cfg.data
-    if d.name == "synthetic":
-        return SyntheticSource(d.synthetic, d.modalities, cfg.seed)
-    if d.name == "npz":
-        return NpzSource(d.path, d.modalities)
-    if d.name == "cremad":
-        from fedcmi.data.cremad import CremaDSource
-
-        return CremaDSource(d.path, d.cremad, cfg.seed)
-    if d.name == "ave":
-        from fedcmi.data.ave import AVESource
-
-        return AVESource(d.path, d.ave)
-    from fedcmi.data.crisismmd import CrisisMMDSource
-
-    return CrisisMMDSource(d.path, d.crisismmd)
+__all__ = ["DataError", "DatasetSpec", "Split", "DataModule", "prepare"]
 
 
 def prepare(cfg: Config, progress: bool = False) -> dict:
@@ -63,17 +42,15 @@ def prepare(cfg: Config, progress: bool = False) -> dict:
 
 def _prepare(cfg: Config, progress: bool) -> dict:
     t0 = time.perf_counter()
-    source = make_source(cfg)
+    dataset = DATASETS.get(cfg.data.name)
+    source = dataset.source(cfg)
     info: dict[str, Any] = {"name": cfg.data.name, "seed": cfg.seed}
     if isinstance(source, RecordSource):
         return build_cache(source, cfg.data.prepared_dir, cfg.data.workers, cfg.data.max_bad_fraction, info,
                            progress=progress)
     splits = source.generate()
     spec = source.spec()
-    if cfg.data.name == "synthetic":
-        info["synthetic"] = cfg.data.synthetic.model_dump(mode="json")
-    else:
-        info["path"] = str(cfg.data.path)
+    info.update(dataset.describe(cfg))
     out = write_prepared(cfg.data.prepared_dir, spec, splits, info)
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     return {

@@ -21,14 +21,16 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedcmi.data.faults import SampleFaults
+from fedcmi.errors import FedcmiError
 from fedcmi.io import read_json, write_json
 
 SPLITS = ("train", "test")
@@ -38,7 +40,7 @@ FORMAT = "fedcmi-prepared/2"
 DTYPES = ("float32", "uint8", "int64")
 
 
-class DataError(ValueError):
+class DataError(FedcmiError, ValueError):
     """Data that is missing or not in the expected layout."""
 
 
@@ -75,7 +77,7 @@ class DatasetSpec:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping) -> "DatasetSpec":
+    def from_json(cls, d: Mapping) -> DatasetSpec:
         return cls(
             modalities=tuple(d["modalities"]),
             shapes={k: tuple(v) for k, v in d["shapes"].items()},
@@ -313,7 +315,7 @@ class PreparedWriter:
                     raise
             self.arrays[split] = arrs
 
-    def __enter__(self) -> "PreparedWriter":
+    def __enter__(self) -> PreparedWriter:
         return self
 
     def __exit__(self, *exc) -> None:

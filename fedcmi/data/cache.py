@@ -14,23 +14,46 @@ import multiprocessing as mp
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any
 
 import numpy as np
+from pydantic import Field, model_validator
 
+from fedcmi.config import Float, Int, Section
 from fedcmi.data.base import DataError, DatasetSpec, PreparedWriter
 from fedcmi.data.media import MediaError, spectrogram_shape
 from fedcmi.data.text import TextError
 
-if TYPE_CHECKING:
-    from fedcmi.config import AudioVisualConfig
-
 IMAGENET_NORM = {"scale": 1.0 / 255.0, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
-def audio_visual_spec(cfg: "AudioVisualConfig", classes: tuple[str, ...]) -> DatasetSpec:
+class AudioVisualOptions(Section):
+    """Audio to a log spectrogram, frames picked evenly: what CREMA-D and AVE share."""
+
+    sample_rate: Int = Field(16000, ge=1000, le=192000, description="audio is resampled to this rate")
+    audio_seconds: Float = Field(3.0, gt=0, le=600, description="audio tiled (short clips) and cut to this length")
+    nperseg: Int = Field(512, ge=16, le=8192, description="spectrogram window (scipy.signal.spectrogram)")
+    noverlap: Int = Field(353, ge=0, description="spectrogram window overlap; below nperseg")
+    frames: Int = Field(1, ge=1, le=64, description="frames per clip, picked evenly from the sorted frame list")
+    frame_size: Int = Field(224, ge=8, le=1024, description="frames resized to frame_size x frame_size")
+    fps: Int = Field(1, ge=1, le=60, description="frames per second when frames are taken from the videos")
+    audio_dir: str = "AudioWAV"
+    frames_dir: str = "Image-01-FPS"
+    video_dir: str = "VideoFlash"
+
+    @model_validator(mode="after")
+    def _overlap(self) -> AudioVisualOptions:
+        if self.noverlap >= self.nperseg:
+            raise ValueError(f"noverlap ({self.noverlap}) must be below nperseg ({self.nperseg})")
+        if int(self.audio_seconds * self.sample_rate) < self.nperseg:
+            raise ValueError("audio_seconds * sample_rate must hold at least one spectrogram window (nperseg)")
+        return self
+
+
+def audio_visual_spec(cfg: AudioVisualOptions, classes: tuple[str, ...]) -> DatasetSpec:
     """An audio-visual dataset's spec: a log spectrogram, and uint8 frames normalised as ImageNet's."""
     return DatasetSpec(
         ("audio", "visual"),
@@ -143,7 +166,7 @@ def build_cache(source: RecordSource, out_dir: Path, workers: int = 0, max_bad_f
             for split, recs in records.items():
                 results: Iterator = (pool.imap(_decode_in_worker, recs, chunksize=4) if pool
                                      else (_decode_with(source, r) for r in recs))
-                for rec, out in zip(recs, results):
+                for rec, out in zip(recs, results, strict=True):
                     if isinstance(out, str):
                         skipped.append(Skipped(split, rec.key, out))
                         check()

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
+
+from fedcmi.errors import FedcmiError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
-class MediaError(ValueError):
+class MediaError(FedcmiError, ValueError):
     """A file that cannot be decoded; the sample is skipped and reported."""
 
 
@@ -110,7 +112,8 @@ def sorted_images(folder: Path) -> list[Path]:
     """The image files of ``folder`` in natural order (never the file system's listing order)."""
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: natural_key(p.name))
+    images = (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(images, key=lambda p: natural_key(p.name))
 
 
 def pick_evenly(n: int, k: int) -> list[int]:

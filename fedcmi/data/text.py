@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
+
+from fedcmi.errors import FedcmiError
 
 PAD, UNK = 0, 1
 _URL = re.compile(r"https?://\S+|www\.\S+")
@@ -23,7 +25,7 @@ _HANDLE = re.compile(r"@\w+")
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|#[a-z0-9_]+")
 
 
-class TextError(ValueError):
+class TextError(FedcmiError, ValueError):
     """A vocabulary or vectors file that cannot be used."""
 
 
@@ -46,7 +48,7 @@ class Vocabulary:
         self.index = {t: i for i, t in enumerate(self.tokens)}
 
     @classmethod
-    def build(cls, texts: Iterable[str], min_count: int, max_size: int) -> "Vocabulary":
+    def build(cls, texts: Iterable[str], min_count: int, max_size: int) -> Vocabulary:
         counts = Counter(t for text in texts for t in tokenize(text))
         kept = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
         return cls(kept[: max(max_size - 2, 0)])

@@ -13,8 +13,10 @@ import math
 import torch
 from torch import nn
 
+from fedcmi.errors import FedcmiError
 
-class EncoderError(ValueError):
+
+class EncoderError(FedcmiError, ValueError):
     """An encoder kind that does not fit its modality's shape."""
 
 

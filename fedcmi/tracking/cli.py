@@ -8,16 +8,20 @@ import math
 from pathlib import Path
 
 from fedcmi.config import Config, ConfigError
+from fedcmi.errors import CommandError
 
 
 def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
+    # MLflow and torch load only when this command runs, not when the command line is built
     from fedcmi.io import JsonFileError, read_json, write_json
-    from fedcmi.tracking import data_hash, read_run_info, register_model
+    from fedcmi.tracking.inputs import data_hash
+    from fedcmi.tracking.model_registry import register_model
+    from fedcmi.tracking.run import RUN_INFO, read_run_info
 
     train_dir = cfg.output.dir / "train"
-    info_path = train_dir / "mlflow_run.json"
+    info_path = train_dir / RUN_INFO
     if not info_path.is_file():
-        raise FileNotFoundError(f"{info_path} not found: run `fedcmi train` with tracking enabled first")
+        raise CommandError(f"{info_path} not found: run `fedcmi train` with tracking enabled first")
     info = read_run_info(info_path)
     if not cfg.tracking.enabled or not info.get("run_id"):
         result = {"skipped": "tracking is disabled (tracking.enabled=false): nothing to register"}
@@ -26,7 +30,7 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
         print(result["skipped"])
         return 0
     if not info.get("model_uri"):
-        raise FileNotFoundError(f"the training run {info['run_id']} has no logged model (tracking failed: "
+        raise CommandError(f"the training run {info['run_id']} has no logged model (tracking failed: "
                                 f"{info.get('errors')})")
     metrics_file = Path(args.metrics) if args.metrics else cfg.output.dir / "eval" / "metrics.json"
     metrics = read_json(metrics_file, expect=dict)

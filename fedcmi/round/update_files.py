@@ -10,19 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedcmi.algorithms.aggregation import ClientUpdate, UpdateRejected, pack_update, unpack_tensors
 from fedcmi.io import ModelFileError, is_int, load_state, read_state_meta, save_state
+from fedcmi.round.update import ClientFailed, ClientUpdate, UpdateRejected, pack_update, unpack_tensors
 
 MAX_REASON = 2000
 
 
-class ClientFailed(RuntimeError):
-    """A client's training that failed where it ran (another process or pod); carries the reason."""
-
-
-def write_update(path: Path, rnd: int, cid: int, update: ClientUpdate | None, failure: str | None = None) -> Path:
-    """Client ``cid``'s outcome of round ``rnd`` (0-based): its update, nothing to train (None), or a failure."""
-    meta: dict[str, Any] = {"round": rnd, "client_id": cid}
+def write_update(path: Path, round_no: int, cid: int, update: ClientUpdate | None, failure: str | None = None
+                 ) -> Path:
+    """Client ``cid``'s outcome of round ``round_no``: its update, nothing to train (None), or a failure."""
+    meta: dict[str, Any] = {"round": round_no, "client_id": cid}
     if failure is not None:
         return save_state(path, {}, {**meta, "kind": "failed", "reason": failure[:MAX_REASON]})
     if update is None:
@@ -37,8 +34,8 @@ def claimed_client(path: Path) -> int | None:
     return cid if is_int(cid) else None
 
 
-def read_update(path: str | Path, rnd: int, cid: int | None = None) -> ClientUpdate | None:
-    """The outcome in ``path`` for round ``rnd`` (and client ``cid`` when the file was named for it):
+def read_update(path: str | Path, round_no: int, cid: int | None = None) -> ClientUpdate | None:
+    """The outcome in ``path`` for round ``round_no`` (and client ``cid`` when the file was named for it):
     an update, None for nothing to train; :class:`ClientFailed` for a failure record."""
     path = Path(path)
     who = f"client {cid}" if cid is not None else path.name
@@ -53,9 +50,8 @@ def read_update(path: str | Path, rnd: int, cid: int | None = None) -> ClientUpd
         raise UpdateRejected(f"{who}: {path.name} carries client id {owner}")
     who = f"client {owner}"
     r = meta.get("round")
-    if not is_int(r) or r != rnd:
-        shown = r + 1 if is_int(r) else repr(r)
-        raise UpdateRejected(f"{who}: the file is from round {shown}, this is round {rnd + 1}")
+    if not is_int(r) or r != round_no:
+        raise UpdateRejected(f"{who}: the file is from round {r!r}, this is round {round_no}")
     kind = meta.get("kind")
     if kind == "failed":
         raise ClientFailed(str(meta.get("reason", f"{who}: training failed"))[:MAX_REASON])

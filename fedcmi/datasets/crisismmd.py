@@ -19,15 +19,17 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
-from fedcmi.config import CrisisMMDConfig
+from fedcmi.config import Config, Int, Section
 from fedcmi.data.base import DataError, DatasetSpec
 from fedcmi.data.cache import IMAGENET_NORM, Record, RecordSource, Skipped
 from fedcmi.data.media import MediaError, load_image
 from fedcmi.data.text import Vocabulary, WordVectors, tokenize
+from fedcmi.datasets.base import Dataset
 
 CLASSES = {
     "informative": ("informative", "not_informative"),
@@ -40,8 +42,27 @@ SPLIT_FILES = {"train": "train", "val": "dev", "test": "test"}
 COLUMNS = ("tweet_text", "image")
 
 
+class CrisisMMDOptions(Section):
+    """CrisisMMD v2.0: tweet image + text, the informative (2) or humanitarian (8) task."""
+
+    task: Literal["informative", "humanitarian"] = "informative"
+    split_dir: str = "crisismmd_datasplit_all"
+    label_column: Literal["label", "label_text", "label_image", "label_text_image"] = "label"
+    merge_humanitarian: bool = Field(False, description="fold injured/dead and missing/found into "
+                                     "affected_individuals: 6 classes instead of 8")
+    image_size: Int = Field(224, ge=8, le=1024)
+    text: Literal["vocab", "vectors"] = Field(
+        "vocab", description="vocab: token ids over a vocabulary from the training split, for the trainable "
+        "'text' encoder; vectors: the mean of pretrained word vectors (text_model), for the 'mlp' encoder")
+    max_tokens: Int = Field(48, ge=1, le=1024)
+    min_token_count: Int = Field(2, ge=1, description="training-split count a token needs to enter the vocabulary")
+    max_vocab: Int = Field(20000, ge=10)
+    text_model: Path | None = Field(None, description="word vectors stored locally, one 'word v1 v2 ...' per line "
+                                       "(GloVe, word2vec or fastText text format), for text: vectors")
+
+
 class CrisisMMDSource(RecordSource):
-    def __init__(self, root: Path, cfg: CrisisMMDConfig) -> None:
+    def __init__(self, root: Path, cfg: CrisisMMDOptions) -> None:
         self.root, self.cfg = Path(root), cfg
         self.layout = (f"  {self.root}/{cfg.split_dir}/task_{cfg.task}_text_img_{{train,dev,test}}.tsv "
                        f"(columns including {', '.join(COLUMNS)}, {cfg.label_column})\n"
@@ -108,7 +129,8 @@ class CrisisMMDSource(RecordSource):
     def spec(self) -> DatasetSpec:
         s = self.cfg.image_size
         if self.vocab is not None:
-            text_shape, dtypes, vocab = (self.cfg.max_tokens,), {"image": "uint8", "text": "int64"}, {"text": len(self.vocab)}
+            text_shape, dtypes = (self.cfg.max_tokens,), {"image": "uint8", "text": "int64"}
+            vocab = {"text": len(self.vocab)}
         else:
             assert self.vectors is not None, "call records() first"
             text_shape, dtypes, vocab = (self.vectors.dim,), {"image": "uint8"}, {}
@@ -124,3 +146,15 @@ class CrisisMMDSource(RecordSource):
     def extra_files(self) -> dict:
         """The vocabulary travels with the cache: new tweets must be encoded with the same ids."""
         return {"vocabulary_text.json": self.vocab.tokens} if self.vocab is not None else {}
+
+
+class CrisisMMD(Dataset):
+    """CrisisMMD v2.0: tweet image + text, the informative or humanitarian task (``data.crisismmd``)."""
+
+    name = "crisismmd"
+    Options = CrisisMMDOptions
+    modalities = ("image", "text")
+
+    @classmethod
+    def source(cls, cfg: Config) -> CrisisMMDSource:
+        return CrisisMMDSource(cfg.data.path, cfg.data.options(CrisisMMDOptions))

@@ -18,16 +18,38 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field
 
-from fedcmi.config import AVEConfig
+from fedcmi.config import Config, Float, Int
 from fedcmi.data.base import DataError, DatasetSpec
-from fedcmi.data.cache import Record, RecordSource, Skipped, audio_visual_spec
-from fedcmi.data.media import (MediaError, audio_features, load_frames, read_wav, sorted_images,
-                               video_audio, video_frames)
+from fedcmi.data.cache import AudioVisualOptions, Record, RecordSource, Skipped, audio_visual_spec
+from fedcmi.data.media import (
+    MediaError,
+    audio_features,
+    load_frames,
+    read_wav,
+    sorted_images,
+    video_audio,
+    video_frames,
+)
+from fedcmi.datasets.base import Dataset
+
+
+class AVEOptions(AudioVisualOptions):
+    """AVE: 28 event classes; audio and frames inside each annotated event segment."""
+
+    audio_seconds: Float = Field(10.0, gt=0, le=600)
+    frames: Int = Field(4, ge=1, le=64)
+    audio_dir: str = "audio"
+    frames_dir: str = "frames"
+    video_dir: str = "AVE"
+    train_list: str = "trainSet.txt"
+    val_list: str = "valSet.txt"
+    test_list: str = "testSet.txt"
 
 
 class AVESource(RecordSource):
-    def __init__(self, root: Path, cfg: AVEConfig) -> None:
+    def __init__(self, root: Path, cfg: AVEOptions) -> None:
         self.root, self.cfg = Path(root), cfg
         c = cfg
         self.layout = (f"  {self.root}/{c.train_list}, {c.val_list}, {c.test_list}: rows "
@@ -111,3 +133,15 @@ class AVESource(RecordSource):
 
     def info(self) -> dict:
         return {"root": str(self.root), "ave": self.cfg.model_dump(mode="json")}
+
+
+class AVE(Dataset):
+    """AVE: 28 audio-visual event classes, audio and frames inside each annotated segment (``data.ave``)."""
+
+    name = "ave"
+    Options = AVEOptions
+    modalities = ("audio", "visual")
+
+    @classmethod
+    def source(cls, cfg: Config) -> AVESource:
+        return AVESource(cfg.data.path, cfg.data.options(AVEOptions))

@@ -15,14 +15,27 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from fedcmi.config import CremaDConfig
+from fedcmi.config import Config, Float
 from fedcmi.data.base import DataError, DatasetSpec
-from fedcmi.data.cache import Record, RecordSource, Skipped, audio_visual_spec
-from fedcmi.data.media import (MediaError, audio_features, load_frames, read_wav, sorted_images,
-                               video_frames)
+from fedcmi.data.cache import AudioVisualOptions, Record, RecordSource, Skipped, audio_visual_spec
+from fedcmi.data.media import MediaError, audio_features, load_frames, read_wav, sorted_images, video_frames
+from fedcmi.datasets.base import Dataset
+
+
+class CremaDOptions(AudioVisualOptions):
+    """CREMA-D: 6 emotions from the clip names; the common split lists or a seeded split by speaker."""
+
+    split: Literal["lists", "speakers"] = "lists"
+    train_list: str = "train.csv"
+    test_list: str = "test.csv"
+    test_speakers: Float = Field(0.1, gt=0, lt=1, description="fraction of actors held out (split: speakers)")
+    val_fraction: Float = Field(0.0, ge=0, lt=0.5, description="of the training actors, held out as validation")
+
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
 
@@ -37,7 +50,7 @@ def clip_actor(clip: str) -> str:
 
 
 class CremaDSource(RecordSource):
-    def __init__(self, root: Path, cfg: CremaDConfig, seed: int) -> None:
+    def __init__(self, root: Path, cfg: CremaDOptions, seed: int) -> None:
         self.root, self.cfg, self.seed = Path(root), cfg, seed
         c = cfg
         self.layout = (f"  {self.root}/{c.audio_dir}/<clip>.wav\n"
@@ -125,3 +138,15 @@ class CremaDSource(RecordSource):
 
     def info(self) -> dict:
         return {"root": str(self.root), "cremad": self.cfg.model_dump(mode="json")}
+
+
+class CremaD(Dataset):
+    """CREMA-D: audio + video of actors speaking with one of 6 emotions (``data.cremad``)."""
+
+    name = "cremad"
+    Options = CremaDOptions
+    modalities = ("audio", "visual")
+
+    @classmethod
+    def source(cls, cfg: Config) -> CremaDSource:
+        return CremaDSource(cfg.data.path, cfg.data.options(CremaDOptions), cfg.seed)

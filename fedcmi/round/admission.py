@@ -7,60 +7,52 @@ path, with a reason that names it, and never reaches the global model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from fedcmi.algorithms.aggregation import (
-    ClientUpdate,
-    RunawayUpdate,
-    UpdateRejected,
-    change_norm,
-    check_update,
-    clip_change,
-    state_norm,
-)
-from fedcmi.algorithms.base import Strategy
-from fedcmi.config import ServerConfig
 from fedcmi.partition import Partition
+from fedcmi.round.stage import Stage
+from fedcmi.round.update import ClientUpdate, RunawayUpdate, UpdateRejected, change_norm, check_update, state_norm
 
 
-@dataclass
-class Admission:
-    """The checks of one round: sampled clients, once each, within their shard, within the change bound."""
+class Admission(Stage):
+    """The checks of one round: sampled clients, once each, within their shard, within the change bound
+    (``max_change_ratio`` times max(1, the global model's norm))."""
 
-    rnd: int
-    sampled: frozenset[int]
-    partition: Partition
-    strategy: Strategy
-    server: ServerConfig
-    global_state: Mapping[str, torch.Tensor]
-    seen: set[int] = field(default_factory=set)
-    clipped: list[int] = field(default_factory=list)
+    name = "admission"
 
-    def __post_init__(self) -> None:
-        self.bound = self.server.max_change_ratio * max(1.0, state_norm(self.global_state))
+    def __init__(self, round_no: int, sampled: Sequence[int], partition: Partition,
+                 trains: Callable[[Sequence[str]], bool], algorithm: str, max_change_ratio: float,
+                 global_state: Mapping[str, torch.Tensor]) -> None:
+        self.round_no = round_no
+        self.sampled = frozenset(sampled)
+        self.partition = partition
+        self.trains = trains
+        self.algorithm = algorithm
+        self.ratio = max_change_ratio
+        self.global_state = global_state
+        self.seen: set[int] = set()
+        self.bound = max_change_ratio * max(1.0, state_norm(global_state))
 
     def _once(self, cid: int) -> None:
         if cid not in self.sampled:
-            raise UpdateRejected(f"client {cid} was not sampled in round {self.rnd + 1} "
+            raise UpdateRejected(f"client {cid} was not sampled in round {self.round_no} "
                                  f"(sampled: {sorted(self.sampled)})")
         if cid in self.seen:
-            raise UpdateRejected(f"client {cid} sent more than one update in round {self.rnd + 1}")
+            raise UpdateRejected(f"client {cid} sent more than one update in round {self.round_no}")
         self.seen.add(cid)
 
     def idle(self, cid: int) -> None:
         """A client that reports nothing to train: true only when the algorithm gives it nothing."""
         self._once(cid)
         mods = self.partition.client(cid).modalities
-        if self.strategy.participates(mods):
+        if self.trains(mods):
             raise UpdateRejected(f"client {cid} reported nothing to train, but it holds {'+'.join(mods)}, "
-                                 f"which {self.strategy.name} trains")
+                                 f"which {self.algorithm} trains")
 
     def admit(self, cid: int, update: ClientUpdate) -> ClientUpdate:
-        """``update`` as it may be combined (clipped when ``server.clip_norm`` says so), or
-        :class:`UpdateRejected` with the reason."""
+        """``update``, sent for client ``cid``, checked (its change measured into ``update.change``)."""
         self._once(cid)
         if update.client_id != cid:
             raise UpdateRejected(f"the update sent for client {cid} carries client id {update.client_id}")
@@ -76,10 +68,6 @@ class Admission:
         if not norm <= self.bound:
             raise RunawayUpdate(
                 f"client {cid}: its change has L2 norm {norm:.4g}, above the bound {self.bound:.4g} "
-                f"(server.max_change_ratio {self.server.max_change_ratio:g} x max(1, norm of the global model))")
-        clip = self.server.clip_norm
-        if clip is not None and norm > clip:
-            self.clipped.append(cid)
-            return clip_change(self.global_state, update, clip, norm)
+                f"(server.max_change_ratio {self.ratio:g} x max(1, norm of the global model))")
+        update.change = norm
         return update
-

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedcmi.data.base import DataError, DatasetSpec, Split, SPLITS
+from fedcmi.config import Config
+from fedcmi.data.base import SPLITS, DataError, DatasetSpec, Split
+from fedcmi.datasets.base import Dataset
 
 
 class NpzSource:
@@ -120,3 +122,14 @@ class NpzSource:
         if not hasattr(self, "_spec"):
             self.generate()
         return self._spec
+
+
+class Npz(Dataset):
+    """Bring your own: ``train.npz`` / ``test.npz`` (and ``val.npz``) in ``data.path``, modalities named by
+    ``data.modalities``."""
+
+    name = "npz"
+
+    @classmethod
+    def source(cls, cfg: Config) -> NpzSource:
+        return NpzSource(cfg.data.path, cfg.data.modalities)

@@ -41,10 +41,64 @@ and modality; the strong modality shows the partner class on a fraction
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any, Literal
 
-from fedcmi.config import SyntheticConfig
+import numpy as np
+from pydantic import Field, field_validator
+
+from fedcmi.config import Config, Float, Int, Section
 from fedcmi.data.base import DatasetSpec, Split
+from fedcmi.datasets.base import Dataset
+
+
+class SyntheticOptions(Section):
+    """The embedded default dataset: an audio-like (strong) and a visual-like (weak) modality.
+
+    ``generator: latent`` (the default) draws both modalities from one per-sample
+    latent; ``templates`` is the first version's generator, kept so that its
+    figures can be reproduced (see this module's docstring).
+    """
+
+    generator: Literal["latent", "templates"] = "latent"
+    num_train: Int = Field(2400, ge=10)
+    num_test: Int = Field(600, ge=10)
+    num_val: Int = Field(600, ge=0, description="validation samples, for choosing settings; 0 for none")
+    num_classes: Int = Field(6, ge=2, le=64)
+    strong_modality: str = "audio"
+    spectrogram: tuple[int, int] = (16, 16)
+    frames: Int = Field(2, ge=1, le=16)
+    frame_size: Int = Field(16, ge=8, le=64)
+    strong_snr: Float = Field(4.0, gt=0, allow_inf_nan=False)
+    weak_snr: Float = Field(1.75, gt=0, allow_inf_nan=False)
+    strong_blind: Float = Field(
+        0.3, ge=0, le=1, description="latent: fraction of samples where the strong modality shows only the class "
+        "pair, not the class (its blind spot: uncertain between the two, never confidently wrong)")
+    intensity: tuple[float, float] = Field(
+        (0.5, 1.5), description="latent: range of the per-sample expression intensity that scales the class "
+        "evidence in both modalities at once")
+    weak_noise: tuple[float, float] = Field(
+        (0.5, 4.0), description="latent: range of the per-clip white-noise level of the weak modality (its "
+        "recording quality); a learned encoder filters it, a random one does not")
+    weak_clutter: Float = Field(
+        1.0, ge=0, le=100, allow_inf_nan=False, description="latent: strength of 8 fixed patterns that carry "
+        "no class information in the weak modality (a learned encoder tunes them out, a random one cannot)")
+    strong_confusion: Float = Field(
+        0.2, ge=0, lt=0.5, description="templates: fraction of samples where the strong modality shows the "
+        "partner class")
+
+    @field_validator("intensity", "weak_noise")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 <= v[0] <= v[1] < 100):
+            raise ValueError("must be [low, high] with 0 <= low <= high < 100")
+        return v
+
+    @field_validator("spectrogram")
+    @classmethod
+    def _spec_size(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 8 or max(v) > 512:
+            raise ValueError("each spectrogram side must be between 8 and 512")
+        return v
 
 
 def partner(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -107,7 +161,7 @@ def num_groups(num_classes: int) -> int:
     return (num_classes + 1) // 2
 
 
-def draw_latent(rng: np.random.Generator, labels: np.ndarray, cfg: SyntheticConfig) -> dict[str, np.ndarray]:
+def draw_latent(rng: np.random.Generator, labels: np.ndarray, cfg: SyntheticOptions) -> dict[str, np.ndarray]:
     """Per-sample template weights of the ``latent`` generator (see the module docstring).
 
     ``strong_class`` (N, K), ``strong_group`` (N, G) and ``weak`` (N, G + 2 + CLUTTER) are the
@@ -137,9 +191,9 @@ def draw_latent(rng: np.random.Generator, labels: np.ndarray, cfg: SyntheticConf
 
 
 class SyntheticSource:
-    """Generates the train and test splits from a :class:`SyntheticConfig`."""
+    """Generates the train and test splits from a :class:`SyntheticOptions`."""
 
-    def __init__(self, cfg: SyntheticConfig, modalities: tuple[str, str], seed: int) -> None:
+    def __init__(self, cfg: SyntheticOptions, modalities: tuple[str, str], seed: int) -> None:
         self.cfg = cfg
         self.modalities = modalities
         self.seed = seed
@@ -247,7 +301,7 @@ def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
     return np.squeeze(mx, axis) + np.log(np.exp(x - mx).sum(axis=axis))
 
 
-def bayes_accuracy(cfg: SyntheticConfig, n: int = 100_000, seed: int = 0) -> dict[str, float]:
+def bayes_accuracy(cfg: SyntheticOptions, n: int = 100_000, seed: int = 0) -> dict[str, float]:
     """Monte-Carlo accuracy of the ideal classifier per view, knowing the generator.
 
     Works on the template weights directly (jitter and white noise ignored),
@@ -287,7 +341,7 @@ def bayes_accuracy(cfg: SyntheticConfig, n: int = 100_000, seed: int = 0) -> dic
     }
 
 
-def _bayes_templates(cfg: SyntheticConfig, n: int, seed: int) -> dict[str, float]:
+def _bayes_templates(cfg: SyntheticOptions, n: int, seed: int) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     k = cfg.num_classes
     y = rng.integers(0, k, n)
@@ -314,3 +368,38 @@ def _bayes_templates(cfg: SyntheticConfig, n: int, seed: int) -> dict[str, float
         "weak": float((pw.argmax(1) == y).mean()),
         "multimodal": float(((ps * pw).argmax(1) == y).mean()),
     }
+
+
+#: Keys of ``data.synthetic`` that one generator reads and the other does not.
+GENERATOR_ONLY: dict[str, tuple[str, ...]] = {
+    "latent": ("strong_blind", "intensity", "weak_noise", "weak_clutter"),
+    "templates": ("strong_confusion",),
+}
+
+
+class Synthetic(Dataset):
+    """The embedded default: an audio-like (strong) and a visual-like (weak) modality, generated from the
+    seed (``data.synthetic``)."""
+
+    name = "synthetic"
+    Options = SyntheticOptions
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        super().check(cfg)
+        opts = cfg.data.options(SyntheticOptions)
+        if opts.strong_modality not in cfg.data.modalities:
+            raise ValueError(f"data.synthetic.strong_modality must be one of {list(cfg.data.modalities)}")
+
+    @classmethod
+    def unused_settings(cls, cfg: Config) -> set[str]:
+        other = "templates" if cfg.data.options(SyntheticOptions).generator == "latent" else "latent"
+        return {f"data.synthetic.{key}" for key in GENERATOR_ONLY[other]}
+
+    @classmethod
+    def source(cls, cfg: Config) -> SyntheticSource:
+        return SyntheticSource(cfg.data.options(SyntheticOptions), cfg.data.modalities, cfg.seed)
+
+    @classmethod
+    def describe(cls, cfg: Config) -> dict[str, Any]:
+        return {"synthetic": cfg.data.options(SyntheticOptions).model_dump(mode="json")}

@@ -1,47 +1,50 @@
-"""A federation run by separate workers, step by step, through a store on disk.
+"""A federation run by separate processes, step by step, around a store on disk.
 
-A pipeline (Kubeflow or any other) runs a federation as these steps, each in a
-process of its own, in the project root of the data volume (the folder that
-holds ``data.prepared_dir`` and ``partition.file``, as after ``dvc repro``):
+A pipeline (Kubeflow or any other) runs a federation as these steps, each in a process of its own, in
+the project root of the data volume (the folder that holds ``data.prepared_dir`` and ``partition.file``,
+as after ``dvc repro``):
 
-- :func:`begin`: the global model to continue from (the store's last committed
-  round, or the seeded initial model) and the round it stands at.
-- :func:`train_worker`: one worker's share of a round's clients
-  (:meth:`RoundPolicy.clients_of_worker`). Reads only those clients' rows of the
-  memory-mapped train split. A client whose training fails becomes a failure
-  record, not a failed worker, so the round rejects it as the engine does.
-- :func:`conclude`: folds the workers' updates in client order with
-  :meth:`RoundPolicy.conclude`, evaluates on the test split when the schedule
-  says so, and commits the round to the store's :class:`Ledger`; a repeated
-  call for a committed round (a retried pod) returns what was committed.
+- :func:`begin`: the global model to continue from (the store's last committed round, or the seeded
+  initial model) and the number of rounds committed.
+- :func:`train_worker`: one worker's share of a round's clients (:meth:`Schedule.clients_of_worker`).
+  Reads only those clients' rows of the memory-mapped train split. A client whose training fails becomes a
+  failure record, not a failed worker, so the round rejects it as the engine does.
+- :func:`conclude`: :func:`~fedcmi.round.close.close_round` over the workers' files; a repeated call for a
+  committed round (a retried pod) returns what was committed.
 - :func:`finish`: the final model and evaluation once every round is committed.
 
-The store is the engine's checkpoint folder (same format, same fingerprint), so
-a federation survives the loss of any worker, run or driver, resumes after its
-last committed round, and ends with the model the in-process engine gives.
+The store holds the federation's ledger (the engine's checkpoint format and fingerprint), so a federation
+survives the loss of any worker, run or driver, resumes after its last committed round, and ends with the
+model the in-process engine gives.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
-from fedcmi.algorithms.aggregation import StateDict, model_state
-from fedcmi.checkpoint import STATE_FILE, Checkpointer
+from fedcmi.checkpoint import STATE_FILE
 from fedcmi.config import Config
 from fedcmi.data import DataModule
 from fedcmi.divergence import Diverged
-from fedcmi.engine import make_ledger
-from fedcmi.evaluation import report_order
+from fedcmi.errors import FedcmiError
 from fedcmi.federation import Federation
 from fedcmi.io import load_state, read_json, save_state, write_json
 from fedcmi.locks import exclusive, inside
+from fedcmi.metrics import Evaluation
+from fedcmi.outputs import HISTORY, METRICS, write_metrics
 from fedcmi.partition import load_partition
-from fedcmi.rounds import ForeignCheckpoint, Ledger, RoundPolicy, failure_reason
-from fedcmi.update_files import read_update, write_update
+from fedcmi.round.close import close_round, final_evaluation
+from fedcmi.round.ledger import ForeignCheckpoint, Ledger, checkpoint_folder
+from fedcmi.round.outcomes import client_outcomes
+from fedcmi.round.record import RoundRecord
+from fedcmi.round.schedule import Schedule
+from fedcmi.round.sinks import MetricSink
+from fedcmi.round.update import StateDict, failure_reason, model_state
+from fedcmi.round.update_files import read_update, write_update
 from fedcmi.workers import ClientWorkers, resolve_workers
 
 log = logging.getLogger("fedcmi")
@@ -50,7 +53,7 @@ DIVERGED = "diverged.json"  # a federation the divergence guard stopped: no late
 MODEL = "model.safetensors"  # the final global model, once the federation is complete
 
 
-class StoreError(RuntimeError):
+class StoreError(FedcmiError, RuntimeError):
     """A store that holds another federation, or is behind the round a step was asked for."""
 
 
@@ -80,15 +83,11 @@ def _federation(cfg: Config) -> Federation:
     return Federation(cfg, DataModule(cfg.data.prepared_dir), load_partition(cfg.partition.file))
 
 
-def checkpoints(store: Path) -> Path:
-    return Path(store) / "checkpoints"
-
-
 def _ledger(cfg: Config, store: Path, fed: Federation) -> tuple[Ledger, StateDict | None]:
     """The store's ledger, opened; refuses a store that another federation (other settings or data) wrote."""
-    folder = checkpoints(store)
+    folder = checkpoint_folder(store)
     folder.mkdir(parents=True, exist_ok=True)
-    ledger = make_ledger(cfg, folder, fed.data)
+    ledger = Ledger.of(cfg, folder, fed.data)
     try:  # a store is continued when it has a checkpoint, and never restarted over another federation's
         state = ledger.open("must" if (folder / STATE_FILE).is_file() else "auto", cfg.federation.rounds)
     except ForeignCheckpoint:
@@ -115,19 +114,19 @@ def begin(cfg: Config, store: Path, out: Path) -> int:
     return ledger.completed
 
 
-def _client_file(cid: int) -> str:
+def client_file(cid: int) -> str:
     return f"client_{cid:05d}.safetensors"
 
 
-def train_worker(cfg: Config, global_model: Path, rnd: int, worker: int, per_worker: int, out_dir: Path,
+def train_worker(cfg: Config, global_model: Path, round_no: int, worker: int, per_worker: int, out_dir: Path,
                  progress: Callable[[str], None] = print) -> list[int]:
-    """Train worker ``worker``'s clients of round ``rnd`` from ``global_model``; one file per client in
+    """Train worker ``worker``'s clients of round ``round_no`` from ``global_model``; one file per client in
     ``out_dir`` (an update, a ``skipped`` marker, or a ``failed`` record with the reason). Returns the clients.
     Each client's outcome is printed; a failure is also handed to ``progress``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    policy = RoundPolicy(cfg)
-    mine = policy.clients_of_worker(rnd, worker, per_worker) if rnd < cfg.federation.rounds else []
+    schedule = Schedule(cfg)
+    mine = schedule.clients_of_worker(round_no, worker, per_worker) if round_no <= schedule.rounds else []
     if not mine:
         return []
     fed = _federation(cfg)
@@ -136,22 +135,22 @@ def train_worker(cfg: Config, global_model: Path, rnd: int, worker: int, per_wor
     pool = ClientWorkers(cfg, n) if n > 1 else None
     t0 = time.perf_counter()
     try:
-        for cid, produce in fed.outcomes(state, mine, rnd, pool):
-            path = out_dir / _client_file(cid)
+        for cid, produce in client_outcomes(fed, state, mine, round_no, pool):
+            path = out_dir / client_file(cid)
             try:
                 update = produce()
             except Exception as exc:  # the round rejects it, exactly as the engine does; the worker goes on
                 reason = failure_reason(cid, exc)
-                log.warning("round %d: %s", rnd + 1, reason)
-                write_update(path, rnd, cid, None, failure=reason)
-                progress(f"round {rnd + 1}: client {cid} failed: {reason}")
+                log.warning("round %d: %s", round_no, reason)
+                write_update(path, round_no, cid, None, failure=reason)
+                progress(f"round {round_no}: client {cid} failed: {reason}")
                 continue
-            write_update(path, rnd, cid, update)
+            write_update(path, round_no, cid, update)
             if update is None:
-                print(f"round {rnd + 1}: client {cid} has nothing to train")
+                print(f"round {round_no}: client {cid} has nothing to train")
                 continue
             loss = update.metrics.get("loss")
-            print(f"round {rnd + 1}: client {cid} trained, {time.perf_counter() - t0:.1f} s into the step"
+            print(f"round {round_no}: client {cid} trained, {time.perf_counter() - t0:.1f} s into the step"
                   + (f" ({n} workers)" if pool else "")
                   + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""))
     finally:
@@ -160,7 +159,7 @@ def train_worker(cfg: Config, global_model: Path, rnd: int, worker: int, per_wor
     return mine
 
 
-def _worker_files(worker_dirs: list[Path]) -> dict[int, list[Path]]:
+def _worker_files(worker_dirs: Sequence[Path]) -> dict[int, list[Path]]:
     """The workers' client files by the client id in their names (a name without one is kept under -1)."""
     files: dict[int, list[Path]] = {}
     for d in worker_dirs:
@@ -170,79 +169,86 @@ def _worker_files(worker_dirs: list[Path]) -> dict[int, list[Path]]:
     return files
 
 
-def conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: list[Path], rnd: int, out: Path,
-             on_round: Callable[[dict], None] | None = None) -> dict | None:
-    """Aggregate round ``rnd`` from the workers' files, evaluate it when scheduled, commit it to the store
-    and write the new global model to ``out``. Returns the round's record; None past the last round."""
-    if rnd >= cfg.federation.rounds:
-        save_state(out, load_state(global_model)[0], {"kind": "global", "round": rnd})
+def conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: Sequence[Path], round_no: int, out: Path,
+             sinks: Sequence[MetricSink] = ()) -> RoundRecord | None:
+    """Close round ``round_no`` from the workers' files, commit it to the store and write the new global
+    model to ``out``. Returns the round's record; None past the last round."""
+    if round_no > cfg.federation.rounds:
+        save_state(out, load_state(global_model)[0], {"kind": "global", "round": round_no - 1})
         return None
     with exclusive(inside(store), f"the federation store {store}"):  # one committer, even if a pod is retried
-        return _conclude(cfg, store, global_model, worker_dirs, rnd, out, on_round)
+        return _conclude(cfg, store, global_model, worker_dirs, round_no, out, sinks)
 
 
-def _conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: list[Path], rnd: int, out: Path,
-              on_round: Callable[[dict], None] | None) -> dict | None:
+def _conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: Sequence[Path], round_no: int, out: Path,
+              sinks: Sequence[MetricSink]) -> RoundRecord | None:
     t0 = time.perf_counter()
     _check_alive(store)
     fed = _federation(cfg)
     ledger, committed = _ledger(cfg, store, fed)
-    if ledger.completed == rnd + 1 and committed is not None:  # a retried step: the round is already in
-        if rnd + 1 == cfg.federation.rounds and (Path(store) / FINAL).is_file():
-            ledger.finish(read_json(Path(store) / FINAL)["metrics"]["mm_acc"])
-        save_state(out, committed, {"kind": "global", "round": rnd + 1})
+    last = round_no == cfg.federation.rounds
+    if ledger.completed == round_no and committed is not None:  # a retried step: the round is already in
+        if last and (Path(store) / FINAL).is_file():
+            ledger.finish(_read_final(store).mm_acc)
+        save_state(out, committed, {"kind": "global", "round": round_no})
         return ledger.history[-1]
-    if ledger.completed != rnd:
-        raise StoreError(f"the store {store} has {ledger.completed} rounds committed; round {rnd + 1} cannot "
+    if ledger.completed != round_no - 1:
+        raise StoreError(f"the store {store} has {ledger.completed} rounds committed; round {round_no} cannot "
                          "be concluded now (was another run writing to it?)")
     state, _ = load_state(global_model)
-    policy = fed.policy
     files = _worker_files(worker_dirs)
-    expected = policy.clients(rnd)
+    expected = Schedule(cfg).clients(round_no)
     if sorted(files) != expected or any(len(v) > 1 for v in files.values()):
-        raise StoreError(f"round {rnd + 1}: the workers returned files for clients "
+        raise StoreError(f"round {round_no}: the workers returned files for clients "
                          f"{sorted(c for c, v in files.items() for _ in v)}, expected {expected}")
     try:
-        producers = [(cid, partial(read_update, files[cid][0], rnd, cid)) for cid in expected]
-        res = policy.conclude(fed.strategy, fed.model, state, producers, rnd, fed.partition)
-        res.clients = expected
-        ev = fed.evaluate(res.state, probe=policy.probes(rnd)) if policy.evaluates(rnd) else None
-        rec = policy.record(rnd, res, ev.metrics if ev else None, time.perf_counter() - t0)
-        ledger.commit(res.state, rec, on_round)
-        if rnd + 1 == cfg.federation.rounds and ev is not None:
-            write_json(Path(store) / FINAL, {"metrics": ev.metrics, "confusion": ev.confusion})
-            ledger.finish(ev.metrics["mm_acc"])  # as the engine: the last round is committed, the run still fails
+        outcomes = [(cid, partial(read_update, files[cid][0], round_no, cid)) for cid in expected]
+        closed = close_round(fed, state, expected, outcomes, round_no, ledger=ledger, sinks=sinks, started=t0,
+                             keep_final=partial(_write_final, store))
     except Diverged as exc:  # deterministic: no retry or later run may spend a GPU on it again
-        write_json(Path(store) / DIVERGED, {"round": rnd + 1, "reason": str(exc)})
+        write_json(Path(store) / DIVERGED, {"round": round_no, "reason": str(exc)})
         raise
-    save_state(out, res.state, {"kind": "global", "round": rnd + 1})
-    return rec
+    save_state(out, closed.state, {"kind": "global", "round": round_no})
+    return closed.record
+
+
+def _write_final(store: Path, ev: Evaluation) -> None:
+    write_json(Path(store) / FINAL, {"metrics": ev.flat(), "confusion": ev.confusion})
+
+
+def _read_final(store: Path) -> Evaluation:
+    raw = read_json(Path(store) / FINAL, expect=dict)
+    ev = Evaluation.from_flat(raw.get("metrics", {}))
+    if ev is None:
+        raise StoreError(f"{Path(store) / FINAL} is damaged (no mm_acc); remove it and run the finish step again")
+    ev.confusion = raw.get("confusion", [])
+    return ev
 
 
 def status(cfg: Config, store: Path) -> dict:
     """How far the federation in ``store`` is: rounds committed and whether it is complete."""
-    meta = Checkpointer(checkpoints(store), cfg.output.keep_checkpoints).load()
-    done = int(meta["completed_rounds"]) if meta else 0
+    done = Ledger.committed_in(checkpoint_folder(store))
     return {"completed_rounds": done, "rounds": cfg.federation.rounds, "complete": done >= cfg.federation.rounds}
 
 
-def finish(cfg: Config, store: Path, out_model: Path) -> dict | None:
-    """The final model (to ``out_model``), its metrics and confusion matrix, once every round is committed;
-    None while rounds remain."""
+def finish(cfg: Config, store: Path, out_model: Path, sinks: Sequence[MetricSink] = ()) -> Evaluation | None:
+    """The final model (to ``out_model`` and the store), its evaluation and the store's history and metrics
+    files, once every round is committed; None while rounds remain. ``sinks`` get the final evaluation."""
     fed = _federation(cfg)
     ledger, state = _ledger(cfg, store, fed)
     if ledger.completed < cfg.federation.rounds or state is None:
         return None
-    final_file = Path(store) / FINAL
-    final = read_json(final_file) if final_file.is_file() else None
-    if final is None:  # the last round was committed, and its step stopped before writing final.json
-        ev = fed.evaluate(state, probe=cfg.evaluation.linear_probe)
-        final = {"metrics": ev.metrics, "confusion": ev.confusion}
-        write_json(final_file, final)
+    if (Path(store) / FINAL).is_file():
+        final = _read_final(store)
+    else:  # the last round was committed, and its step stopped before writing final.json
+        final = final_evaluation(fed, ledger, state)
+        _write_final(store, final)
     meta = {"kind": "global", "round": cfg.federation.rounds, "algorithm": cfg.algorithm.name}
-    state = model_state(state)  # the server's state stays in the store's checkpoints
-    save_state(Path(store) / MODEL, state, meta)
-    save_state(out_model, state, meta)
-    write_json(Path(store) / "history.json", ledger.history)
-    write_json(Path(store) / "metrics.json", report_order(final["metrics"]), sort_keys=False)
-    return {**final, "history": ledger.history, "class_names": list(fed.data.spec.class_names)}
+    weights = model_state(state)  # the server's state stays in the store's checkpoints
+    save_state(Path(store) / MODEL, weights, meta)
+    save_state(out_model, weights, meta)
+    write_json(Path(store) / HISTORY, [r.to_json() for r in ledger.history])
+    write_metrics(Path(store) / METRICS, final)
+    for sink in sinks:
+        sink.log_final(final, ledger.history)
+    return final
