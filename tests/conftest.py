@@ -54,3 +54,25 @@ def tiny(tmp_path: Path):
         return cfg
 
     return make
+
+
+# The tiers: `pytest -m "not slow"` is the quick one (unit and fault tests, in-process); `slow` marks the
+# end-to-end tests: whole modules that run dvc, kfp.local, MLflow servers or plug-in packages mark
+# themselves (`pytestmark`), and the tests below, which start fedcmi processes or train to the end, are
+# marked here so the list of what the quick tier leaves out is in one place.
+SLOW = (
+    "test_cli.py::", "test_workers.py::", "test_concurrency.py::", "test_threads.py::", "test_damaged_files.py::",
+    "test_faults.py::test_kill_9", "test_faults.py::test_a_disk_that_fills", "test_faults.py::test_a_corrupt_file",
+    "test_faults.py::test_a_damaged_newest_checkpoint", "test_faults.py::test_a_round_without_enough",
+    "test_faults.py::test_a_crafted_pickle_given_to_the_command_line",
+    "test_engine.py::test_the_same_state_gives_the_same_bytes_in_every_process",
+    "test_divergence.py::test_the_cli_exits_3", "test_errors.py::test_a_new_users_mistakes",
+    "test_datasets.py::test_cremad_prepares", "test_datasets.py::test_ave_prepares",
+    "test_datasets.py::test_crisismmd_prepares", "test_data.py::test_npz_prepares_and_trains",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(s in item.nodeid for s in SLOW):
+            item.add_marker(pytest.mark.slow)
