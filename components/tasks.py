@@ -155,7 +155,7 @@ def finish_run(
     final = finish(cfg, Path(store), Path(model.path), sinks=[KfpMetrics(metrics, cfg.algorithm.name)])
     info = status(cfg, Path(store))
     if final is None:  # rounds remain: the next run continues; this one hands on its last model
-        save_state(model.path, *load_state(global_model.path))
+        save_state(model.path, *load_state(global_model.path, checked=True))
         print(f"[fedcmi] {info['completed_rounds']} of {info['rounds']} rounds committed; submit the next run to go on")
         return json.dumps(info)
     spec = DataModule(cfg.data.prepared_dir).spec

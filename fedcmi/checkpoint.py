@@ -149,7 +149,7 @@ class Checkpointer:
             if limit is not None and rnd > limit:
                 continue
             try:
-                state, meta = load_state(path)
+                state, meta = load_state(path, checked=True)
             except ModelFileError as exc:
                 problems.append(str(exc))
                 continue
@@ -174,10 +174,11 @@ class Checkpointer:
         prune this run's files older than the newest ``keep``."""
         name = f"round_{completed:05d}.safetensors"
         save_state(self.folder / name, state, {"kind": "global", "round": completed, "fingerprint": fingerprint,
-                                               "run_id": run_id, "history": history})
+                                               "run_id": run_id, "history": history}, owned=True)
+        # the folder is this run's (made and locked by it): a damaged index of its own is replaced
         write_json(self.folder / STATE_FILE,
                    {"format": ENGINE_FORMAT, "completed_rounds": completed, "model_file": name,
-                    "fingerprint": fingerprint, "run_id": run_id, "history": history})
+                    "fingerprint": fingerprint, "run_id": run_id, "history": history}, owned=True)
         mine = self._files(fingerprint, run_id)
         for rnd, path, _ in mine[self.keep:]:
             if path.name != name and rnd < completed:

@@ -53,7 +53,7 @@ def cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_partition(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.data import DataModule
-    from fedcmi.io import write_json
+    from fedcmi.io import check_replaceable, write_json
     from fedcmi.locks import beside, exclusive
     from fedcmi.partition import make_partition, save_partition
 
@@ -61,6 +61,8 @@ def cmd_partition(cfg: Config, args: argparse.Namespace) -> int:
     part = make_partition(cfg, dm.train.labels, dm.spec.modalities, dm.spec.num_classes)
     stats = part.stats()
     stats_path = Path(args.stats) if args.stats else cfg.partition.file.with_name("partition_stats.json")
+    for path, body in ((cfg.partition.file, part.to_json()), (stats_path, stats)):  # both or neither
+        check_replaceable(path, json.dumps(body).encode())
     with exclusive(beside(cfg.partition.file), f"the partition file {cfg.partition.file}"):
         save_partition(part, cfg.partition.file)
         write_json(stats_path, stats)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
-from pydantic_core import InitErrorDetails
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from fedcmi.errors import EXIT_USAGE, FedcmiError
 from fedcmi.metrics import headline_names
@@ -59,8 +60,10 @@ def validate_plugin_sections(section: BaseModel, registry: Registry, where: str)
         try:
             extra[key] = options.model_validate(raw)
         except ValidationError as err:
-            errors += [InitErrorDetails(type=e["type"], loc=(key, *e["loc"]), input=e["input"],
-                                        ctx=e.get("ctx", {})) for e in err.errors()]
+            # re-raised under the section's key, each with its own message (any error type, ours or pydantic's)
+            errors += [InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"].replace("{", "{{")
+                                                                 .replace("}", "}}")),
+                                        loc=(key, *e["loc"]), input=e["input"]) for e in err.errors()]
     if errors:
         raise ValidationError.from_exception_data(where, errors)
     section.__pydantic_extra__ = extra
@@ -149,6 +152,13 @@ class PartitionConfig(Section):
     max_attempts: Int = Field(100, ge=1)
     file: Path = Path("data/partition.json")
     faults: FaultsConfig = FaultsConfig()
+
+    @field_validator("file")
+    @classmethod
+    def _a_file_name(cls, v: Path) -> Path:
+        if not v.name or str(v).endswith(("/", os.sep)):
+            raise ValueError(f"{str(v)!r} names a folder; partition.file must name a file (data/partition.json)")
+        return v
 
 
 class ModelConfig(Section):
@@ -485,7 +495,23 @@ def _expanded_size(node: Any, memo: dict[int, int], limit: int) -> int:
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-3`` as the number YAML 1.2 (and every user) means, not a string."""
+    """PyYAML's safe loader, reading ``1e-3`` as the number YAML 1.2 (and every user) means, not a string,
+    and refusing a key given twice in one mapping (PyYAML keeps the last silently; YAML forbids it)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise ConfigError(f"setting {key!r} is given twice in one section (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            if isinstance(key, str | int | float | bool):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+#: A params file larger than this is no settings file (the shipped one is a few KiB).
+MAX_PARAMS_BYTES = 1_000_000
 
 
 _Loader.add_implicit_resolver(
@@ -584,6 +610,9 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
         source = str(p)
         if not p.is_file():
             raise ConfigError(f"params file {p} not found")
+        if p.stat().st_size > MAX_PARAMS_BYTES:
+            raise ConfigError(f"{p} holds {p.stat().st_size:,} bytes; a params file is at most "
+                              f"{MAX_PARAMS_BYTES:,} (is it the right file?)")
         try:
             raw = _safe_yaml(p.read_bytes().decode("utf-8"), str(p)) or {}
         except UnicodeDecodeError as exc:

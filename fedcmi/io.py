@@ -2,9 +2,11 @@
 
 Every file fedcmi writes goes to a temporary sibling first, is fsynced and then
 renamed over the target, so a crash leaves either the old file or the new one,
-never half of one. Model states are safetensors with a content checksum
-checked on every load; legacy torch files are read only with
-``weights_only=True``.
+never half of one. It replaces only a file it could have written: one of the same
+kind, recognised by content (see :func:`file_kind`), so a path mistyped into a
+setting or a flag (``partition.file=params.yaml``) is refused, never overwritten.
+Model states are safetensors with a content checksum checked on every load;
+legacy torch files are read only with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from fedcmi.errors import FedcmiError
+from fedcmi.errors import EXIT_USAGE, FedcmiError
 
 StateDict = dict[str, torch.Tensor]
 FORMAT = "fedcmi-state/2"  # /2: a content checksum in the metadata
@@ -57,12 +59,92 @@ def _cannot_write(target: Path, exc: OSError) -> OSError:
         if exc.errno is not None else OSError(f"cannot write {target}: {reason}")
 
 
+class ForeignFile(FedcmiError, ValueError):
+    """A write that would replace a file fedcmi did not write (another kind of file, or a folder)."""
+
+    exit_code = EXIT_USAGE
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_SNIFF_LIMIT = 256 * 1024 * 1024  # a JSON file larger than this is no file fedcmi writes
+
+
+def _json_shape(value: Any) -> tuple[str, frozenset[str]]:
+    """A JSON value's kind and the keys that identify it (an object's, or a list's first object's)."""
+    if isinstance(value, dict):
+        return "json-object", frozenset(value)
+    if isinstance(value, list):
+        first = next((v for v in value if isinstance(v, dict)), None)
+        return "json-list", frozenset(first) if first is not None else frozenset()
+    return "json-value", frozenset()
+
+
+def file_kind(head: bytes, read_all: Callable[[], bytes]) -> tuple[str, frozenset[str]]:
+    """What kind of file these bytes begin: a PNG, a fedcmi model state or another safetensors file, a JSON
+    object or list (with its identifying keys), an HTML page, or ``other``."""
+    if head.startswith(PNG_MAGIC):
+        return "png", frozenset()
+    if len(head) >= 10 and head[8:10] == b'{"':
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n <= MAX_HEADER:
+            try:
+                header = json.loads(read_all()[8:8 + n])
+                fmt = str(header.get("__metadata__", {}).get("format", ""))
+                return ("fedcmi-state" if fmt.startswith("fedcmi-state") else "safetensors"), frozenset()
+            except (ValueError, AttributeError):
+                pass
+    text = head.lstrip()[:15].lower()
+    if text.startswith((b"<!doctype html", b"<html")):
+        return "html", frozenset()
+    if text[:1] in (b"{", b"["):
+        try:
+            return _json_shape(json.loads(read_all()))
+        except (ValueError, RecursionError):
+            return "other", frozenset()
+    return "other", frozenset()
+
+
+def _same_kind(old: tuple[str, frozenset[str]], new: tuple[str, frozenset[str]]) -> bool:
+    if old[0] != new[0]:
+        return False
+    # JSON: one of fedcmi's records shares its keys with the record replacing it (an empty one has none)
+    return not (old[1] and new[1]) or bool(old[1] & new[1])
+
+
+def _kind_of_file(path: Path) -> tuple[str, frozenset[str]]:
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    big = path.stat().st_size > _SNIFF_LIMIT
+    return file_kind(head, lambda: b"" if big else path.read_bytes())
+
+
+def check_replaceable(target: str | Path, new: bytes | Path) -> None:
+    """Raise :class:`ForeignFile` when ``target`` exists and is not the kind of file ``new`` (bytes, or a
+    written file) is: nothing fedcmi writes may replace a file it did not write. An empty file is nothing
+    to lose and may be replaced."""
+    target = Path(target)
+    if target.is_dir():
+        raise ForeignFile(f"cannot write {target}: it is a folder; name a file")
+    if not target.exists() or target.stat().st_size == 0:
+        return
+    old = _kind_of_file(target)
+    fresh = _kind_of_file(new) if isinstance(new, Path) else file_kind(new[:64], lambda: new)
+    if not _same_kind(old, fresh):
+        what = {"other": "a file of another kind", "json-value": "another JSON file"}.get(old[0], old[0])
+        if old[0].startswith("json") and old[0] == fresh[0]:
+            what = f"a JSON file with other keys ({', '.join(sorted(old[1])[:4])})"
+        raise ForeignFile(f"refusing to overwrite {target}: it is {what}, not a file fedcmi wrote there; "
+                          "name another path, or move that file away first (nothing was written)")
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
+def atomic_path(target: str | Path, owned: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it over ``target`` on success.
 
     On any failure (a full disk, a killed writer) the temporary file goes and
-    ``target`` keeps its old content.
+    ``target`` keeps its old content. The new file replaces only a file of its own kind
+    (:func:`check_replaceable`), unless ``owned``: a file in a folder fedcmi made and holds the lock of
+    (a checkpoint folder), which it may replace even when damaged.
     """
     target = Path(target)
     try:
@@ -78,6 +160,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         raise _cannot_write(target, exc) from None
     try:
         yield tmp_path
+        if not owned:
+            check_replaceable(target, tmp_path)
         with contextlib.suppress(FileNotFoundError):  # a replaced file keeps its mode
             os.chmod(tmp_path, target.stat().st_mode & 0o7777)
         with open(tmp_path, "rb") as fh:
@@ -110,19 +194,21 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return stale
 
 
-def write_bytes(target: str | Path, data: bytes) -> Path:
-    with atomic_path(target) as tmp:
+def write_bytes(target: str | Path, data: bytes, owned: bool = False) -> Path:
+    if not owned:
+        check_replaceable(target, data)  # before a temporary is made: a refused write leaves no trace
+    with atomic_path(target, owned=True) as tmp:
         tmp.write_bytes(data)
     return Path(target)
 
 
-def write_text(target: str | Path, text: str) -> Path:
-    return write_bytes(target, text.encode())
+def write_text(target: str | Path, text: str, owned: bool = False) -> Path:
+    return write_bytes(target, text.encode(), owned)
 
 
-def write_json(target: str | Path, obj: Any, sort_keys: bool = True) -> Path:
+def write_json(target: str | Path, obj: Any, sort_keys: bool = True, owned: bool = False) -> Path:
     """``obj`` as indented JSON, atomically; keys sorted unless the caller's order is the point."""
-    return write_text(target, json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=True) + "\n")
+    return write_text(target, json.dumps(obj, indent=2, sort_keys=sort_keys, allow_nan=True) + "\n", owned)
 
 
 class JsonFileError(FedcmiError, ValueError):
@@ -153,14 +239,15 @@ def write_with(target: str | Path, writer: Callable[[Path], None]) -> Path:
     return Path(target)
 
 
-def save_state(target: str | Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
+def save_state(target: str | Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None,
+               owned: bool = False) -> Path:
     """Save a state dict as safetensors with JSON metadata and a content checksum, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     meta_json = json.dumps(dict(meta or {}), sort_keys=True)
     header, data = _split(save_bytes(tensors, metadata={"format": FORMAT, "meta": meta_json}), "a new state")
     header["__metadata__"]["sha256"] = _digest(header, data)
     # Serialised here and written by write_bytes, so a full disk is an OSError like every other write failure.
-    return write_bytes(target, _assemble(header, data))
+    return write_bytes(target, _assemble(header, data), owned)
 
 
 def _split(raw: bytes, where: object) -> tuple[dict[str, Any], memoryview]:
@@ -215,17 +302,23 @@ def read_state_meta(path: str | Path) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-def load_state(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
-    """Load a state written by :func:`save_state` (or a torch file, weights only).
+def load_state(path: str | Path, checked: bool = False) -> tuple[StateDict, dict[str, Any]]:
+    """Load a state written by :func:`save_state` (or, unless ``checked``, a plain safetensors or a
+    weights-only torch file: a user's own model).
 
     A file of this format must match its checksum: a changed byte anywhere (a dtype or shape in the
     header, the metadata, the data) is a :class:`ModelFileError`, never a model that loads with other
-    numbers. Files of the first format (``fedcmi-state/1``, no checksum) and plain safetensors files
-    load without one.
+    numbers. A file declaring the first format (``fedcmi-state/1``, before the checksum) is refused: every
+    file fedcmi has written since carries ``fedcmi-state/2``, so such a file is from a pre-checksum version
+    or re-labelled to skip the check. ``checked``: where fedcmi reads back its own files (checkpoints,
+    updates, the store, a registered model's weights), only a checksummed file is taken.
     """
     p = Path(path)
     if not p.is_file():
         raise ModelFileError(f"model file {p} not found")
+    if checked and p.suffix in (".pt", ".pth"):
+        raise ModelFileError(f"{p} refused: a torch file carries no checksum, and here fedcmi reads only its "
+                             f"own checksummed files ({FORMAT})")
     if p.suffix in (".pt", ".pth"):
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
@@ -241,6 +334,12 @@ def load_state(path: str | Path) -> tuple[StateDict, dict[str, Any]]:
     header, data = _split(raw, p)
     metadata = header["__metadata__"]
     fmt = metadata.get("format")
+    if fmt in OLD_FORMATS:
+        raise ModelFileError(f"{p} refused: it declares {fmt}, the format before checksums, so it cannot be "
+                             f"verified (fedcmi writes {FORMAT}); retrain or re-save it with this fedcmi")
+    if checked and fmt != FORMAT:
+        raise ModelFileError(f"{p} refused: it is not a checksummed fedcmi file ({FORMAT}), and here fedcmi "
+                             "reads only its own files")
     if fmt == FORMAT or "sha256" in metadata:
         if metadata.get("sha256") != _digest(header, data):
             raise ModelFileError(f"{p} is damaged: its content does not match its checksum")

@@ -83,6 +83,8 @@ class Partition:
         for c in self.clients:
             if not c.modalities or not set(c.modalities) <= set(self.modalities):
                 raise PartitionError(f"client {c.id} has modalities {c.modalities}, not a subset of {self.modalities}")
+            if len(set(c.modalities)) != len(c.modalities):  # ["audio", "audio"] would count as multimodal
+                raise PartitionError(f"client {c.id} lists a modality twice: {list(c.modalities)}")
 
     def sample_faults(self, labels: np.ndarray) -> SampleFaults | None:
         """The training split's faults as the batch reader applies them (None when the partition has none)."""

@@ -62,7 +62,7 @@ class ModalityClassifier(PythonModel):
     def load_context(self, context: Any) -> None:
         cfg = Config.model_validate(json.loads(Path(context.artifacts["config"]).read_text()))
         self.spec = DatasetSpec.from_json(json.loads(Path(context.artifacts["spec"]).read_text()))
-        state, _ = load_state(context.artifacts["weights"])
+        state, _ = load_state(context.artifacts["weights"], checked=True)
         net = build_model(cfg, self.spec)
         net.load_state_dict(state)
         self.network = Network(net).eval()

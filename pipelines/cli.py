@@ -16,18 +16,65 @@ class PipelineError(CommandError):
 
 
 # Kubernetes resource quantities: 500m, 4, 1.5, 16Gi, 16G, 512Mi, 1e9 ...
-_QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?|\.[0-9]+)([eE][0-9]+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+#: The quantities KFP accepts (what it refuses with a traceback is refused here in one line): CPU as a
+#: number or whole millicores; memory as a number with an optional decimal or binary suffix.
+_QUANTITIES = {"CPU": re.compile(r"^(?:([0-9]+(?:\.[0-9]+)?)|([0-9]+)(m))$"),
+               "memory": re.compile(r"^([0-9]+(?:\.[0-9]+)?)(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$")}
+
+
+_SCALE = {"m": 1e-3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+          "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50, "Ei": 2.0**60}
+#: Largest a pod may ask for: far above any node (2**63 bytes, 2**20 CPUs), far below what breaks KFP.
+_MAXIMUM = {"CPU": 2.0**20, "memory": 2.0**63}
 
 
 def _quantity(what: str):
+    """A positive Kubernetes quantity of ``what`` within reason (``0``, ``1e400`` are one clear line)."""
     def parse(text: str) -> str:
-        if not _QUANTITY.match(text.strip()):
+        m = _QUANTITIES[what].match(text.strip())
+        if not m:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not a Kubernetes {what} quantity (examples: "
                 + ("'4', '500m', '1.5'" if what == "CPU" else "'16Gi', '16G', '512Mi'")
-                + "; units are case-sensitive, with no 'B')")
+                + "; units are case-sensitive, with no 'B' and no exponent)")
+        number, unit = (m.group(1), m.group(2) or "") if what == "memory" else \
+            ((m.group(1), "") if m.group(1) is not None else (m.group(2), "m"))
+        value = float(number) * _SCALE.get(unit, 1.0)
+        if not 0 < value <= _MAXIMUM[what]:
+            raise argparse.ArgumentTypeError(f"{text!r}: a pod's {what} must be above 0 and at most "
+                                             f"{_MAXIMUM[what]:.3g}")
         return text.strip()
     return parse
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be above 0 and at most a day")
+    return value
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
+
+
+def _pvc(text: str) -> str:
+    """'' (none) or a PersistentVolumeClaim name (a DNS-1123 label)."""
+    if text and not _DNS_LABEL.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a PersistentVolumeClaim name (lower-case letters, "
+                                         "digits and '-', at most 63, starting and ending alphanumeric)")
+    return text
+
+
+def _image(text: str) -> str:
+    if not _IMAGE.match(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a container image reference (such as "
+                                         "'registry.example/fedcmi:0.1.0')")
+    return text
 
 
 def _count(minimum: int, maximum: int = 100_000):
@@ -198,7 +245,7 @@ def cmd_run_local(cfg: Config, args: argparse.Namespace) -> int:
     if not info["complete"]:
         raise PipelineError(f"the federation in {store} stands at {info['completed_rounds']} of {info['rounds']} "
                             "rounds after the runs succeeded; see the logs")
-    state, meta = load_state(store / MODEL)
+    state, meta = load_state(store / MODEL, checked=True)
     out = save_state(args.out, state, meta)
     print(json.dumps({"model": str(out), "store": str(store), "rounds": info["rounds"]}))
     return 0
@@ -220,7 +267,8 @@ def add_commands(sub, common) -> None:
     shape.add_argument("--data-root", default="/data",
                        help="the project root on the data volume: holds data.prepared_dir and partition.file")
     cluster = argparse.ArgumentParser(add_help=False)
-    cluster.add_argument("--image", default=DEFAULT_IMAGE, help="the component image (default: %(default)s)")
+    cluster.add_argument("--image", type=_image, default=DEFAULT_IMAGE,
+                         help="the component image (default: %(default)s)")
     cluster.add_argument("--accelerator-type", default="nvidia.com/gpu", help="accelerator of a training pod")
     cluster.add_argument("--accelerator-count", type=_count(0), default=1,
                          help="accelerators per training pod (0: none)")
@@ -231,8 +279,9 @@ def add_commands(sub, common) -> None:
                          help="retries of a failed pod, with exponential backoff from 30 s")
     cluster.add_argument("--parallelism", type=_count(0), default=0,
                          help="training pods at once in a round (0: all of a round)")
-    cluster.add_argument("--pvc", default="", help="PersistentVolumeClaim holding the project root, mounted at "
-                         "--data-root on every step (kfp-kubernetes)")
+    cluster.add_argument("--pvc", type=_pvc, default="",
+                         help="PersistentVolumeClaim holding the project root, mounted at --data-root on every "
+                         "step (kfp-kubernetes)")
     server = argparse.ArgumentParser(add_help=False)
     server.add_argument("--host", required=True, help="the Kubeflow Pipelines API endpoint")
     server.add_argument("--namespace", default=None, help="the Kubeflow namespace")
@@ -256,7 +305,7 @@ def add_commands(sub, common) -> None:
 
     d = psub.add_parser("drive", parents=[common, shape, cluster, server, run, chain],
                         help="Submit runs until the federation is complete; run it again to resume.")
-    d.add_argument("--poll-seconds", type=float, default=30.0, help="how often to ask for a run's state")
+    d.add_argument("--poll-seconds", type=_seconds, default=30.0, help="how often to ask for a run's state")
     d.set_defaults(func=cmd_drive)
 
     r = psub.add_parser("run-local", parents=[common, shape, run, chain],
@@ -265,7 +314,8 @@ def add_commands(sub, common) -> None:
                    pvc="", data_root=".")
     r.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
                    help="subprocess: this environment; docker: the image (docker/build-image.sh)")
-    r.add_argument("--image", default=DEFAULT_IMAGE, help="the image for --runner docker (default: %(default)s)")
+    r.add_argument("--image", type=_image, default=DEFAULT_IMAGE,
+                   help="the image for --runner docker (default: %(default)s)")
     r.add_argument("--env", type=_env, action="append", default=[], metavar="NAME=VALUE",
                    help="an environment variable for every step (repeatable), e.g. MLflow credentials")
     r.add_argument("--pipeline-root", default="outputs/kfp_local", help="where kfp.local keeps artifacts and logs")

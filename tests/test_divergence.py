@@ -117,7 +117,7 @@ def test_a_round_of_only_non_finite_updates_is_diverged_but_other_failures_are_n
     mods = tuple(cfg.data.modalities)
     first, second = sample_clients(cfg, 1)
     bad = [ClientUpdate(first, nan, 10, mods), ClientUpdate(second, nan, 10, mods)]
-    with pytest.raises(RoundDiverged, match=r"every client's update holds NaN or Inf; lower optim.lr"):
+    with pytest.raises(RoundDiverged, match=r"every client's update holds NaN or Inf \(client \d+: .*\); lower optim.lr"):
         aggregate(g, bad, 1)
     huge = {k: v.clone().fill_(1e30) if v.is_floating_point() else v.clone() for k, v in g.items()}
     with pytest.raises(RoundDiverged, match=r"NaN, Inf or a change past the server's bound"):

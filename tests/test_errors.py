@@ -53,6 +53,7 @@ def test_every_error_is_one_line_with_its_exit_code(cls, monkeypatch, capsys, tm
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
     _params(root)
+    (root / "README.md").write_text("# my project\n")
     for step in ("prepare", "partition"):
         assert run_fedcmi(step, cwd=root).returncode == 0
     return root
@@ -61,7 +62,9 @@ def project(tmp_path_factory):
 @pytest.mark.parametrize("args, says", [
     (["train", "--set", "partition.num_clients=7"], "the partition file has 4 clients, params say "
                                                     "partition.num_clients=7; rerun `fedcmi partition`"),
-    (["train", "--set", "partition.file=/"], "partition file / not found"),
+    (["partition", "--set", "partition.file=/"], "partition.file: Value error, '/' names a folder"),
+    (["partition", "--set", "partition.file=params.yaml"], "refusing to overwrite params.yaml"),
+    (["partition", "--stats", "README.md"], "refusing to overwrite README.md"),
     (["evaluate", "--model", "params.yaml"], "params.yaml"),
     (["sample", "--round", "99"], "round 99 is not a round of this federation"),
     (["pipeline", "compile", "--parallelism", str(2**70), "--out", "p.yaml"], "is above 100000"),
@@ -73,3 +76,4 @@ def test_a_new_users_mistakes_are_one_line(project, args, says):
     assert says in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) <= 2, r.stderr  # argparse adds its usage line
     assert sorted(p.name for p in project.iterdir()) == before
+    assert (project / "README.md").read_text() == "# my project\n" and "seed:" in (project / "params.yaml").read_text()

@@ -355,8 +355,8 @@ def test_atomic_writes_leave_the_modes_an_ordinary_write_would(tmp_path):
         kept = tmp_path / "kept.json"
         kept.write_bytes(b"{}")
         kept.chmod(0o604)
-        write_bytes(kept, b"[]")  # a replaced file keeps its mode
-        assert kept.stat().st_mode & 0o777 == 0o604 and kept.read_bytes() == b"[]"
+        write_bytes(kept, b'{"a": 1}')  # a replaced file keeps its mode
+        assert kept.stat().st_mode & 0o777 == 0o604 and kept.read_bytes() == b'{"a": 1}'
     finally:
         os.umask(old)
 

@@ -151,9 +151,9 @@ def test_scaffold_server_keeps_each_clients_variate_and_moves_c_by_the_mean_chan
     shapes = {"w": torch.Size([2])}
     old_ci = torch.tensor([1.0, 1.0], dtype=torch.float64)
     aux = {client_control_prefix(3) + "w": old_ci, SERVER_CONTROL + "w": torch.tensor([0.5, 0.5], dtype=torch.float64)}
-    cv = ControlVariates(shapes, num_clients=4, aux=aux)
-    u3 = ClientUpdate(3, {}, 1, ("a",), extra={"w": torch.tensor([3.0, 1.0])})
-    u5 = ClientUpdate(5, {}, 1, ("a",), extra={"w": torch.tensor([0.0, 4.0])})
+    cv = ControlVariates(shapes, num_clients=4, aux=aux, lr=0.1)
+    u3 = ClientUpdate(3, {}, 1, ("a",), extra={"w": torch.tensor([3.0, 1.0])}, change=1.0)
+    u5 = ClientUpdate(5, {}, 1, ("a",), extra={"w": torch.tensor([0.0, 4.0])}, change=1.0)
     for u in (u3, u5):
         cv.admit(u.client_id, u)
         cv.accept(u)
@@ -163,7 +163,10 @@ def test_scaffold_server_keeps_each_clients_variate_and_moves_c_by_the_mean_chan
     assert torch.allclose(out[SERVER_CONTROL + "w"], torch.tensor([0.5, 0.5], dtype=torch.float64) + change / 4)
     for bad in ({}, {"w": torch.tensor([float("nan"), 0.0])}, {"w": torch.zeros(3)}):
         with pytest.raises(UpdateRejected, match="control variate"):
-            cv.admit(1, ClientUpdate(1, {}, 1, ("a",), extra=bad))
+            cv.admit(1, ClientUpdate(1, {}, 1, ("a",), extra=bad, change=1.0))
+    # finite but far beyond what SCAFFOLD's rule gives for its change: refused, c untouched
+    with pytest.raises(UpdateRejected, match="control variates moved by 1.414e\\+30, more than its own change allows"):
+        cv.admit(1, ClientUpdate(1, {}, 1, ("a",), extra={"w": torch.full((2,), 1e30)}, change=1.0))
 
 
 def test_scaffold_client_variate_is_the_mean_raw_gradient_under_plain_sgd(tiny):

@@ -40,6 +40,7 @@ class NpzSource:
             kind = "it is a single .npy array" if magic == b"\x93NUM" else "it is not a zip archive"
             raise DataError(f"{path} is not a readable npz file: {kind}, not a zip of named arrays "
                             f"(np.savez writes one); expected layout: {self._layout()}")
+        self._check_members(path)
         try:
             with np.load(path, allow_pickle=False) as z:
                 names = set(z.files)
@@ -73,6 +74,44 @@ class NpzSource:
                                 "(about 3.4e38); scale the features")
             out[m] = arr.astype(np.float32, copy=False)
         return Split(out, labels.astype(np.int64))
+
+    def _check_members(self, path: Path) -> None:
+        """Every member the reader will take, checked from its header before anything is allocated: a numpy
+        array (not a pickle, not raw bytes), named once, no larger than the bytes it holds."""
+        try:
+            with zipfile.ZipFile(path) as zf:
+                infos = zf.infolist()
+                names = [i.filename for i in infos]
+                twice = sorted({n for n in names if names.count(n) > 1})
+                if twice:
+                    raise DataError(f"{path} holds members named twice ({twice[:3]}): which one is meant is "
+                                    "ambiguous; write the file again with np.savez")
+                wanted = {f"{k}.npy" for k in (*self.modalities, "label")}
+                for info in infos:
+                    if info.filename not in wanted:
+                        continue
+                    with zf.open(info) as fh:
+                        try:
+                            version = np.lib.format.read_magic(fh)
+                        except ValueError:
+                            raise DataError(f"{path}: member {info.filename} is not a numpy array (raw bytes "
+                                            "or a pickle); fedcmi reads only numeric arrays") from None
+                        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                       else np.lib.format.read_array_header_2_0)
+                        try:
+                            shape, _, dtype = read_header(fh, max_header_size=10_000)
+                        except ValueError as exc:
+                            raise DataError(f"{path}: member {info.filename} has a damaged header "
+                                            f"({str(exc)[:100]})") from None
+                    if dtype.hasobject:
+                        raise DataError(f"{path}: array {info.filename[:-4]!r} holds Python objects (a pickle); "
+                                        "fedcmi reads only numeric arrays and never unpickles a file")
+                    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                    if need > info.file_size:
+                        raise DataError(f"{path}: array {info.filename[:-4]!r} declares shape {tuple(shape)} "
+                                        f"{dtype} ({need:,} bytes) but holds {info.file_size:,}: damaged")
+        except zipfile.BadZipFile as exc:
+            raise DataError(f"{path} is not a readable npz file ({exc})") from None
 
     @staticmethod
     def _array(z, name: str, path: Path) -> np.ndarray:

@@ -5,6 +5,11 @@ Every admitted client sends its new control variate ``c_i+`` under the update's 
 server keeps it for the client's next round and moves its own ``c`` by ``(1 / N) sum_i (c_i+ - c_i)`` over
 the round's clients. The variates live beside the model in the federation's state under ``aux/control/``
 keys, in float64, so checkpoints, resume and the pipeline's global-state artifact carry them.
+
+A client's variate is bounded like its weights: SCAFFOLD's own rule gives
+``||c_i+ - c_i + c|| = ||x - y_i|| / (K lr)`` for the parameters it trained (and ``||c||`` for the others),
+with K >= 1 local steps, so a variate further from that than its own measured change allows is refused
+(:meth:`ControlVariates.admit`). A finite 1e30 can no longer move the server's ``c``.
 """
 
 from __future__ import annotations
@@ -40,10 +45,15 @@ class ControlVariates(Stage):
 
     name = "control_variates"
 
-    def __init__(self, shapes: Mapping[str, torch.Size], num_clients: int, aux: Mapping[str, torch.Tensor]) -> None:
+    #: slack on SCAFFOLD's identity: float32 training, momentum's effective step, rounding
+    SLACK = 2.0
+
+    def __init__(self, shapes: Mapping[str, torch.Size], num_clients: int, aux: Mapping[str, torch.Tensor],
+                 lr: float) -> None:
         self.shapes = dict(shapes)
         self.num_clients = num_clients
         self.aux = aux
+        self.lr = lr  # the round's client learning rate: K lr_eff >= lr
         self.sums: dict[str, torch.Tensor] = {}
         self.kept: StateDict = {}
 
@@ -61,7 +71,24 @@ class ControlVariates(Stage):
                                      f"{tuple(shape)}")
             if not torch.isfinite(t).all():
                 raise UpdateRejected(f"client {cid}: control variate {name} holds NaN or Inf")
+        self._bounded(cid, update)
         return update
+
+    def _bounded(self, cid: int, update: ClientUpdate) -> None:
+        c, ci = client_control(self.aux, cid, self.shapes)
+        moved = torch.zeros((), dtype=torch.float64)
+        server = torch.zeros((), dtype=torch.float64)
+        for name in self.shapes:
+            new = update.extra[name].detach().cpu().double()
+            moved += (new - ci[name].double() + c[name].double()).pow(2).sum()
+            server += c[name].double().pow(2).sum()
+        change = update.change if update.change is not None else 0.0
+        bound = self.SLACK * (change / self.lr + float(server.sqrt())) + 1e-6
+        if not float(moved.sqrt()) <= bound:
+            raise UpdateRejected(
+                f"client {cid}: its control variates moved by {float(moved.sqrt()):.4g}, more than its own change "
+                f"allows ({bound:.4g} = {self.SLACK:g} x (change {change:.4g} / lr {self.lr:g} + norm of the "
+                "server's variate)); SCAFFOLD state is bounded like the weights")
 
     def accept(self, update: ClientUpdate) -> None:
         prefix = client_control_prefix(update.client_id)

@@ -75,8 +75,10 @@ def stages_for(cfg: Config, strategy: Strategy, model: MultimodalNet, partition:
     if cfg.server.clip_norm is not None:
         stages.append(Clipping(weights, cfg.server.clip_norm))
     if cfg.control_variates:
+        o = cfg.optim  # the round's client learning rate, as the clients' own schedule has it
+        lr = o.lr * o.lr_decay ** ((round_no - 1) // o.lr_decay_every)
         stages.append(ControlVariates({n: p.shape for n, p in model.named_parameters()}, len(partition.clients),
-                                      aux))
+                                      aux, lr))
     owner = model.owner if cfg.aggregation == "modality_aware" else None
     rule = RULES.get(cfg.server.rule)
     stages.append(Aggregate(rule(weights, owner, cfg.server.rule_options(rule))))
@@ -138,8 +140,9 @@ class ServerPipeline:
         if len(part.accepted) < need:
             if part.rejected and non_finite | runaway == set(part.rejected):
                 what = "NaN or Inf" if not runaway else "NaN, Inf or a change past the server's bound"
-                raise RoundDiverged(f"diverged: round {round_no}: every client's update holds {what}"
-                                    + lr_advice(self.cfg.optim.lr))
+                first = min(part.rejected)  # the rejections say whether the clients or the setting is at fault
+                raise RoundDiverged(f"diverged: round {round_no}: every client's update holds {what} "
+                                    f"(client {first}: {part.rejected[first][:200]})" + lr_advice(self.cfg.optim.lr))
             raise RoundFailed(
                 f"round {round_no}: {len(part.accepted)} valid update(s), federation.min_clients is {need}; "
                 f"rejected: {part.rejected or 'none'}"

@@ -9,7 +9,6 @@ engine and the pipeline do, so the three give the same model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 from fedcmi.algorithms import build_model
@@ -27,7 +26,7 @@ from fedcmi.round.close import close_round
 from fedcmi.round.record import RoundRecord
 from fedcmi.round.schedule import Schedule
 from fedcmi.round.update import StateDict, model_state
-from fedcmi.round.update_files import claimed_client, read_update, write_update
+from fedcmi.round.update_files import settle_claims, write_update
 
 
 def check_round(cfg: Config, round_no: int) -> int:
@@ -44,7 +43,7 @@ def _federation(cfg: Config) -> Federation:
 
 
 def _load_global(fed: Federation, path: str | Path) -> StateDict:
-    state, _ = load_state(path)
+    state, _ = load_state(path, checked=True)
     weights = model_state(state)  # a global state may carry the server's state (aux/ keys) beside the model
     expected = fed.model.state_dict()
     missing = sorted(set(expected) - set(weights))
@@ -104,17 +103,15 @@ def aggregate_step(cfg: Config, global_model: str | Path, updates: Sequence[str 
     ``evaluate``'s); returns it and the round's record.
 
     Every file is checked against the round (see :mod:`fedcmi.round.admission`); a refused one is listed in
-    the record's ``rejected`` with the reason, under the client id it claims (-1 when it claims none).
+    the record's ``rejected`` with the reason, under the client id it claims, or under a negative key when it
+    claims none or is a relabelled copy of another client's update (:func:`settle_claims`); the files' order
+    never matters.
     """
     check_round(cfg, round_no)
     fed = _federation(cfg)
     state = _load_global(fed, global_model)
-    outcomes = []
-    for p in updates:
-        cid = claimed_client(Path(p))
-        outcomes.append((cid if cid is not None else -1, partial(read_update, p, round_no)))
-    closed = close_round(fed, state, Schedule(cfg).clients(round_no), sorted(outcomes, key=lambda t: t[0]),
-                         round_no, evaluate=False)
+    outcomes = settle_claims([Path(p) for p in updates], round_no)
+    closed = close_round(fed, state, Schedule(cfg).clients(round_no), outcomes, round_no, evaluate=False)
     return save_state(out, closed.state, {"kind": "global", "round": round_no}), closed.record
 
 

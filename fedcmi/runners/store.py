@@ -130,7 +130,7 @@ def train_worker(cfg: Config, global_model: Path, round_no: int, worker: int, pe
     if not mine:
         return []
     fed = _federation(cfg)
-    state, _ = load_state(global_model)
+    state, _ = load_state(global_model, checked=True)
     n = resolve_workers(cfg, len(mine))  # a pod's CPU limit counts (its cgroup quota)
     pool = ClientWorkers(cfg, n) if n > 1 else None
     t0 = time.perf_counter()
@@ -174,7 +174,7 @@ def conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: Sequence
     """Close round ``round_no`` from the workers' files, commit it to the store and write the new global
     model to ``out``. Returns the round's record; None past the last round."""
     if round_no > cfg.federation.rounds:
-        save_state(out, load_state(global_model)[0], {"kind": "global", "round": round_no - 1})
+        save_state(out, load_state(global_model, checked=True)[0], {"kind": "global", "round": round_no - 1})
         return None
     with exclusive(inside(store), f"the federation store {store}"):  # one committer, even if a pod is retried
         return _conclude(cfg, store, global_model, worker_dirs, round_no, out, sinks)
@@ -195,7 +195,7 @@ def _conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: Sequenc
     if ledger.completed != round_no - 1:
         raise StoreError(f"the store {store} has {ledger.completed} rounds committed; round {round_no} cannot "
                          "be concluded now (was another run writing to it?)")
-    state, _ = load_state(global_model)
+    state, _ = load_state(global_model, checked=True)
     files = _worker_files(worker_dirs)
     expected = Schedule(cfg).clients(round_no)
     if sorted(files) != expected or any(len(v) > 1 for v in files.values()):

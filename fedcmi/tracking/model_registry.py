@@ -109,7 +109,7 @@ def register_federation(cfg: Config, store: Path, model_file: Path, final: Evalu
     if reg_file.is_file():
         return read_json(reg_file, expect=dict)
     run = TrainingRun.attach(cfg, Path(store) / RUN_INFO)
-    package = ModelPackage.of(cfg, load_state(model_file)[0], DataModule(cfg.data.prepared_dir))
+    package = ModelPackage.of(cfg, load_state(model_file, checked=True)[0], DataModule(cfg.data.prepared_dir))
     errors = run.finish([Path(store) / HISTORY, Path(store) / METRICS], package)
     if run.model_uri is None:
         raise TrackingUnavailable(f"the final model could not be logged to {run.uri}: {errors}")
