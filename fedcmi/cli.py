@@ -111,7 +111,8 @@ def _train(cfg: Config, args: argparse.Namespace, out: Path) -> int:
         # the same training, resumed, goes on in its run (curves unbroken); else a new run
         resume = args.resume != "never" and _continues(cfg, out, data)
         run = TrainingRun.open(cfg, out / RUN_INFO, data=data, resume=resume)
-        sinks.append(MlflowSink(run))
+        mlflow_sink = MlflowSink(run)
+        sinks.append(mlflow_sink)
     try:
         result = train(cfg, out, resume=args.resume, progress=not args.no_progress, sinks=sinks)
     except BaseException:
@@ -123,11 +124,18 @@ def _train(cfg: Config, args: argparse.Namespace, out: Path) -> int:
     summary: dict = {"final": final,
                      "files": {k: str(v) for k, v in paths.items()},
                      "resumed_from_round": result.resumed_from, "seconds": round(result.seconds, 2)}
+    backfilled: list[int] = []
+    if run is not None and result.resumed_from:  # rounds an outage kept from the run it continues
+        backfilled = mlflow_sink.backfill([r for r in result.history if r.round <= result.resumed_from])
+        if backfilled:
+            summary["mlflow_backfilled_rounds"] = backfilled
     if run is not None and result.resumed_from >= cfg.federation.rounds and run.model_uri:
-        # nothing trained: the run already holds this model and its figures; log nothing twice
-        run.close()
+        # nothing trained: the run holds this model; it ends FINISHED only once nothing is missing from it
+        errors = run.close()
         summary["mlflow"] = {"run_id": run.run_id, "tracking_uri": run.uri, "model_uri": run.model_uri,
-                             "note": "all rounds were done; nothing new to log"}
+                             "errors": errors,
+                             "note": (f"all rounds were done; logged rounds {backfilled} the run lacked"
+                                      if backfilled else "all rounds were done; nothing new to log")}
     elif run is not None:
         from fedcmi.serving import ModelPackage
 

@@ -314,6 +314,8 @@ class TrackingConfig(Section):
                              "(MLFLOW_HTTP_REQUEST_MAX_RETRIES wins)")
     time_budget: Float = Field(600.0, gt=0, description="seconds a run may wait on the tracking server in all; "
                                "past it, what is left is not sent (the local files keep everything) and reported")
+    close_wait: Float = Field(120.0, ge=0, description="seconds the end of a run waits, within time_budget, for a "
+                              "server that is away to answer, so what is queued is sent before the run ends")
 
 
 class LoaderConfig(Section):

@@ -225,6 +225,30 @@ def test_a_resumed_training_continues_its_run_and_a_finished_one_logs_nothing(pr
     assert json.loads((project / "outputs/train/mlflow_run.json").read_text())["run_id"] != first["run_id"]
 
 
+def test_a_rerun_completes_a_run_that_an_outage_left_with_holes(project):
+    """Round three, case 4: rounds that never reached the server (an outage outlasting the budget) are logged
+    by the rerun from the checkpoint's history; before, the rerun said 'nothing new to log' and the run
+    stayed with holes."""
+    import sqlite3
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project}/holes.db"
+    assert fedcmi("train", cwd=project, uri=uri).returncode == 0
+    run_id = json.loads((project / "outputs/train/mlflow_run.json").read_text())["run_id"]
+    db = sqlite3.connect(project / "holes.db")  # what the outage kept from the server: rounds after the first
+    db.execute("delete from metrics where step >= 2")
+    db.commit()
+    db.close()
+    r = fedcmi("train", cwd=project, uri=uri)
+    assert r.returncode == 0, r.stderr
+    assert "logged rounds [2] the run lacked" in r.stdout
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(run_id, "round/seconds")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "eval/mm_acc")] == [1, 2]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_unreachable_server_fails_before_training(project):
     r = fedcmi("train", cwd=project, uri=f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 1
@@ -232,7 +256,7 @@ def test_unreachable_server_fails_before_training(project):
     assert not (project / "outputs" / "train").exists()
 
 
-def _train_with_server_events(project, uri, events, probe_every=30.0):
+def _train_with_server_events(project, uri, events, probe_every=30.0, close_wait=3.0):
     """Train 4 rounds in-process while ``events[round]()`` runs after that round is logged."""
     from fedcmi.config import load_config
     from fedcmi.runners.engine import train
@@ -243,7 +267,7 @@ def _train_with_server_events(project, uri, events, probe_every=30.0):
     cwd = os.getcwd()
     os.chdir(project)
     try:
-        cfg = load_config("params.yaml", ["federation.rounds=4"])
+        cfg = load_config("params.yaml", ["federation.rounds=4", f"tracking.close_wait={close_wait}"])
         tracker = TrainingRun.open(cfg, project / RUN_INFO, probe_every=probe_every)
         sink = MlflowSink(tracker)
 

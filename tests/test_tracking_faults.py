@@ -136,6 +136,26 @@ def test_500s_for_some_rounds_that_then_clear_are_all_replayed(project, proxied)
     assert get(upstream, f"/api/2.0/mlflow/runs/get?run_id={tracker.run_id}")["run"]["info"]["status"] == "FINISHED"
 
 
+def test_an_outage_that_outlasts_training_is_waited_out_at_the_end_within_the_budget(project, proxied):  # noqa: F811
+    """Round three, case 4: 500s right after round 1, for longer than the remaining rounds take. Before, the
+    run ended with rounds 2-4 and the model 'not logged' (one flush attempt at close); now the end of the run
+    waits (tracking.close_wait, within time_budget) and everything is replayed."""
+    import threading
+
+    proxy, upstream = proxied
+
+    def outage():
+        proxy.fail_api = True
+        threading.Timer(8.0, lambda: setattr(proxy, "fail_api", False)).start()
+
+    res, tracker, errors = _train(project, proxy.uri, events={1: outage}, close_wait=60)
+    assert errors == [] and tracker.unlogged == []
+    assert set(tracker.replayed) >= {"round 2 metrics", "round 3 metrics", "round 4 metrics"}
+    hist = get(upstream, f"/api/2.0/mlflow/metrics/get-history?run_id={tracker.run_id}&metric_key=round/seconds")
+    assert sorted(m["step"] for m in hist["metrics"]) == [1, 2, 3, 4]
+    assert get(upstream, f"/api/2.0/mlflow/runs/get?run_id={tracker.run_id}")["run"]["info"]["status"] == "FINISHED"
+
+
 def test_a_slow_server_costs_at_most_the_time_budget_with_one_warning(project, proxied, caplog):  # noqa: F811
     proxy, upstream = proxied
 

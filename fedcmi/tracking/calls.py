@@ -117,6 +117,25 @@ class ResilientCalls:
             done()
         return result
 
+    def settle(self, wait: float, every: float = 2.0) -> bool | None:
+        """Before the run ends: probe and replay until nothing is queued, ``wait`` seconds pass or the budget
+        is spent (a short outage then costs nothing). Returns the last probe's answer (None: no probe)."""
+        deadline = time.monotonic() + max(0.0, min(wait, self.budget - self.spent))
+        answered: bool | None = None
+        while self._pending and not self.out_of_time:
+            answered = self.probe()
+            if answered:
+                self.flush()
+                if not self._pending:
+                    break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            pause = min(every, left)
+            time.sleep(pause)
+            self._spend(pause)
+        return answered
+
     def drain(self) -> None:
         """Send what is queued: one attempt now when the server answers."""
         if self._pending and not self.out_of_time and self.probe():

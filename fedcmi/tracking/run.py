@@ -254,9 +254,9 @@ class TrainingRun:
     def close(self, failed: bool = False) -> list[str]:
         """End the run: FINISHED, or FAILED when ``failed`` or anything was not logged; the record file gets
         what was logged. Returns what was not logged."""
-        reachable = self.calls.probe() if self.calls.unlogged and not self.calls.out_of_time else None
-        if reachable:
-            self.calls.flush()
+        reachable = None
+        if self.calls.unlogged and not self.calls.out_of_time:  # a short outage: wait for it, within the budget
+            reachable = self.calls.settle(self.cfg.tracking.close_wait)
         errors = self.calls.errors
         if self.calls.unlogged:
             why = (f"tracking.time_budget ({self.cfg.tracking.time_budget:g} s) was spent" if self.calls.out_of_time

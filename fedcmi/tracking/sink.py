@@ -43,6 +43,18 @@ class MlflowSink:
     def __init__(self, run: TrainingRun) -> None:
         self.run = run
 
+    def backfill(self, history: Sequence[RoundRecord]) -> list[int]:
+        """Log the committed rounds the run lacks (a run an outage cut short, continued by a rerun): those
+        with no ``round/seconds`` at their step. Returns them."""
+        try:
+            have = {m.step for m in self.run.client.get_metric_history(self.run.run_id, "round/seconds")}
+        except Exception:  # the server is away: the rerun's own calls queue and report as usual
+            return []
+        missing = [r for r in history if r.round not in have]
+        for rec in missing:
+            self.log_round(rec)
+        return [r.round for r in missing]
+
     def log_round(self, rec: RoundRecord) -> None:
         self.run.log_round(rec.round, round_metrics(rec, self.run.cfg.algorithm.name))
 
