@@ -124,6 +124,17 @@ def _train(cfg: Config, args: argparse.Namespace, out: Path) -> int:
     summary: dict = {"final": final,
                      "files": {k: str(v) for k, v in paths.items()},
                      "resumed_from_round": result.resumed_from, "seconds": round(result.seconds, 2)}
+    from fedcmi.stability import run_stability
+
+    steady = run_stability(result.history, DataModule(cfg.data.prepared_dir))
+    summary["stability"] = {k: round(v, 4) for k, v in steady.figures().items()}
+    if steady.unstable:  # finished, but not a model to take: said here, in the run, and at `register`
+        reason = steady.reason(cfg.optim.lr)
+        summary["stability"]["reason"] = reason
+        print(f"fedcmi: warning: the run is {reason}", file=sys.stderr)
+    if run is not None:
+        run.log_metrics({f"run/{k}": v for k, v in steady.figures().items()}, step=cfg.federation.rounds,
+                        what="stability")
     backfilled: list[int] = []
     if run is not None and result.resumed_from:  # rounds an outage kept from the run it continues
         backfilled = mlflow_sink.backfill([r for r in result.history if r.round <= result.resumed_from])

@@ -201,3 +201,42 @@ def test_a_params_file_far_too_large_is_refused_before_parsing(tmp_path):
 
 def test_rounds_used_by_the_fixture():
     assert ROUNDS["clients_per_round"] >= 3  # the impostor cases need three honest clients
+
+
+# -- 14. a run that collapsed from its peak or swung is reported unstable, and not registered --------------
+
+
+def test_a_collapsed_or_swinging_run_is_unstable_and_a_steady_or_short_one_is_not():
+    from fedcmi.stability import stability
+
+    swinging = list(enumerate([0.3, 0.5, 0.66, 0.2, 0.6, 0.16, 0.55, 0.3, 0.21], 1))  # FedAvg at lr 0.4
+    s = stability(swinging, chance=0.17)
+    assert s.unstable and s.peak == 0.66 and s.peak_round == 3
+    assert s.reason(0.4).startswith("unstable: it fell from 0.660 (round 3) to 0.210, losing 92% of its gain")
+    assert "try 0.1" in s.reason(0.4)
+    steady = list(enumerate([0.4, 0.6, 0.7, 0.74, 0.78, 0.77, 0.79, 0.8], 1))
+    assert not stability(steady, chance=0.17).unstable
+    assert not stability(swinging[:4], chance=0.17).unstable  # four evaluations: too few to judge
+    assert not stability(list(enumerate([0.2, 0.21, 0.19, 0.2, 0.18], 1)), chance=0.17).unstable  # never rose
+
+
+@pytest.mark.slow
+def test_register_refuses_an_unstable_run_in_one_line(tmp_path):
+    from test_cli import _params, fedcmi
+
+    _params(tmp_path)
+    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    raw["tracking"] = {**raw["tracking"], "enabled": True, "tracking_uri": f"sqlite:///{tmp_path}/m.db"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    for args in (["prepare"], ["partition"], ["train", "--no-progress"],
+                 ["evaluate", "--out", "outputs/eval/metrics.json"]):
+        r = fedcmi(*args, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+    history = tmp_path / "outputs/train/history.json"
+    rows = json.loads(history.read_text())
+    curve = [0.3, 0.5, 0.66, 0.2, 0.6, 0.16, 0.55, 0.3, 0.21]  # what a too-high lr gave on real data
+    history.write_text(json.dumps([{**rows[-1], "round": i + 1, "mm_acc": a} for i, a in enumerate(curve)]))
+    r = fedcmi("register", "--out", "outputs/register.json", cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("fedcmi: not registered: the run is unstable: it fell from 0.660 (round 3)")
+    assert json.loads((tmp_path / "outputs/register.json").read_text())["registered"] is False

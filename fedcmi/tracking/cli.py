@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from fedcmi.config import Config, ConfigError
@@ -41,12 +42,35 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
     value = metrics[metric]
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise JsonFileError(f"{metrics_file}: {metric} is {value!r}, not a finite number; rerun `fedcmi evaluate`")
+    unstable = _unstable(cfg, train_dir)
+    if unstable:  # a run that collapsed or swung is no candidate, whatever its last figure
+        refused = {"registered": False, "run_id": info["run_id"], "reason": unstable}
+        if args.out:
+            write_json(args.out, refused)
+        print(f"fedcmi: not registered: the run is {unstable}", file=sys.stderr)
+        return 0
     data_id = data_hash(cfg, verify=True)  # before the registry is touched
     result = register_model(cfg, info["run_id"], info["model_uri"], float(value), data_id)
     if args.out:
         write_json(args.out, result)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _unstable(cfg: Config, train_dir: Path) -> str | None:
+    """Why the trained run is unstable (from its history.json), or None."""
+    from fedcmi.data import DataModule
+    from fedcmi.io import read_json
+    from fedcmi.outputs import HISTORY
+    from fedcmi.round.record import RoundRecord
+    from fedcmi.stability import run_stability
+
+    path = train_dir / HISTORY
+    if not path.is_file():
+        return None
+    history = [RoundRecord.from_json(r) for r in read_json(path, expect=list)]
+    steady = run_stability(history, DataModule(cfg.data.prepared_dir))
+    return steady.reason(cfg.optim.lr) if steady.unstable else None
 
 
 def add_commands(sub, common) -> None:
