@@ -54,9 +54,10 @@ def use_threads(n: int) -> int:
     return torch.get_num_threads()
 
 
-def check_inputs(cfg: Config, data: DataModule, partition: Partition) -> None:
-    """A :class:`PartitionError` when the partition file was not made from this data with these settings."""
-    if partition.num_samples != len(data.train):
+def check_inputs(cfg: Config, data: DataModule | None, partition: Partition) -> None:
+    """A :class:`PartitionError` when the partition file was not made from this data (when given) with these
+    settings."""
+    if data is not None and partition.num_samples != len(data.train):
         raise PartitionError(
             f"the partition covers {partition.num_samples} samples but the prepared train split has "
             f"{len(data.train)}; rerun `fedcmi partition`"

@@ -70,10 +70,8 @@ class ModalityClassifier(PythonModel):
     def predict(self, context, model_input, params=None) -> Any:  # no hints: MLflow would read them as a schema
         import pandas as pd
 
-        missing = [m for m in self.spec.modalities if m not in model_input]
-        if missing:
-            raise ValueError(f"the input lacks modality {missing}; it needs {list(self.spec.modalities)}")
-        x = {m: _to_tensor(np.asarray(model_input[m]), self.spec.normalize.get(m)) for m in self.spec.modalities}
+        arrays = check_request(model_input, self.spec)
+        x = {m: _to_tensor(arrays[m], self.spec.normalize.get(m)) for m in self.spec.modalities}
         with torch.no_grad():
             probs = torch.softmax(self.network(x).float(), dim=-1).numpy()
         names = class_labels(self.spec)
@@ -82,6 +80,35 @@ class ModalityClassifier(PythonModel):
         for i, name in enumerate(names):
             out[f"p_{name}"] = probs[:, i].astype(np.float64)
         return out
+
+
+def check_request(model_input: Any, spec: DatasetSpec) -> dict[str, np.ndarray]:
+    """The request's arrays, one per modality, checked before the network sees them: each present, numeric,
+    finite, of the modality's sample shape, and every modality with the same number of samples (at least
+    one). A ValueError naming the input and what is wrong, never a torch error or an array dump."""
+    missing = [m for m in spec.modalities if m not in model_input]
+    if missing:
+        raise ValueError(f"the input lacks modality {missing}; it needs {list(spec.modalities)}")
+    out: dict[str, np.ndarray] = {}
+    for m in spec.modalities:
+        try:
+            arr = np.asarray(model_input[m])
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"input {m!r} is not an array ({str(exc)[:80]})") from None
+        if arr.dtype.kind not in "biuf":
+            raise ValueError(f"input {m!r} holds {arr.dtype} values; it must be numeric ({spec.dtype(m)})")
+        if arr.shape[1:] != tuple(spec.shapes[m]):
+            raise ValueError(f"input {m!r} has samples of shape {arr.shape[1:]}; the model takes "
+                             f"{tuple(spec.shapes[m])} (batch first)")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ValueError(f"input {m!r} holds NaN or Inf")
+        out[m] = arr
+    sizes = {m: len(a) for m, a in out.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"the inputs hold different numbers of samples: {sizes}")
+    if not next(iter(sizes.values())):
+        raise ValueError("the request holds no samples")
+    return out
 
 
 def class_labels(spec: DatasetSpec) -> list[str]:

@@ -67,6 +67,7 @@ def project(tmp_path_factory):
     (["partition", "--stats", "README.md"], "refusing to overwrite README.md"),
     (["evaluate", "--model", "params.yaml"], "params.yaml"),
     (["sample", "--round", "99"], "round 99 is not a round of this federation"),
+    (["sample", "--round", "1", "--set", "partition.num_clients=7"], "the partition file has 4 clients"),
     (["pipeline", "compile", "--parallelism", str(2**70), "--out", "p.yaml"], "is above 100000"),
 ])
 def test_a_new_users_mistakes_are_one_line(project, args, says):

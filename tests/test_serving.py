@@ -82,3 +82,33 @@ def test_a_missing_modality_is_a_clear_error(logged, tmp_path):
     with pytest.raises((MlflowException, KeyError, ValueError)) as exc:
         model.predict({"audio": package.example["audio"]})
     assert "visual" in str(exc.value)
+
+
+def test_a_bad_request_is_one_clear_message_naming_the_input(logged, tmp_path):
+    """Round three, case 11: NaN or Inf, batches of different sizes, an empty batch, a wrong sample shape.
+    Before, a class with NaN probabilities or a torch RuntimeError; now one ValueError naming the input."""
+    from mlflow.exceptions import MlflowException
+
+    _, package, uri = logged
+    model = _load(uri, tmp_path)
+    a, v = package.example["audio"], package.example["visual"]
+    nan = a.astype(np.float32).copy()
+    nan.flat[0] = np.nan
+    cases = [
+        ({"audio": nan, "visual": v}, "input 'audio' holds NaN or Inf"),
+        ({"audio": np.concatenate([a, a]), "visual": v}, "the inputs hold different numbers of samples"),
+        ({"audio": a[:0], "visual": v[:0]}, "the request holds no samples"),
+    ]
+    for request, says in cases:
+        with pytest.raises((MlflowException, ValueError)) as exc:
+            model.predict(request)
+        assert says in str(exc.value), str(exc.value)[:300]
+        assert "array(" not in str(exc.value)[:200]  # what is wrong first, not a dump of the request
+    # a wrong sample shape or dtype: MLflow's signature check answers first (its message ends with the
+    # shapes); the model's own check says the same in one line where the signature lets a request through
+    from fedcmi.serving import check_request
+
+    for request, says in [({"audio": a[..., :-1], "visual": v}, "input 'audio' has samples of shape"),
+                          ({"audio": np.array([["x"] * 3]), "visual": v}, "input 'audio' holds <U1 values")]:
+        with pytest.raises(ValueError, match=says):
+            check_request(request, package.spec)

@@ -16,7 +16,7 @@ from fedcmi.config import Config
 from fedcmi.data import DataModule
 from fedcmi.errors import CommandError
 from fedcmi.evaluation import evaluate_model
-from fedcmi.federation import Federation, resolve_device, use_threads
+from fedcmi.federation import Federation, check_inputs, resolve_device, use_threads
 from fedcmi.io import ModelFileError, is_int, load_state, save_state
 from fedcmi.metrics import Evaluation
 from fedcmi.models.networks import MultimodalNet
@@ -76,7 +76,8 @@ def init_step(cfg: Config, out: str | Path) -> Path:
 
 
 def sample_step(cfg: Config, round_no: int) -> list[int]:
-    """The clients of round ``round_no`` (from 1)."""
+    """The clients of round ``round_no`` (from 1), of the partition these params made."""
+    check_inputs(cfg, None, load_partition(cfg.partition.file))
     return Schedule(cfg).clients(check_round(cfg, round_no))
 
 
