@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
@@ -82,6 +82,13 @@ class PluginSection(BaseModel):
     ``data.cremad``), validated against the registry."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
+    #: the registry whose plug-ins' sections this section holds
+    registry: ClassVar[Registry]
+
+    @model_validator(mode="after")
+    def _sections(self) -> PluginSection:
+        validate_plugin_sections(self, self.registry, type(self).__name__)
+        return self
 
     def options(self, cls: type[OptionsT]) -> OptionsT:
         """The validated plug-in section of type ``cls``."""
@@ -92,6 +99,7 @@ class DataConfig(PluginSection):
     """Which dataset, where it lives and which two modalities it holds; each dataset's own settings at
     ``data.<name>`` (see :mod:`fedcmi.datasets`)."""
 
+    registry = DATASETS
     name: str = Field("synthetic", description="a registered dataset (fedcmi.registry.DATASETS): synthetic "
                       "(embedded default), npz (bring your own), cremad, ave, crisismmd")
     path: Path = Path("data/raw")
@@ -105,8 +113,7 @@ class DataConfig(PluginSection):
     @field_validator("name")
     @classmethod
     def _registered(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(DATASETS.names())}")
+        DATASETS.get(v)  # UnknownPlugin, a ValueError naming the known ones
         return v
 
     @field_validator("modalities")
@@ -119,10 +126,6 @@ class DataConfig(PluginSection):
             raise ValueError("the two modalities must have different names")
         return v
 
-    @model_validator(mode="after")
-    def _sections(self) -> DataConfig:
-        validate_plugin_sections(self, DATASETS, "DataConfig")
-        return self
 
 
 class FaultsConfig(Section):
@@ -217,6 +220,7 @@ class ServerConfig(PluginSection):
     and hold every admitted update of a round in memory. ``optimizer`` steps from the aggregate.
     """
 
+    registry = RULES
     rule: str = Field("mean", description="the aggregation rule (fedcmi.registry.RULES): mean, median, "
                       "trimmed_mean, krum, multi_krum")
     clip_norm: Float | None = Field(None, gt=0, allow_inf_nan=False, description="L2 norm each client's change "
@@ -243,14 +247,9 @@ class ServerConfig(PluginSection):
     @field_validator("rule")
     @classmethod
     def _registered(cls, v: str) -> str:
-        if v not in RULES:
-            raise ValueError(f"unknown aggregation rule {v!r}; known: {', '.join(RULES.names())}")
+        RULES.get(v)  # UnknownPlugin, a ValueError naming the known ones
         return v
 
-    @model_validator(mode="after")
-    def _sections(self) -> ServerConfig:
-        validate_plugin_sections(self, RULES, "ServerConfig")
-        return self
 
     def rule_options(self, rule: type) -> BaseModel | None:
         """The settings of aggregation rule class ``rule`` (None when it has none)."""
@@ -262,6 +261,7 @@ class AlgorithmConfig(PluginSection):
     """Which algorithm trains, the settings algorithms share, and each algorithm's own section
     (``algorithm.<section>``, declared by its strategy: ``fedcmi``, ``ogm``, ...)."""
 
+    registry = ALGORITHMS
     name: str = Field("fedcmi", description="a registered algorithm (fedcmi.registry.ALGORITHMS)")
     mu: Float = Field(0.0, ge=0, description="proximal weight for fedprox and fedcmi; 0 turns it off")
     modality: str | None = Field(None, description="the modality trained by 'unimodal'")
@@ -276,14 +276,9 @@ class AlgorithmConfig(PluginSection):
     @field_validator("name")
     @classmethod
     def _registered(cls, v: str) -> str:
-        if v not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {v!r}; known: {', '.join(ALGORITHMS.names())}")
+        ALGORITHMS.get(v)  # UnknownPlugin, a ValueError naming the known ones
         return v
 
-    @model_validator(mode="after")
-    def _sections(self) -> AlgorithmConfig:
-        validate_plugin_sections(self, ALGORITHMS, "AlgorithmConfig")
-        return self
 
 
 class EvaluationConfig(Section):
