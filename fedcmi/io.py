@@ -79,7 +79,7 @@ def _json_shape(value: Any) -> tuple[str, frozenset[str]]:
     return "json-value", frozenset()
 
 
-def file_kind(head: bytes, read_all: Callable[[], bytes]) -> tuple[str, frozenset[str]]:
+def file_kind(head: bytes, read: Callable[[int | None], bytes]) -> tuple[str, frozenset[str]]:
     """What kind of file these bytes begin: a PNG, a fedcmi model state or another safetensors file, a JSON
     object or list (with its identifying keys), an HTML page, or ``other``."""
     if head.startswith(PNG_MAGIC):
@@ -88,7 +88,7 @@ def file_kind(head: bytes, read_all: Callable[[], bytes]) -> tuple[str, frozense
         n = int.from_bytes(head[:8], "little")
         if 0 < n <= MAX_HEADER:
             try:
-                header = json.loads(read_all()[8:8 + n])
+                header = json.loads(read(8 + n)[8:])  # the header alone, never the tensors
                 fmt = str(header.get("__metadata__", {}).get("format", ""))
                 return ("fedcmi-state" if fmt.startswith("fedcmi-state") else "safetensors"), frozenset()
             except (ValueError, AttributeError):
@@ -98,7 +98,7 @@ def file_kind(head: bytes, read_all: Callable[[], bytes]) -> tuple[str, frozense
         return "html", frozenset()
     if text[:1] in (b"{", b"["):
         try:
-            return _json_shape(json.loads(read_all()))
+            return _json_shape(json.loads(read(None)))
         except (ValueError, RecursionError):
             return "other", frozenset()
     return "other", frozenset()
@@ -115,7 +115,13 @@ def _kind_of_file(path: Path) -> tuple[str, frozenset[str]]:
     with open(path, "rb") as fh:
         head = fh.read(64)
     big = path.stat().st_size > _SNIFF_LIMIT
-    return file_kind(head, lambda: b"" if big else path.read_bytes())
+
+    def read(n: int | None) -> bytes:
+        if n is None:
+            return b"" if big else path.read_bytes()
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    return file_kind(head, read)
 
 
 def check_replaceable(target: str | Path, new: bytes | Path) -> None:
@@ -128,7 +134,11 @@ def check_replaceable(target: str | Path, new: bytes | Path) -> None:
     if not target.exists() or target.stat().st_size == 0:
         return
     old = _kind_of_file(target)
-    fresh = _kind_of_file(new) if isinstance(new, Path) else file_kind(new[:64], lambda: new)
+    if isinstance(new, Path):
+        fresh = _kind_of_file(new)
+    else:
+        data = new
+        fresh = file_kind(data[:64], lambda n: data if n is None else data[:n])
     if not _same_kind(old, fresh):
         what = {"other": "a file of another kind", "json-value": "another JSON file"}.get(old[0], old[0])
         if old[0].startswith("json") and old[0] == fresh[0]:
