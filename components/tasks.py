@@ -29,24 +29,34 @@ def begin_run(
     store: str,
     tracking_uri: str,
     run_name: str,
+    expect_committed: int,
     global_model: Output[Model],
 ) -> NamedTuple("Begin", [("config_json", str), ("store", str), ("committed", int)]):
     """Resolve the run's settings, continue the federation in ``store`` (or start it), open or reopen
-    its MLflow run, and hand the global model to the first round."""
+    its MLflow run, and hand the global model to the first round. A store holding fewer than
+    ``expect_committed`` rounds (what the driver's earlier runs committed) is refused, and every refusal
+    that a resubmitted run would meet again is announced on one line the driver reads."""
     import json
     import os
     from collections import namedtuple
     from pathlib import Path
 
     from fedcmi.config import config_with_settings
+    from fedcmi.errors import refusal
     from fedcmi.runners.store import begin, check_within, resolve_store
 
     os.chdir(data_root)
-    cfg = config_with_settings(params_json, {"seed": seed, "algorithm": algorithm, "lr": lr, "mu": mu,
-                                             "rounds": rounds, "local_epochs": local_epochs})
-    check_within(cfg)  # a pipeline reads only what its data volume holds
-    where = resolve_store(store, run_name)
-    committed = begin(cfg, where, Path(global_model.path))
+    try:
+        cfg = config_with_settings(params_json, {"seed": seed, "algorithm": algorithm, "lr": lr, "mu": mu,
+                                                 "rounds": rounds, "local_epochs": local_epochs})
+        check_within(cfg)  # a pipeline reads only what its data volume holds
+        where = resolve_store(store, run_name)
+        committed = begin(cfg, where, Path(global_model.path), expect=expect_committed)
+    except Exception as exc:
+        line = refusal(exc)
+        if line is not None:
+            print(line, flush=True)
+        raise
     if tracking_uri:
         from fedcmi.data import DataModule
         from fedcmi.tracking.run import RUN_INFO, TrainingRun

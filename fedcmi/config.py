@@ -31,6 +31,7 @@ class ConfigError(FedcmiError, ValueError):
     """A params file or override that does not make a valid :class:`Config`."""
 
     exit_code = EXIT_USAGE
+    retry_helps = False
 
 
 class Section(BaseModel):

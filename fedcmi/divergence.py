@@ -34,6 +34,7 @@ class Diverged(FedcmiError, RuntimeError):
     """Training diverged; the last good round stays checkpointed."""
 
     exit_code = EXIT_DIVERGED
+    retry_helps = False  # the same seed and settings diverge again
 
 
 def lr_advice(lr: float) -> str:

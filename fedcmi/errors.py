@@ -23,6 +23,9 @@ class FedcmiError(Exception):
     """An error fedcmi reports in one line, with :attr:`exit_code`."""
 
     exit_code: ClassVar[int] = EXIT_FAILURE
+    #: False where the same input meets the same error again, so that retrying (a resubmitted pipeline
+    #: run, a restarted step) cannot help: a bad setting, a foreign store, a diverged federation.
+    retry_helps: ClassVar[bool] = True
 
 
 class CommandError(FedcmiError, RuntimeError):
@@ -33,6 +36,19 @@ class UsageError(FedcmiError, ValueError):
     """A flag or argument a command cannot take: nothing was written."""
 
     exit_code = EXIT_USAGE
+    retry_helps = False
+
+
+#: The line a step prints before it fails on an error that retrying cannot help; whoever runs the step
+#: (the pipeline driver reading its log) stops resubmitting and names the cause instead.
+REFUSED = "[fedcmi] refused: "
+
+
+def refusal(exc: BaseException) -> str | None:
+    """The line announcing ``exc`` as a refusal that will repeat, or None when a retry may succeed."""
+    if isinstance(exc, FedcmiError) and not exc.retry_helps:
+        return REFUSED + (str(exc).splitlines() or [exc.__class__.__name__])[0]
+    return None
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

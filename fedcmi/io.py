@@ -63,6 +63,7 @@ class ForeignFile(FedcmiError, ValueError):
     """A write that would replace a file fedcmi did not write (another kind of file, or a folder)."""
 
     exit_code = EXIT_USAGE
+    retry_helps = False
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

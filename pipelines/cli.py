@@ -213,7 +213,7 @@ def cmd_run_local(cfg: Config, args: argparse.Namespace) -> int:
     """The whole federation with kfp.local, run after run, as `drive` would on a cluster."""
     from fedcmi.io import load_state, save_state
     from fedcmi.runners.store import MODEL, resolve_store, status
-    from fedcmi_pipelines.driver import DriveError, LocalExecutor, drive
+    from fedcmi_pipelines.driver import DriveError, LocalExecutor, Outcome, drive
     from fedcmi_pipelines.federated import local_runner, run_local
 
     root = Path(args.data_root).resolve()
@@ -229,15 +229,19 @@ def cmd_run_local(cfg: Config, args: argparse.Namespace) -> int:
     logs = pipeline_root / "logs"
     count = [0]
 
-    def one_run(arguments: dict) -> bool:
+    def one_run(arguments: dict) -> Outcome:
         count[0] += 1
         log_file = logs / f"{arguments['run_name']}-{count[0]}.log"
         _say(f"kfp.local ({args.runner}); full log in {log_file}")
         return run_local(cfg, opts, arguments, pipeline_root, runner, log_file, echo=lambda line: f"fedcmi: {line}")
 
+    def committed() -> int:  # the store lies on this machine: the driver checks it against its record
+        store = resolve_store(args.store, plan.arguments["run_name"], root)
+        return int(status(cfg, store)["completed_rounds"]) if store.is_dir() else 0
+
     state_file = Path(args.state or pipeline_root / f"drive-{plan.arguments['run_name']}.json")
     try:
-        drive(LocalExecutor(one_run), plan, state_file, args.max_failures, progress=_say)
+        drive(LocalExecutor(one_run, committed), plan, state_file, args.max_failures, progress=_say)
     except DriveError as exc:
         raise PipelineError(str(exc)) from None
     store = resolve_store(args.store, plan.arguments["run_name"], root)

@@ -32,8 +32,10 @@ from kfp.dsl import Input, Model
 
 from fedcmi import __version__
 from fedcmi.config import Config
+from fedcmi.errors import REFUSED
 from fedcmi.round.schedule import Schedule
 from fedcmi_components import make_components
+from fedcmi_pipelines.driver import SUCCEEDED, Outcome
 
 DEFAULT_IMAGE = f"fedcmi:{__version__}"
 
@@ -123,13 +125,15 @@ def build_pipeline(cfg: Config, opts: PipelineOptions):
         store: str = "",
         tracking_uri: str = "",
         run_name: str = f"{cfg.algorithm.name}-seed{cfg.seed}",
+        expect_committed: int = 0,
     ):
         close = light(comp.close_run(data_root=data_root, store=store, run_name=run_name), "close-run",
                       retry=False)
         with dsl.ExitHandler(close, name="federation"):
             begin = light(comp.begin_run(params_json=params_json, seed=seed, algorithm=algorithm, lr=lr, mu=mu,
                                          rounds=rounds, local_epochs=local_epochs, data_root=data_root,
-                                         store=store, tracking_uri=tracking_uri, run_name=run_name), "begin")
+                                         store=store, tracking_uri=tracking_uri, run_name=run_name,
+                                         expect_committed=expect_committed), "begin")
             conf, where = begin.outputs["config_json"], begin.outputs["store"]
             committed = begin.outputs["committed"]
             model = begin.outputs["global_model"]
@@ -234,14 +238,16 @@ def local_runner(kind: str, data_root: Path, environment: dict | None = None):
 
 
 def run_local(cfg: Config, opts: PipelineOptions, arguments: dict, pipeline_root: Path, runner,
-              log_file: Path, echo: Callable[[str], str] = lambda line: line) -> bool:
-    """One run of the pipeline with kfp.local; True when it succeeded. Its full log goes to ``log_file``."""
+              log_file: Path, echo: Callable[[str], str] = lambda line: line) -> Outcome:
+    """One run of the pipeline with kfp.local, and how it ended. Its full log goes to ``log_file``; a step's
+    refusal that would repeat (its :data:`~fedcmi.errors.REFUSED` line) is the cause of a permanent failure."""
     from kfp import local
 
     pipeline = build_pipeline(cfg, opts)
     local.init(runner=runner, pipeline_root=str(Path(pipeline_root).resolve()), raise_on_error=True)
     import builtins
 
+    start = log_file.stat().st_size if log_file.is_file() else 0
     real_print = builtins.print  # kfp.local swaps in an indenting print and may not put it back
     with _quiet(log_file, echo):
         try:
@@ -249,7 +255,17 @@ def run_local(cfg: Config, opts: PipelineOptions, arguments: dict, pipeline_root
         except Exception as exc:  # kfp.local reports a failed task as a RuntimeError naming it
             first = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0]) if str(exc) else ""
             print(f"{PROGRESS}run failed: {first or exc.__class__.__name__}; see {log_file}", flush=True)
-            return False
+            failed = first or exc.__class__.__name__
+        else:
+            failed = ""
         finally:
             builtins.print = real_print
-    return True
+    if not failed:
+        return Outcome(SUCCEEDED)
+    with open(log_file, "rb") as fh:
+        fh.seek(start)
+        refused = [line.split(REFUSED, 1)[1].strip() for line in fh.read().decode(errors="replace").splitlines()
+                   if REFUSED in line]
+    if refused:
+        return Outcome("FAILED", refused[-1], permanent=True)
+    return Outcome("FAILED", failed)

@@ -1,6 +1,7 @@
 """The Kubeflow pipeline: compiled YAML, errors, and a real local run equal to the engine."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -233,6 +234,24 @@ def test_a_chained_local_run_with_a_failing_client_and_a_lost_run_equals_the_eng
     finally:
         os.chdir(cwd)
 
+    # another federation pointed at this store: its begin step refuses, and the driver stops after that one
+    # run, naming the cause, instead of resubmitting a run that would meet the same refusal
+    r = fedcmi("pipeline", "run-local", "--rounds-per-run", "2", "--run-name", "other", "--set", "optim.lr=0.2",
+               "--store", "outputs/federations/fedcmi-seed3", "--out", "other.safetensors", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "was refused: the store" in r.stderr and "other settings or data" in r.stderr
+    other = read_json(tmp_path / "outputs" / "kfp_local" / "drive-other.json")["runs"]
+    assert len(other) == 1 and "other settings" in other[0]["cause"]
+    # the store removed: the driver's record says 2 successful runs; it refuses before submitting anything
+    import shutil
+
+    shutil.rmtree(tmp_path / "outputs" / "federations" / "fedcmi-seed3")
+    r = fedcmi("pipeline", "run-local", "--rounds-per-run", "2", "--clients-per-pod", "2", "--out", "pipe.safetensors",
+               "--tracking-uri", store, "--env", f"PYTHONPATH={tmp_path / 'faults'}:{ROOT}", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "holds 0 committed rounds, behind the 3" in r.stderr and "removed or replaced" in r.stderr
+    assert len(read_json(tmp_path / "outputs" / "kfp_local" / "drive-fedcmi-seed3.json")["runs"]) == 3
+
 
 def _docker_ready() -> str | None:
     """Why the Docker runner cannot be tried here, or None."""
@@ -298,9 +317,71 @@ def test_the_driver_waits_for_its_run_in_flight_and_keeps_to_its_federation(tmp_
                             "rounds_per_run": 10, "runs": [{"run_id": "local-gone", "state": IN_FLIGHT}]})
     state = drive(LocalExecutor(run), plan, state_file, progress=lambda _: None)
     assert [x["state"] for x in state["runs"]] == ["LOST", "SUCCEEDED", "FAILED", "SUCCEEDED", "SUCCEEDED"]
-    assert len(ran) == 4 and all(a == plan.arguments for a in ran)
+    assert len(ran) == 4 and all(dict(plan.arguments, expect_committed=e) == a for a, e in zip(ran, [0, 10, 10, 20], strict=True))
     with pytest.raises(DriveError, match="another federation"):
         drive(LocalExecutor(run), Plan({"seed": 2, "run_name": "x"}, 25, 10), state_file)
     with pytest.raises(DriveError, match="3 runs in a row failed"):
         drive(LocalExecutor(lambda a: False), Plan({"seed": 3}, 5, 10), tmp_path / "other.json",
+              progress=lambda _: None)
+
+
+@pytest.mark.parametrize("damage, says", [
+    ({"arguments": None}, "no `arguments` object"),
+    ({"runs": {"a": 1}}, "`runs` is dict, not a list"),
+    ({"runs": "SUCCEEDED"}, "`runs` is str, not a list"),
+    ({"runs": [{"run_id": "r1"}]}, "run 1 lacks a `run_id` or a `state`"),
+    ({"runs": [["r1", "SUCCEEDED"]]}, "run 1 lacks"),
+    ({"rounds_per_run": "10"}, "no whole `rounds_per_run`"),
+])
+def test_a_damaged_driver_state_is_one_line_naming_the_field(tmp_path, damage, says):
+    from fedcmi.io import write_json
+    from fedcmi_pipelines.driver import DriveError, LocalExecutor, Plan, drive
+
+    plan = Plan({"seed": 1, "run_name": "x"}, rounds=4, rounds_per_run=2)
+    state = {"format": "fedcmi-drive/1", "arguments": plan.arguments, "rounds": 4, "rounds_per_run": 2,
+             "runs": [{"run_id": "r1", "state": "SUCCEEDED"}]}
+    write_json(tmp_path / "drive.json", {**state, **damage})
+    ran: list = []
+    with pytest.raises(DriveError, match=f"damaged driver state \\({re.escape(says)}.*delete it"):
+        drive(LocalExecutor(ran.append), plan, tmp_path / "drive.json", progress=lambda _: None)
+    assert not ran
+    # through the command line: one line, exit 1, nothing submitted
+    write_json(tmp_path / "state.json", {**state, **damage})
+    r = fedcmi("pipeline", "run-local", "--state", str(tmp_path / "state.json"), "--run-name", "x",
+               "--pipeline-root", str(tmp_path / "root"), cwd=ROOT)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "damaged driver state" in r.stderr, r.stderr
+
+
+def test_the_driver_checks_the_store_against_its_record_and_stops_on_a_refusal(tmp_path):
+    """A state whose successful runs committed more than the store holds (the store was removed) is refused
+    before anything is submitted; a refusal a resubmitted run would meet again stops the driver at once,
+    naming its cause; repeated ordinary failures end with the last cause."""
+    from fedcmi.io import read_json, write_json
+    from fedcmi_pipelines.driver import DriveError, LocalExecutor, Outcome, Plan, drive
+
+    plan = Plan({"seed": 1, "run_name": "x"}, rounds=4, rounds_per_run=2)
+    write_json(tmp_path / "drive.json", {"format": "fedcmi-drive/1", "arguments": plan.arguments, "rounds": 4,
+                                         "rounds_per_run": 2, "runs": [{"run_id": "a", "state": "SUCCEEDED"},
+                                                                       {"run_id": "b", "state": "SUCCEEDED"}]})
+    ran: list = []
+    with pytest.raises(DriveError, match="store holds 0 committed rounds, behind the 4 that the 2 successful runs"):
+        drive(LocalExecutor(ran.append, committed=lambda: 0), plan, tmp_path / "drive.json", progress=print)
+    assert not ran
+    said: list[str] = []
+    state = drive(LocalExecutor(ran.append, committed=lambda: 4), plan, tmp_path / "drive.json",
+                  progress=said.append)
+    assert not ran and len(state["runs"]) == 2 and not said  # the store agrees: complete, nothing to do
+    drive(LocalExecutor(ran.append), plan, tmp_path / "drive.json", progress=said.append)
+    assert not ran and "cannot see the store" in said[0]  # a cluster's store: said, not claimed
+
+    refused = Outcome("FAILED", "the store s holds a federation with other settings or data", permanent=True)
+    with pytest.raises(DriveError, match="was refused: the store s holds a federation with other settings.*"
+                                         "same refusal"):
+        drive(LocalExecutor(lambda a: (ran.append(a), refused)[1]), plan, tmp_path / "other.json",
+              progress=lambda _: None)
+    assert len(ran) == 1  # not resubmitted
+    runs = read_json(tmp_path / "other.json")["runs"]
+    assert runs[0]["state"] == "FAILED" and "other settings" in runs[0]["cause"]
+    with pytest.raises(DriveError, match="3 runs in a row failed \\(last: local-\\w+: task begin failed\\)"):
+        drive(LocalExecutor(lambda a: Outcome("FAILED", "task begin failed")), plan, tmp_path / "third.json",
               progress=lambda _: None)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fedcmi.divergence import Diverged
+from fedcmi.errors import refusal
 from fedcmi.io import load_state, read_json
 from fedcmi.outputs import HISTORY
 from fedcmi.round.schedule import Schedule
@@ -61,8 +62,14 @@ def test_a_store_of_another_federation_is_refused(tiny, tmp_path):
     store = tmp_path / "store"
     _run_steps(cfg, store, tmp_path / "a", per_worker=1, rounds=range(1, 2))
     other = cfg.model_copy(update={"seed": cfg.seed + 1})
-    with pytest.raises(StoreError, match="another run name"):
+    with pytest.raises(StoreError, match="another run name") as caught:
         begin(other, store, tmp_path / "x.safetensors")
+    assert refusal(caught.value) is not None  # a resubmitted run would meet it again: the driver stops
+    # a store behind what the driver's earlier runs committed (removed and started again) is refused
+    with pytest.raises(StoreError, match="holds 1 committed rounds, behind the 2 .* removed or replaced") as caught:
+        begin(cfg, store, tmp_path / "x.safetensors", expect=2)
+    assert refusal(caught.value) is not None
+    assert begin(cfg, store, tmp_path / "x.safetensors", expect=1) == 1
 
 
 def test_a_diverged_federation_is_not_retried(tiny, tmp_path):
@@ -72,5 +79,6 @@ def test_a_diverged_federation_is_not_retried(tiny, tmp_path):
     with pytest.raises(Diverged):
         _run_steps(cfg, store, tmp_path / "a", per_worker=1)
     assert "diverged" in read_json(store / DIVERGED)["reason"]
-    with pytest.raises(Diverged, match="stopped in an earlier run"):
+    with pytest.raises(Diverged, match="stopped in an earlier run") as caught:
         begin(cfg, store, tmp_path / "x.safetensors")
+    assert refusal(caught.value) is not None

@@ -57,14 +57,21 @@ class StoreError(FedcmiError, RuntimeError):
     """A store that holds another federation, or is behind the round a step was asked for."""
 
 
+class StoreRefused(StoreError):
+    """A store or path that every retry would meet again: outside the data volume, another federation's,
+    or behind the rounds its earlier runs committed (removed or replaced since)."""
+
+    retry_helps = False
+
+
 def resolve_store(store: str, run_name: str, root: Path = Path(".")) -> Path:
     """Where a federation is kept: ``store`` when given, else ``outputs/federations/<run_name>`` under
     ``root`` (the project root on the data volume; the current folder of a pipeline step)."""
     if not store and not run_name:
-        raise StoreError("a federation needs a store or a run name to find its store by")
+        raise StoreRefused("a federation needs a store or a run name to find its store by")
     where = (Path(root) / (store or f"outputs/federations/{run_name}")).resolve()
     if not where.is_relative_to(Path(root).resolve()) or where == Path(root).resolve():
-        raise StoreError(f"the store {store or run_name!r} lies outside the data volume's project folder "
+        raise StoreRefused(f"the store {store or run_name!r} lies outside the data volume's project folder "
                          f"{Path(root).resolve()}; give a relative path inside it")
     return where
 
@@ -75,7 +82,7 @@ def check_within(cfg: Config, root: Path = Path(".")) -> None:
     base = Path(root).resolve()
     for field, value in (("data.prepared_dir", cfg.data.prepared_dir), ("partition.file", cfg.partition.file)):
         if not (base / value).resolve().is_relative_to(base):
-            raise StoreError(f"{field} {str(value)!r} lies outside the data volume's project folder {base}; "
+            raise StoreRefused(f"{field} {str(value)!r} lies outside the data volume's project folder {base}; "
                              "a pipeline reads only paths inside it")
 
 
@@ -91,7 +98,7 @@ def _ledger(cfg: Config, store: Path, fed: Federation) -> tuple[Ledger, StateDic
     try:  # a store is continued when it has a checkpoint, and never restarted over another federation's
         state = ledger.open("must" if (folder / STATE_FILE).is_file() else "auto", cfg.federation.rounds)
     except ForeignCheckpoint:
-        raise StoreError(f"the store {store} holds a federation with other settings or data; give this one a "
+        raise StoreRefused(f"the store {store} holds a federation with other settings or data; give this one a "
                          "store of its own (--store, or another run name)") from None
     return ledger, state
 
@@ -104,11 +111,20 @@ def _check_alive(store: Path) -> None:
                        f"rounds stay in {store}. Start another with other settings and another run name)")
 
 
-def begin(cfg: Config, store: Path, out: Path) -> int:
-    """Write the global model to continue from to ``out``; returns the number of rounds already committed."""
+def begin(cfg: Config, store: Path, out: Path, expect: int = 0) -> int:
+    """Write the global model to continue from to ``out``; returns the number of rounds already committed.
+
+    ``expect`` is the number of rounds that whoever submitted this run knows were committed by the
+    federation's earlier runs (the driver's successful runs); a store behind it was removed or replaced,
+    and continuing would restart the federation while the driver counts it half done.
+    """
     _check_alive(store)
     fed = _federation(cfg)
     ledger, state = _ledger(cfg, store, fed)
+    if ledger.completed < expect:
+        raise StoreRefused(f"the store {store} holds {ledger.completed} committed rounds, behind the {expect} "
+                           "that this federation's earlier runs committed: it was removed or replaced since. "
+                           "Give the federation's own store, or delete the driver's state file to start over")
     save_state(out, state if state is not None else fed.initial_state(),
                {"kind": "global", "round": ledger.completed})
     return ledger.completed
