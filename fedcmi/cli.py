@@ -301,8 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=int, required=True, help="round number, from 1")
     p.add_argument("--out", required=True, help="global model file to write")
     p.add_argument("--summary", help="write the round summary JSON here")
+    for name in READS_DATA:
+        sub.choices[name].set_defaults(reads_data=True)
     _extend(sub, common)
     return parser
+
+
+#: The commands that read the prepared data, and hold it against a `prepare` meanwhile (see
+#: :func:`fedcmi.data.reading`); an extension's command opts in with ``set_defaults(reads_data=True)``.
+READS_DATA = ("partition", "train", "evaluate", "init", "sample", "client-train", "aggregate")
 
 
 #: Entry-point group of command-line extensions: each is ``add_commands(subparsers, common_parser)``. The
@@ -327,7 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         cfg = load_config(args.params, args.overrides)
-        return int(args.func(cfg, args) or 0)
+        if not getattr(args, "reads_data", False):
+            return int(args.func(cfg, args) or 0)
+        from fedcmi.data import reading
+
+        with reading(cfg.data.prepared_dir):  # no `prepare` may rewrite the data while this command reads it
+            return int(args.func(cfg, args) or 0)
     except FedcmiError as exc:  # a condition fedcmi recognised: its message, its exit code, no traceback
         print(f"fedcmi: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -68,6 +68,9 @@ def exclusive(lock_file: str | Path, what: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                if _only_readers(fd):
+                    raise Busy(f"{what} is being read by another fedcmi process (a train, an evaluation, a "
+                               "pipeline step); wait for it to finish, or write to another folder") from None
                 raise Busy(f"{what} is in use by {_holder(fd)}; wait for it to finish, or give this run "
                            "another folder") from None
             # a file system without locks (some network volumes): go on unguarded, and say so
@@ -84,3 +87,34 @@ def exclusive(lock_file: str | Path, what: str) -> Iterator[None]:
             _held.discard(path)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _only_readers(fd: int) -> bool:
+    """Whether the lock on ``fd``'s file is held in shared mode only (by readers, see :func:`shared`)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+@contextlib.contextmanager
+def shared(lock_file: str | Path, what: str) -> Iterator[None]:
+    """Hold ``lock_file`` shared while the block reads what it guards: any number of readers at once, and
+    no writer (:func:`exclusive`) meanwhile; :class:`Busy` naming the writer if one is at work."""
+    path = Path(lock_file).resolve()
+    if path in _held or not path.parent.is_dir():  # this process writes it, or there is nothing to read yet
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise Busy(f"{what} is being written by {_holder(fd)}; wait for it to finish") from None
+            log.warning("cannot lock %s (%s); nothing stops a writer meanwhile", path, exc.strerror)
+        yield
+    finally:
+        os.close(fd)

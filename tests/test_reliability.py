@@ -240,3 +240,92 @@ def test_register_refuses_an_unstable_run_in_one_line(tmp_path):
     assert r.returncode == 0 and "Traceback" not in r.stderr
     assert r.stderr.startswith("fedcmi: not registered: the run is unstable: it fell from 0.660 (round 3)")
     assert json.loads((tmp_path / "outputs/register.json").read_text())["registered"] is False
+
+
+# -- 12. prepared data edited after `prepare` is refused by every reader; prepare waits for its readers ----
+
+
+def _edit(path: Path, change) -> None:
+    """Rewrite an array file in place, same shape and dtype (as a hand edit would)."""
+    arr = np.load(path)
+    np.save(path, change(arr.copy()))
+
+
+def test_prepared_data_edited_after_prepare_is_refused_on_opening(tiny):
+    from fedcmi.data import DataModule
+
+    cfg = tiny()
+    root = Path(cfg.data.prepared_dir)
+    DataModule(root)  # as prepared: opens
+    train_file = sorted((root / "train").glob("*.npy"))[0]
+    _edit(train_file, lambda a: a * 1000 if a.dtype.kind == "f" else a[::-1])
+    with pytest.raises(DataError, match=f"{train_file.name} changed after `fedcmi prepare` wrote it .*contents "
+                                        "differ.*rerun `fedcmi prepare`"):
+        DataModule(root)
+    cfg = tiny()  # prepared again: a float test feature set to Inf
+    test_file = next(p for p in sorted((root / "test").glob("*.npy")) if np.load(p).dtype.kind == "f")
+
+    def inf(a):
+        a.reshape(-1)[5] = np.inf
+        return a
+
+    _edit(test_file, inf)
+    with pytest.raises(DataError, match="changed after `fedcmi prepare`"):
+        DataModule(root)
+    cfg = tiny()  # prepared again: a split cut short, meta.json left as it was
+    np.save(test_file, np.load(test_file)[:-3])
+    with pytest.raises(DataError, match="bytes where prepare wrote"):
+        DataModule(root)
+
+
+def test_a_nan_sample_the_stamp_misses_names_itself_in_its_clients_rejection(tiny):
+    """An edit between the sampled blocks of a large file passes the stamp (simulated here by stamping the
+    edited folder again); the batch holding the NaN sample names it, so the client's rejection says why."""
+    from fedcmi.data.base import META, stamps
+    from fedcmi.round.schedule import sample_clients
+
+    cfg = tiny(federation={"rounds": 2, "clients_per_round": 2})
+    root = Path(cfg.data.prepared_dir)
+    client = sample_clients(cfg, 1)[0]
+    entry = load_partition(cfg.partition.file).clients[client]
+    modality = sorted(entry.modalities)[0]
+    row = int(sorted(entry.indices)[1])
+
+    def nan(a):
+        a[row].reshape(-1)[0] = np.nan
+        return a
+
+    _edit(root / "train" / f"{modality}.npy", nan)
+    meta = json.loads((root / META).read_text())
+    (root / META).write_text(json.dumps({**meta, "stamps": stamps(root)}))
+    result = train(cfg, Path(cfg.output.dir) / "nan", progress=False)
+    reasons = [r.participation.rejected.get(client) for r in result.history
+               if client in r.participation.rejected]
+    assert reasons, "the client holding the NaN sample was not rejected"
+    assert all(f"sample {row} of the prepared train split holds NaN or infinite {modality} features" in r
+               for r in reasons), reasons
+
+
+def test_prepare_waits_for_its_readers_and_readers_for_prepare(tmp_path):
+    """A `prepare` while a train reads the data is refused (the data unchanged), and a train while a
+    prepare writes it is refused, each in one line."""
+    from test_cli import _params, fedcmi
+
+    from fedcmi.data import reading
+    from fedcmi.locks import beside, exclusive
+
+    _params(tmp_path)
+    for args in (["prepare"], ["partition"]):
+        assert fedcmi(*args, cwd=tmp_path).returncode == 0
+    prepared = tmp_path / "data" / "prepared"
+    before = (prepared / "meta.json").read_bytes()
+    with reading(prepared):  # a train (here: this process) reads the data
+        r = fedcmi("prepare", "--set", "seed=9", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "the prepared data data/prepared is being read by another fedcmi process" in r.stderr, r.stderr
+    assert (prepared / "meta.json").read_bytes() == before
+    with exclusive(beside(prepared), "the prepared data"):  # a prepare (here: this process) writes it
+        r = fedcmi("train", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "the prepared data data/prepared is being written by process" in r.stderr, r.stderr
+    assert not (tmp_path / "outputs" / "train").exists()

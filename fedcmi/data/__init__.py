@@ -7,6 +7,7 @@ batches. Models never see where the data came from.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,10 +28,16 @@ from fedcmi.data.base import (
 )
 from fedcmi.data.cache import RecordSource, build_cache
 from fedcmi.data.faults import SampleFaults
-from fedcmi.locks import beside, exclusive
+from fedcmi.locks import beside, exclusive, shared
 from fedcmi.registry import DATASETS
 
-__all__ = ["DataError", "DatasetSpec", "Split", "DataModule", "prepare"]
+__all__ = ["DataError", "DatasetSpec", "Split", "DataModule", "prepare", "reading"]
+
+
+def reading(prepared_dir: str | Path) -> contextlib.AbstractContextManager[None]:
+    """Hold the prepared data against a ``prepare`` rewriting it while the block reads it (a training, an
+    evaluation, a pipeline step); ``prepare`` meanwhile, or a reader while it writes, is :class:`Busy`."""
+    return shared(beside(prepared_dir), f"the prepared data {prepared_dir}")
 
 
 def prepare(cfg: Config, progress: bool = False) -> dict:

@@ -108,6 +108,7 @@ class Split:
     features: dict[str, np.ndarray]
     labels: np.ndarray
     normalize: dict[str, dict] = field(default_factory=dict)
+    name: str = ""  # the split's name in the prepared folder, for messages
 
     def __post_init__(self) -> None:
         n = len(self.labels)
@@ -119,8 +120,16 @@ class Split:
         return len(self.labels)
 
     def batch(self, idx: np.ndarray, modalities: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Rows ``idx`` as tensors (uint8 modalities normalised to float32)."""
-        x = {m: _to_tensor(self.features[m][idx], self.normalize.get(m)) for m in modalities}
+        """Rows ``idx`` as tensors (uint8 modalities normalised to float32). A NaN or infinite feature is
+        an error naming the sample: ``prepare`` refuses them, so one here was written after it."""
+        rows = {m: self.features[m][idx] for m in modalities}
+        for m, arr in rows.items():
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                bad = np.asarray(idx)[~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)]
+                raise DataError(f"sample {int(bad[0])} of the prepared {self.name or 'data'} split holds NaN or "
+                                f"infinite {m} features ({len(bad)} such samples in this batch); the data changed "
+                                "after `fedcmi prepare` wrote it: rerun `fedcmi prepare`")
+        x = {m: _to_tensor(arr, self.normalize.get(m)) for m, arr in rows.items()}
         y = torch.from_numpy(np.ascontiguousarray(self.labels[idx]))
         return x, y
 
@@ -347,7 +356,8 @@ class PreparedWriter:
                     _shrink_npy(self.tmp / split / f"{name}.npy", self.count[split])
         self.arrays = {}
         meta = {"format": FORMAT, **self.spec.to_json(), "sizes": dict(self.count), "source": dict(source),
-                "report": dict(report or {}), "content_sha256": content_hash(self.tmp)}
+                "report": dict(report or {}), "content_sha256": content_hash(self.tmp),
+                "stamps": stamps(self.tmp)}
         for name, content in (extra_files or {}).items():
             write_json(self.tmp / name, content)
         write_json(self.tmp / META, meta)  # last: a folder holding meta.json is complete
@@ -376,6 +386,50 @@ def content_hash(folder: Path) -> str:
             while chunk := fh.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+STAMP_BLOCKS = 32
+STAMP_BLOCK = 4096
+
+
+def file_stamp(path: Path) -> dict:
+    """A cheap fingerprint of an array file: its size and the SHA-256 of its header and of
+    :data:`STAMP_BLOCKS` blocks spread evenly over it (about 130 KiB read, whatever the file's size).
+
+    A rewrite of the data (other values, other sizes, scaled features) changes it; a single edited value
+    may fall between the blocks, which is why :meth:`Split.batch` also refuses non-finite features.
+    """
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        span = max(size - STAMP_BLOCK, 0)
+        for k in range(STAMP_BLOCKS + 1):
+            fh.seek(span * k // STAMP_BLOCKS)
+            digest.update(fh.read(STAMP_BLOCK))
+    return {"bytes": size, "sample_sha256": digest.hexdigest()}
+
+
+def stamps(folder: Path) -> dict[str, dict]:
+    """:func:`file_stamp` of every array file of a prepared folder, by relative path."""
+    return {p.relative_to(folder).as_posix(): file_stamp(p) for p in sorted(Path(folder).rglob("*.npy"))}
+
+
+def check_stamps(folder: Path, meta: Mapping) -> None:
+    """Refuse a prepared folder whose arrays are not what ``prepare`` recorded in its meta.json (edited
+    by hand, or partly rewritten by another program): the cheap guard every reader runs on opening."""
+    recorded = meta.get("stamps")
+    if not isinstance(recorded, dict):
+        return  # prepared before stamps were recorded: its content hash is checked when registering
+    for rel, stamp in sorted(recorded.items()):
+        path = Path(folder) / rel
+        if not path.is_file():
+            raise DataError(f"prepared dataset {folder} lacks {rel}; rerun `fedcmi prepare`")
+        now = file_stamp(path)
+        if now != stamp:
+            what = (f"{now['bytes']:,} bytes where prepare wrote {stamp.get('bytes', 0):,}"
+                    if now["bytes"] != stamp.get("bytes") else "its contents differ from what prepare wrote")
+            raise DataError(f"{path} changed after `fedcmi prepare` wrote it ({what}): edited by hand or by "
+                            "another program; rerun `fedcmi prepare` (or `dvc checkout` the prepared data)")
 
 
 def write_prepared(out_dir: Path, spec: DatasetSpec, splits: Mapping[str, Split], source: Mapping,
@@ -409,8 +463,10 @@ def read_prepared(path: Path) -> tuple[DatasetSpec, dict[str, Split], dict]:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise DataError(f"{meta_path} has format {found!r}, expected {FORMAT!r}; rerun `fedcmi prepare`")
     spec = DatasetSpec.from_json(meta)
+    check_stamps(path, meta)
     splits = {}
-    names = SPLITS + tuple(s for s in OPTIONAL_SPLITS if s in meta.get("sizes", {}))
+    sizes = meta.get("sizes", {})
+    names = SPLITS + tuple(s for s in OPTIONAL_SPLITS if s in sizes)
     for split_name in names:
         feats = {}
         for m in spec.modalities:
@@ -435,5 +491,8 @@ def read_prepared(path: Path) -> tuple[DatasetSpec, dict[str, Split], dict]:
         if any(n != len(labels) for n in lengths.values()):
             raise DataError(f"prepared split {split_name} holds {len(labels)} labels but {lengths} samples; "
                             "rerun `fedcmi prepare`")
-        splits[split_name] = Split(feats, labels, {m: spec.normalize[m] for m in spec.normalize})
+        if isinstance(sizes, dict) and sizes.get(split_name, len(labels)) != len(labels):
+            raise DataError(f"prepared split {split_name} holds {len(labels)} samples, meta.json says "
+                            f"{sizes[split_name]}; rerun `fedcmi prepare`")
+        splits[split_name] = Split(feats, labels, {m: spec.normalize[m] for m in spec.normalize}, split_name)
     return spec, splits, meta

@@ -20,15 +20,17 @@ model the in-process engine gives.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 from fedcmi.checkpoint import STATE_FILE
 from fedcmi.config import Config
-from fedcmi.data import DataModule
+from fedcmi.data import DataModule, reading
 from fedcmi.divergence import Diverged
 from fedcmi.errors import FedcmiError
 from fedcmi.federation import Federation
@@ -51,6 +53,21 @@ log = logging.getLogger("fedcmi")
 FINAL = "final.json"
 DIVERGED = "diverged.json"  # a federation the divergence guard stopped: no later run may continue it
 MODEL = "model.safetensors"  # the final global model, once the federation is complete
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _reads_data(step: Callable[Concatenate[Config, P], R]) -> Callable[Concatenate[Config, P], R]:
+    """A step that holds the prepared data against a ``prepare`` while it runs (as the CLI's commands do)."""
+
+    @functools.wraps(step)
+    def held(cfg: Config, *args: P.args, **kwargs: P.kwargs) -> R:
+        with reading(cfg.data.prepared_dir):
+            return step(cfg, *args, **kwargs)
+
+    return held
 
 
 class StoreError(FedcmiError, RuntimeError):
@@ -111,6 +128,7 @@ def _check_alive(store: Path) -> None:
                        f"rounds stay in {store}. Start another with other settings and another run name)")
 
 
+@_reads_data
 def begin(cfg: Config, store: Path, out: Path, expect: int = 0) -> int:
     """Write the global model to continue from to ``out``; returns the number of rounds already committed.
 
@@ -134,6 +152,7 @@ def client_file(cid: int) -> str:
     return f"client_{cid:05d}.safetensors"
 
 
+@_reads_data
 def train_worker(cfg: Config, global_model: Path, round_no: int, worker: int, per_worker: int, out_dir: Path,
                  progress: Callable[[str], None] = print) -> list[int]:
     """Train worker ``worker``'s clients of round ``round_no`` from ``global_model``; one file per client in
@@ -185,6 +204,7 @@ def _worker_files(worker_dirs: Sequence[Path]) -> dict[int, list[Path]]:
     return files
 
 
+@_reads_data
 def conclude(cfg: Config, store: Path, global_model: Path, worker_dirs: Sequence[Path], round_no: int, out: Path,
              sinks: Sequence[MetricSink] = ()) -> RoundRecord | None:
     """Close round ``round_no`` from the workers' files, commit it to the store and write the new global
@@ -247,6 +267,7 @@ def status(cfg: Config, store: Path) -> dict:
     return {"completed_rounds": done, "rounds": cfg.federation.rounds, "complete": done >= cfg.federation.rounds}
 
 
+@_reads_data
 def finish(cfg: Config, store: Path, out_model: Path, sinks: Sequence[MetricSink] = ()) -> Evaluation | None:
     """The final model (to ``out_model`` and the store), its evaluation and the store's history and metrics
     files, once every round is committed; None while rounds remain. ``sinks`` get the final evaluation."""

@@ -78,4 +78,4 @@ def add_commands(sub, common) -> None:
                        "alias 'candidate' always, 'champion' only when it beats the champion on the same test data.")
     p.add_argument("--metrics", help="evaluation metrics JSON (default: <output.dir>/eval/metrics.json)")
     p.add_argument("--out", help="write the registration result JSON here")
-    p.set_defaults(func=cmd_register)
+    p.set_defaults(func=cmd_register, reads_data=True)
