@@ -167,6 +167,49 @@ def round_time(cfg, dm, device: torch.device, client_workers: int = 1) -> dict:
             "evaluate_s": round(time.perf_counter() - t1, 3), "round_samples_per_s": round(len(dm.train) / trained, 2)}
 
 
+def fixed_cost(cfg, dm, device: torch.device, clients: int = 8, workers: tuple[int, ...] = (0, 2)) -> dict:
+    """The per-client fixed cost, part by part, in milliseconds (median over ``clients`` clients after one
+    warm-up client): the global state loaded into the resident model, the client's loader up to its first
+    batch (for each loader worker count, a client after another, as in a round), the update copied off the
+    model, its admission (checks and the float64 change norm) and its fold into the round's mean."""
+    from fedcmi.algorithms.base import snapshot
+    from fedcmi.partition import load_partition
+    from fedcmi.round.update import ClientUpdate, change_norm, check_update
+    from fedcmi.rules.mean import Mean
+
+    part = load_partition(cfg.partition.file)
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, fn):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    for w in workers:
+        one = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"workers": w})})
+        fed = Federation(one, dm, part, device)
+        state = fed.initial_state()
+        rule = Mean(state, fed.model.owner if one.aggregation == "modality_aware" else None)
+        for k in range(clients + 1):
+            cid = k % len(part.clients)
+            timed("load_state", lambda: fed.load(state))
+            ctx = fed.client_context(cid, k + 1)
+            assert ctx is not None
+            first = timed(f"loader_first_batch_w{w}", lambda: next(iter(ctx.batches(0))))
+            del first
+            upd = timed("snapshot_update", lambda: snapshot(fed.model))
+            update = ClientUpdate(cid, upd, ctx.num_examples, ctx.modalities, {})
+            timed("admission", lambda: (check_update(state, update), change_norm(state, update.state)))
+            timed("fold", lambda: rule.add(update))
+            if k == 0:  # the warm-up client
+                times = {n: [] for n in times}
+        del fed
+    return {name: round(statistics.median(v), 2) for name, v in times.items() if v}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -180,6 +223,9 @@ def main() -> None:
                     help="also time a whole round of this many clients sharing the samples (0: skip)")
     ap.add_argument("--client-workers", type=int, default=1,
                     help="federation.workers for that round: processes training clients at once on the device")
+    ap.add_argument("--fixed-cost", type=int, default=0, metavar="N",
+                    help="also time the per-client fixed cost part by part over N clients (0: skip)")
+    ap.add_argument("--fixed-cost-only", action="store_true", help="time the fixed cost only, no epochs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -201,8 +247,16 @@ def main() -> None:
         save_partition(make_partition(cfg, dm.train.labels, dm.spec.modalities, 6), cfg.partition.file)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        if args.fixed_cost:
+            cost = fixed_cost(cfg, dm, device, args.fixed_cost)
+            print(f"{algorithm} fixed cost per client (ms): {cost}", flush=True)
+            if args.fixed_cost_only:
+                rows[algorithm] = {"fixed_cost_ms": cost}
+                continue
         seconds, util = engine_epoch(cfg, dm, device)
         row = {"engine_samples_per_s": round(args.samples / seconds, 2), "gpu_utilisation_pct": util}
+        if args.fixed_cost:
+            row["fixed_cost_ms"] = cost
         if device.type == "cuda":
             row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
         if algorithm == "fedavg":  # the like-for-like comparison: FedAvg's local step is plain cross-entropy
