@@ -16,6 +16,7 @@ from fedcmi.algorithms import build_model, get_strategy
 from fedcmi.algorithms.base import ClientContext, Strategy
 from fedcmi.config import Config
 from fedcmi.data import DataModule
+from fedcmi.data.base import ResidentLoader
 from fedcmi.errors import FedcmiError
 from fedcmi.evaluation import evaluate_model
 from fedcmi.metrics import Evaluation
@@ -82,6 +83,16 @@ class Federation:
         self.strategy: Strategy = get_strategy(cfg)
         self.model = build_model(cfg, data.spec).to(self.device)
         self.faults = partition.sample_faults(data.train.labels)  # the partition's faulty samples, if any
+        self._loader: ResidentLoader | None = None
+
+    @property
+    def loader(self) -> ResidentLoader:
+        """The training split's loader for every client this instance trains, made on first use (an
+        evaluation-only federation starts no loader workers)."""
+        if self._loader is None:
+            cfg = self.cfg.loader
+            self._loader = self.data.client_loader(cfg.workers, cfg.pinned(self.device.type), self.faults)
+        return self._loader
 
     # -- state ---------------------------------------------------------------
     def initial_state(self) -> StateDict:
@@ -100,14 +111,11 @@ class Federation:
         mods = self.strategy.batch_modalities(shard.modalities)
         bs = self.cfg.federation.batch_size
         seed = self.cfg.seed
-        loader = self.cfg.loader
-        pin = loader.pinned(self.device.type)
         indices = shard.labelled
         done = round_no - 1  # seeds count the rounds before this one
 
         def batches(epoch: int):
-            return self.data.client_batches(indices, mods, bs, derive_seed(seed, done, cid, epoch),
-                                            loader.workers, pin, self.faults)
+            return self.loader.batches(indices, mods, bs, derive_seed(seed, done, cid, epoch))
 
         return ClientContext(self.cfg, round_no, cid, shard.modalities, shard.num_examples, batches, self.device)
 

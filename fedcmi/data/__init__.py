@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from fedcmi.config import Config
 from fedcmi.data.base import (
     DataError,
     DatasetSpec,
+    ResidentLoader,
     Split,
     batch_loader,
     check_replaceable,
@@ -93,12 +94,11 @@ class DataModule:
             raise DataError(f"the prepared data has no {name!r} split (it has {sorted(self.splits)})")
         return self.splits[name]
 
-    def client_batches(
-        self, indices: np.ndarray, modalities: Sequence[str], batch_size: int, seed: int, workers: int = 0,
-        pin_memory: bool = False, faults: SampleFaults | None = None,
-    ) -> Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """A client's rows of the training split, shuffled by ``seed``, with the partition's ``faults``."""
-        return batch_loader(self.train, indices, modalities, batch_size, seed, workers, pin_memory, faults)
+    def client_loader(self, workers: int = 0, pin_memory: bool = False,
+                      faults: SampleFaults | None = None) -> ResidentLoader:
+        """One loader over the training split for every client epoch of a process (see
+        :class:`~fedcmi.data.base.ResidentLoader`): its workers start once, not per client epoch."""
+        return ResidentLoader(self.train, self.spec.modalities, workers, pin_memory, faults)
 
     def split_batches(self, name: str, batch_size: int, workers: int = 0, pin_memory: bool = False,
                       faults: SampleFaults | None = None) -> Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]:

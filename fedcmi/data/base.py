@@ -154,7 +154,7 @@ class SplitDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> Batch:
         idx = np.asarray(indices, dtype=np.int64)
-        x, y = self.split.batch(idx, self.modalities)
+        x, y = self.split.batch(idx, getattr(indices, "modalities", self.modalities))
         return (x, y) if self.faults is None else self.faults.apply(idx, x, y)
 
 
@@ -176,6 +176,56 @@ class SeededBatches(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
+
+
+class _Request(list):
+    """One batch's rows and the modalities to read for them: a resident loader's workers serve clients
+    that hold different modalities, so each request says which (it travels to the worker pickled)."""
+
+    modalities: tuple[str, ...] = ()
+
+
+class ResidentBatches(torch.utils.data.Sampler[list[int]]):
+    """The batch sampler of a loader that lives across epochs and clients: each iteration serves the
+    request last given to :meth:`serve`, in :class:`SeededBatches`' order."""
+
+    def __init__(self) -> None:
+        self._batches = SeededBatches(np.zeros(0, dtype=np.int64), 1)
+        self._modalities: tuple[str, ...] = ()
+
+    def serve(self, indices: np.ndarray, batch_size: int, seed: int | None, modalities: Sequence[str]) -> None:
+        self._batches = SeededBatches(indices, batch_size, seed)
+        self._modalities = tuple(modalities)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for rows in self._batches:
+            request = _Request(rows)
+            request.modalities = self._modalities
+            yield request
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+class ResidentLoader:
+    """One loader for every client epoch a process trains. With ``workers`` > 0 its worker processes start
+    once and stay (``persistent_workers``), instead of starting again for each client's every epoch; the
+    batches are those :func:`batch_loader` gives for the same rows and seed, bitwise (the order is drawn
+    in this process, the rows read by whichever worker). One epoch at a time: a new :meth:`batches`
+    ends the last one."""
+
+    def __init__(self, split: Split, modalities: Sequence[str], workers: int = 0, pin_memory: bool = False,
+                 faults: SampleFaults | None = None) -> None:
+        self.sampler = ResidentBatches()
+        self.loader = torch.utils.data.DataLoader(
+            SplitDataset(split, modalities, faults), batch_sampler=self.sampler, collate_fn=_whole_batch,
+            num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+
+    def batches(self, indices: np.ndarray, modalities: Sequence[str], batch_size: int,
+                seed: int | None) -> Iterator[Batch]:
+        """The batches of one client epoch: ``indices`` shuffled by ``seed``, ``modalities`` read."""
+        self.sampler.serve(indices, batch_size, seed, modalities)
+        return iter(self.loader)
 
 
 def _whole_batch(batch: Any) -> Any:
