@@ -7,13 +7,23 @@ path, with a reason that names it, and never reaches the global model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from fedcmi.partition import Partition
 from fedcmi.round.stage import Stage
-from fedcmi.round.update import ClientUpdate, RunawayUpdate, UpdateRejected, change_norm, check_update, state_norm
+from fedcmi.round.update import (
+    ClientUpdate,
+    RunawayUpdate,
+    Scratch,
+    UpdateRejected,
+    change_norm,
+    check_finite,
+    check_update,
+    state_norm,
+)
 
 
 class Admission(Stage):
@@ -34,6 +44,7 @@ class Admission(Stage):
         self.global_state = global_state
         self.seen: set[int] = set()
         self.bound = max_change_ratio * max(1.0, state_norm(global_state))
+        self.scratch = Scratch()  # the change norm's float64 buffer, for every update of the round
 
     def _once(self, cid: int) -> None:
         if cid not in self.sampled:
@@ -56,7 +67,10 @@ class Admission(Stage):
         self._once(cid)
         if update.client_id != cid:
             raise UpdateRejected(f"the update sent for client {cid} carries client id {update.client_id}")
-        check_update(self.global_state, update)
+        check_update(self.global_state, update, finite=False)
+        norm = change_norm(self.global_state, update.state, self.scratch)  # one pass: the bound and finiteness
+        if not math.isfinite(norm):
+            check_finite(update)  # a NaN or Inf: named, before any other claim is judged
         shard = self.partition.client(cid)
         if update.num_examples > shard.num_examples:
             raise UpdateRejected(f"client {cid} claims {update.num_examples} samples; its shard holds "
@@ -64,7 +78,6 @@ class Admission(Stage):
         if tuple(update.modalities) != shard.modalities:
             raise UpdateRejected(f"client {cid} claims modalities {list(update.modalities)}; the partition gives "
                                  f"it {list(shard.modalities)}")
-        norm = change_norm(self.global_state, update.state)
         if not norm <= self.bound:
             raise RunawayUpdate(
                 f"client {cid}: its change has L2 norm {norm:.4g}, above the bound {self.bound:.4g} "

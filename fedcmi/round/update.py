@@ -93,9 +93,10 @@ def unpack_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[StateDict, Stat
     return state, extra
 
 
-def check_update(global_state: Mapping[str, torch.Tensor], update: ClientUpdate) -> None:
+def check_update(global_state: Mapping[str, torch.Tensor], update: ClientUpdate, finite: bool = True) -> None:
     """Raise :class:`UpdateRejected` if ``update`` does not fit the global model: its keys, each tensor's
-    dtype and shape, finite values and a positive sample count."""
+    dtype and shape, finite values (unless ``finite`` is false: the caller tells them from the change
+    norm, see :func:`check_finite`) and a positive sample count."""
     n = update.num_examples
     if not is_int(n) or n <= 0:
         raise UpdateRejected(f"client {update.client_id}: num_examples must be a positive integer, got {n!r}")
@@ -111,16 +112,54 @@ def check_update(global_state: Mapping[str, torch.Tensor], update: ClientUpdate)
         if u.shape != g.shape:
             raise UpdateRejected(
                 f"client {update.client_id}: {k} has shape {tuple(u.shape)}, expected {tuple(g.shape)}")
+    if finite:
+        check_finite(update)
+
+
+def check_finite(update: ClientUpdate) -> None:
+    """Raise :class:`NonFiniteUpdate` naming the first tensor of ``update`` that holds NaN or Inf.
+
+    A pass of its own over the whole update; the round's admission runs it only when the update's float64
+    change norm is not finite, which, the global model being finite, happens exactly when a value is NaN
+    or Inf (float32 values squared and summed cannot overflow float64)."""
+    for k, u in update.state.items():
         if u.is_floating_point() and not torch.isfinite(u).all():
             raise NonFiniteUpdate(f"client {update.client_id}: {k} holds NaN or Inf")
 
 
-def change_norm(global_state: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> float:
+class Scratch:
+    """One float64 buffer reused for each tensor of a pass over a model's state.
+
+    Widening every tensor of every client's update to a fresh float64 copy costs an allocation per tensor
+    (on the CPU, large ones come as fresh pages the kernel must zero); the server's passes (the change
+    norm, the fold) take a view of this buffer instead. The view starts where the buffer starts, so each
+    reduction over it runs exactly as over a fresh tensor of that shape: the figures are bitwise the same.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.buf = torch.empty(0, dtype=torch.float64, device=device)
+
+    def like(self, t: torch.Tensor) -> torch.Tensor:
+        """A float64 tensor of ``t``'s shape on the buffer's device; its values are undefined."""
+        n = t.numel()
+        if self.buf.numel() < n:
+            self.buf = torch.empty(n, dtype=torch.float64, device=self.buf.device)
+        return self.buf[:n].view(t.shape)
+
+    def widen(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in float64 on the buffer's device, in the buffer (valid until the next call)."""
+        return self.like(t).copy_(t)
+
+
+def change_norm(global_state: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                scratch: Scratch | None = None) -> float:
     """L2 norm of ``state - global_state`` over the floating tensors, in float64 (inf if it overflows)."""
+    scratch = scratch or Scratch()
     total = 0.0
     for k, g in global_state.items():
         if g.is_floating_point() and k in state:
-            total += float((state[k].double() - g.double()).pow(2).sum())
+            d = scratch.widen(state[k]).sub_(g)  # float64 minus g widened elementwise: exact, as g.double()
+            total += float(d.square_().sum())
     return math.sqrt(total) if math.isfinite(total) else float("inf")
 
 

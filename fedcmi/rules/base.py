@@ -43,9 +43,9 @@ class Rule(ABC):
         """The modality group of parameter ``key`` (None: shared)."""
         return self.owner(key) if self.owner else None
 
-    def contributions(self, update: ClientUpdate) -> Iterator[tuple[str, torch.Tensor]]:
+    def said(self, update: ClientUpdate) -> Iterator[tuple[str, torch.Tensor]]:
         """The update's floating tensors it has a say in (shared ones, and those of modalities it holds),
-        on the CPU in float64."""
+        as sent."""
         held = set(update.modalities)
         for key, value in update.state.items():
             if not value.is_floating_point():
@@ -53,7 +53,12 @@ class Rule(ABC):
             group = self.group(key)
             if group is not None and group not in held:
                 continue
-            yield key, value.detach().to("cpu", torch.float64)
+            yield key, value.detach()
+
+    def contributions(self, update: ClientUpdate) -> Iterator[tuple[str, torch.Tensor]]:
+        """:meth:`said`, on the CPU in float64."""
+        for key, value in self.said(update):
+            yield key, value.to("cpu", torch.float64)
 
     @abstractmethod
     def add(self, update: ClientUpdate) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from pydantic import BaseModel
 
-from fedcmi.round.update import ClientUpdate, StateDict
+from fedcmi.round.update import ClientUpdate, Scratch, StateDict
 from fedcmi.rules.base import Owner, Rule
 
 
@@ -25,15 +25,15 @@ class Mean(Rule):
         super().__init__(global_state, owner, options)
         self.sums: dict[str, torch.Tensor] = {}
         self.weights: dict[str | None, float] = {}
+        self.scratch = Scratch()
 
     def add(self, update: ClientUpdate) -> None:
         w = float(update.num_examples)
-        for key, value in self.contributions(update):
-            contrib = value * w
-            if key in self.sums:
-                self.sums[key] += contrib
+        for key, value in self.said(update):
+            if key in self.sums:  # widened into the scratch buffer, scaled, added: the same two roundings
+                self.sums[key] += self.scratch.widen(value).mul_(w)
             else:
-                self.sums[key] = contrib
+                self.sums[key] = value.to("cpu", torch.float64, copy=True).mul_(w)
         self.weights[None] = self.weights.get(None, 0.0) + w
         for m in set(update.modalities):
             self.weights[m] = self.weights.get(m, 0.0) + w
