@@ -3,6 +3,8 @@
     python benchmarks/train_throughput.py --device cuda --precision bf16-mixed --samples 1024 --batch-size 64
     python benchmarks/train_throughput.py --device cpu --samples 48 --batch-size 16      # no GPU at hand
     python benchmarks/train_throughput.py --device cuda --precision bf16-mixed --samples 1024 --batch-size 64 \
+        --clients 1 8 32 --fixed-cost 8   # rounds of 1, 8 and 32 clients sharing the samples; fixed cost by part
+    python benchmarks/train_throughput.py --device cuda --precision bf16-mixed --samples 1024 --batch-size 64 \
         --clients 8 --client-workers 4     # a round of 8 small clients, 4 trained at once on the one GPU
 
 One client holding ``--samples`` CREMA-D-shaped samples (a 1 x 257 x 299 log
@@ -18,6 +20,7 @@ Prints samples per second and writes benchmarks/results/train_throughput_<device
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import subprocess
@@ -40,13 +43,13 @@ from fedcmi.federation import Federation
 from fedcmi.partition import make_partition, save_partition
 
 
-def make_data(work: Path, n: int, frames: int, seed: int = 0) -> Path:
+def make_data(work: Path, n: int, frames: int, seed: int = 0, test: int = 8) -> Path:
     spec = DatasetSpec(("audio", "visual"), {"audio": (1, 257, 299), "visual": (frames, 3, 224, 224)}, 6,
                        ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG"), dtypes={"visual": "uint8"},
                        normalize={"visual": IMAGENET_NORM})
     rng = np.random.default_rng(seed)
-    with PreparedWriter(work / "prepared", spec, {"train": n, "test": 8}) as w:
-        for split, count in (("train", n), ("test", 8)):
+    with PreparedWriter(work / "prepared", spec, {"train": n, "test": test}) as w:
+        for split, count in (("train", n), ("test", test)):
             for i in range(count):
                 w.add(split, {"audio": rng.standard_normal((1, 257, 299), dtype=np.float32),
                               "visual": rng.integers(0, 256, (frames, 3, 224, 224), dtype=np.uint8)}, i % 6)
@@ -174,19 +177,22 @@ def fixed_cost(cfg, dm, device: torch.device, clients: int = 8, workers: tuple[i
     model, its admission (checks and the float64 change norm) and its fold into the round's mean."""
     from fedcmi.algorithms.base import snapshot
     from fedcmi.partition import load_partition
-    from fedcmi.round.update import ClientUpdate, change_norm, check_update
+    from fedcmi.round.admission import Admission
+    from fedcmi.round.update import ClientUpdate
     from fedcmi.rules.mean import Mean
 
     part = load_partition(cfg.partition.file)
     times: dict[str, list[float]] = {}
+    warm = [True]
 
-    def timed(name: str, fn):
+    @contextlib.contextmanager
+    def timed(name: str):
         sync(device)
         t0 = time.perf_counter()
-        out = fn()
+        yield
         sync(device)
-        times.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
-        return out
+        if not warm[0]:  # the first client of each loader set-up warms up
+            times.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
 
     for w in workers:
         one = cfg.model_copy(update={"loader": cfg.loader.model_copy(update={"workers": w})})
@@ -194,19 +200,22 @@ def fixed_cost(cfg, dm, device: torch.device, clients: int = 8, workers: tuple[i
         state = fed.initial_state()
         rule = Mean(state, fed.model.owner if one.aggregation == "modality_aware" else None)
         for k in range(clients + 1):
+            warm[0] = k == 0
             cid = k % len(part.clients)
-            timed("load_state", lambda: fed.load(state))
+            with timed("load_state"):
+                fed.load(state)
             ctx = fed.client_context(cid, k + 1)
             assert ctx is not None
-            first = timed(f"loader_first_batch_w{w}", lambda: next(iter(ctx.batches(0))))
-            del first
-            upd = timed("snapshot_update", lambda: snapshot(fed.model))
-            update = ClientUpdate(cid, upd, ctx.num_examples, ctx.modalities, {})
-            timed("admission", lambda: (check_update(state, update), change_norm(state, update.state)))
-            timed("fold", lambda: rule.add(update))
-            if k == 0:  # the warm-up client
-                times = {n: [] for n in times}
-        del fed
+            with timed(f"loader_first_batch_w{w}"):
+                next(iter(ctx.batches(0)))
+            with timed("snapshot_update"):
+                update = ClientUpdate(cid, snapshot(fed.model), ctx.num_examples, ctx.modalities, {})
+            admission = Admission(k + 1, [cid], part, fed.strategy.participates, fed.strategy.name,
+                                  one.server.max_change_ratio, state)  # the round's stage, as the server runs it
+            with timed("admission"):
+                admission.admit(cid, update)
+            with timed("fold"):
+                rule.add(update)
     return {name: round(statistics.median(v), 2) for name, v in times.items() if v}
 
 
@@ -219,8 +228,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=1)
     ap.add_argument("--algorithms", nargs="+", default=["fedavg", "fedcmi"])
     ap.add_argument("--workers", type=int, default=0, help="loader.workers: processes reading batches")
-    ap.add_argument("--clients", type=int, default=0,
-                    help="also time a whole round of this many clients sharing the samples (0: skip)")
+    ap.add_argument("--clients", type=int, nargs="*", default=[],
+                    help="also time a whole round of each of these many clients sharing the samples (1 8 32)")
     ap.add_argument("--client-workers", type=int, default=1,
                     help="federation.workers for that round: processes training clients at once on the device")
     ap.add_argument("--fixed-cost", type=int, default=0, metavar="N",
@@ -263,19 +272,23 @@ def main() -> None:
             bare = bare_epoch(cfg, dm, device)
             row["bare_samples_per_s"] = round(args.samples / bare, 2)
             row["engine_over_bare_time"] = round(seconds / bare, 4)
-        if args.clients > 1:
+        for n in args.clients:  # a round of n clients sharing the samples, against the one client above
             many = cfg.model_copy(update={
-                "partition": cfg.partition.model_copy(update={"num_clients": args.clients, "scheme": "iid",
+                "partition": cfg.partition.model_copy(update={"num_clients": n, "scheme": "iid",
                                                               "multimodal_fraction": 1.0,
                                                               "max_samples_per_client": None,
-                                                              "file": work / f"partition{args.clients}.json"}),
-                "federation": cfg.federation.model_copy(update={"clients_per_round": args.clients,
-                                                                "local_epochs": 1})})
+                                                              "file": work / f"partition{n}.json"}),
+                "federation": cfg.federation.model_copy(update={"clients_per_round": n, "local_epochs": 1})})
             save_partition(make_partition(many, dm.train.labels, dm.spec.modalities, 6), many.partition.file)
-            row["round"] = round_time(many, dm, device, args.client_workers)
+            rnd = round_time(many, dm, device, args.client_workers)
+            rnd["over_one_client"] = round(rnd["round_samples_per_s"] / row["engine_samples_per_s"], 3)
+            # what each client adds beyond its share of the one client's epoch
+            rnd["fixed_cost_per_client_ms"] = round((rnd["round_s"] - seconds) / n * 1e3, 1)
+            row[f"round_{n}_clients"] = rnd
         rows[algorithm] = row
         print(f"{algorithm}: {row}", flush=True)
-    suffix = ((f"_w{args.workers}" if args.workers else "") + (f"_c{args.clients}" if args.clients > 1 else "")
+    suffix = ((f"_w{args.workers}" if args.workers else "") + ("_c" + "-".join(map(str, args.clients))
+                                                              if args.clients else "")
               + (f"_p{args.client_workers}" if args.client_workers > 1 else ""))
     name = args.out or str(RESULTS / f"train_throughput_{device.type}_{args.precision}{suffix}.json")
     save_results(Path(name), {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

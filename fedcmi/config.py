@@ -317,8 +317,9 @@ class TrackingConfig(Section):
 class LoaderConfig(Section):
     """How batches reach the model (never what they hold: the order is the seed's alone)."""
 
-    workers: Int = Field(0, ge=0, le=64, description="processes reading batches (0: the training process); "
-                         "raise for real datasets on a GPU")
+    workers: Int = Field(0, ge=0, le=64, description="processes reading batches (0: the training process), "
+                         "started once per training process and kept across clients; raise for real datasets "
+                         "on a GPU")
     pin_memory: bool | Literal["auto"] = Field(
         "auto", description="page-locked batches for asynchronous copies to the GPU (auto: on CUDA)")
 
