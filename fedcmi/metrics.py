@@ -5,7 +5,8 @@ history and its curves, MLflow, the Kubeflow run, the headline a registry compar
 their :func:`figure` metadata, never key prefixes. A figure added here, with its computation in
 :func:`from_logits`, reaches all of them.
 
-The figures follow the method file: multimodal accuracy and macro-F1, each uni-modal head, each
+The figures follow the method file: multimodal accuracy, macro-F1 and unweighted average recall
+(UAR, the published protocols' figure), each uni-modal head, each
 single-modality path, per-class and worst-class accuracy with its spread, and the imbalance ratio between
 the two uni-modal heads; a ridge probe per frozen encoder is added by :mod:`fedcmi.evaluation`.
 """
@@ -34,15 +35,18 @@ class Evaluation:
     uni_acc: dict[str, float] = field(default_factory=dict, metadata=figure(1, True, True, per="modality"))
     worst_class_acc: float = field(default=0.0, metadata=figure(2, curve=True, headline=True))
     mm_f1: float = field(default=0.0, metadata=figure(3, curve=True, headline=True))
-    path_acc: dict[str, float] = field(default_factory=dict, metadata=figure(4, True, True, per="modality"))
-    probe_acc: dict[str, float] = field(default_factory=dict, metadata=figure(5, headline=True, per="modality"))
-    imbalance_ratio: float | None = field(default=None, metadata=figure(6))
-    class_acc_spread: float = field(default=0.0, metadata=figure(7))
+    #: unweighted average recall (balanced accuracy): the mean per-class recall over the classes present,
+    #: the figure FedMultimodal and the emotion-recognition literature report
+    mm_uar: float = field(default=0.0, metadata=figure(4, curve=True, headline=True))
+    path_acc: dict[str, float] = field(default_factory=dict, metadata=figure(5, True, True, per="modality"))
+    probe_acc: dict[str, float] = field(default_factory=dict, metadata=figure(6, headline=True, per="modality"))
+    imbalance_ratio: float | None = field(default=None, metadata=figure(7))
+    class_acc_spread: float = field(default=0.0, metadata=figure(8))
     #: the share of the most-predicted class: near 1 when the model has collapsed to one answer
-    pred_top_frac: float = field(default=0.0, metadata=figure(8))
+    pred_top_frac: float = field(default=0.0, metadata=figure(9))
     #: how much the logits vary with the input, relative to their size: 0 when the network is dead
-    mm_logit_spread: float = field(default=1.0, metadata=figure(9))
-    class_acc: list[float] = field(default_factory=list, metadata=figure(10, per="class"))
+    mm_logit_spread: float = field(default=1.0, metadata=figure(10))
+    class_acc: list[float] = field(default_factory=list, metadata=figure(11, per="class"))
     #: the multimodal confusion matrix (rows: true class); not a figure
     confusion: list[list[int]] = field(default_factory=list, compare=False)
 
@@ -144,6 +148,7 @@ def from_logits(logits: Mapping[str, np.ndarray], y: np.ndarray, k: int, modalit
         pred_top_frac=float(cm.sum(axis=0).max() / max(len(y), 1)),
         mm_logit_spread=(float(mm.std(axis=0).mean() / max(1.0, float(np.abs(mm).mean()))) if len(mm) > 1 else 1.0),
         mm_f1=macro_f1(cm),
+        mm_uar=float(per_class[present].mean()),
         class_acc=[float(per_class[c]) for c in range(k)],
         worst_class_acc=float(per_class[present].min()),
         class_acc_spread=float(per_class[present].max() - per_class[present].min()),

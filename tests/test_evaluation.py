@@ -45,3 +45,17 @@ def test_the_headline_figures_are_the_ones_where_higher_is_better():
     names = headline_names(("audio", "visual"))
     assert names[0] == "mm_acc" and {"mm_f1", "worst_class_acc", "path_acc_visual", "probe_acc_audio"} <= set(names)
     assert "imbalance_ratio" not in names and "pred_top_frac" not in names
+
+
+def test_uar_is_balanced_accuracy_over_the_classes_present():
+    """UAR: the mean of the per-class recalls (scikit-learn's balanced_accuracy_score), which accuracy is
+    not under class imbalance; a class absent from the labels does not count."""
+    from fedcmi.metrics import from_logits
+
+    y = np.array([0] * 8 + [1, 1, 2, 2])  # class 3 never occurs
+    pred = np.array([0] * 8 + [0, 1, 0, 3])
+    logits = np.eye(4)[pred]
+    ev = from_logits({"mm": logits}, y, 4, ())
+    assert ev.mm_acc == pytest.approx(9 / 12)
+    assert ev.mm_uar == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    assert "mm_uar" in headline_names(("audio", "visual")) and "mm_uar" in ev.curves()
