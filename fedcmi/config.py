@@ -20,7 +20,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from fedcmi.errors import EXIT_USAGE, FedcmiError
 from fedcmi.metrics import headline_names
-from fedcmi.registry import ALGORITHMS, DATASETS, RULES, Registry
+from fedcmi.registry import ALGORITHMS, DATASETS, RULES, SAMPLERS, Registry
 
 #: Numbers in settings: YAML's true/false is never taken for 1/0 (``federation.rounds: true`` is an error).
 Int = Annotated[int, Strict()]
@@ -176,17 +176,28 @@ class ModelConfig(Section):
     fusion: Literal["concat", "sum", "film", "gated"] = "concat"
 
 
-class FederationConfig(Section):
-    """Rounds, client sampling and local work."""
+class FederationConfig(PluginSection):
+    """Rounds, client sampling and local work; each client sampler's own settings at
+    ``federation.<sampler>`` (see :mod:`fedcmi.samplers`)."""
 
+    registry = SAMPLERS
     rounds: Int = Field(20, ge=1, le=100_000)
     clients_per_round: Int = Field(5, ge=1)
+    sampler: str = Field("uniform", description="how a round's clients are drawn (fedcmi.registry.SAMPLERS): "
+                         "uniform, or modality_aware (at least federation.modality_aware.min_holders holders "
+                         "of each modality every round)")
     local_epochs: Int = Field(3, ge=1)
     batch_size: Int = Field(16, ge=1)
     min_clients: Int = Field(1, ge=1, description="valid updates a round needs to complete")
     workers: Int | Literal["auto"] = Field(
         "auto", description="processes that train a round's clients side by side (each with `threads` torch "
         "threads); auto: the CPUs this process may use over `threads`. The model does not depend on it")
+
+    @field_validator("sampler")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        SAMPLERS.get(v)  # UnknownPlugin, a ValueError naming the known ones
+        return v
 
     @field_validator("workers")
     @classmethod
@@ -346,7 +357,7 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = PartitionConfig()
     model: ModelConfig = ModelConfig()
-    federation: FederationConfig = FederationConfig()
+    federation: FederationConfig = Field(default_factory=FederationConfig)
     optim: OptimConfig = OptimConfig()
     server: ServerConfig = Field(default_factory=ServerConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
@@ -380,6 +391,7 @@ class Config(Section):
             )
         if self.federation.min_clients > self.federation.clients_per_round:
             raise ValueError("federation.min_clients exceeds federation.clients_per_round")
+        SAMPLERS.get(self.federation.sampler).check(self)
         headlines = headline_names(mods)
         if self.tracking.headline_metric not in headlines:
             raise ValueError(f"tracking.headline_metric {self.tracking.headline_metric!r} is not a figure the "
@@ -428,12 +440,14 @@ class Config(Section):
 
     def applicable(self) -> dict[str, Any]:
         """:meth:`flat` without the settings this run does not use: the sections of other datasets, of
-        other aggregation rules and of other algorithms, and what its own dataset does not read (what MLflow
+        other aggregation rules, of other client samplers and of other algorithms, and what its own dataset does not read (what MLflow
         shows)."""
         dataset = DATASETS.get(self.data.name)
         unused = {f"data.{key}" for key in (self.data.__pydantic_extra__ or {}) if key != self.data.name}
         unused |= dataset.unused_settings(self)
         unused |= {f"server.{key}" for key in (self.server.__pydantic_extra__ or {}) if key != self.server.rule}
+        unused |= {f"federation.{key}" for key in (self.federation.__pydantic_extra__ or {})
+                   if key != self.federation.sampler}
         strategy = ALGORITHMS.get(self.algorithm.name)
         used = {*SHARED_ALGORITHM_KEYS, *strategy.reads, strategy.options_key()}
         unused |= {f"algorithm.{key}" for key in self.algorithm.model_dump() if key not in used}

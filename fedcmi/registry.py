@@ -1,4 +1,4 @@
-"""Registries of plug-ins: algorithms, aggregation rules, datasets.
+"""Registries of plug-ins: algorithms, aggregation rules, datasets, client samplers.
 
 A registry finds its plug-ins in two places, so that adding one is one file:
 
@@ -104,3 +104,4 @@ class Registry:
 ALGORITHMS = Registry("algorithm", "fedcmi.algorithms", "fedcmi.algorithms.base:Strategy", "fedcmi.algorithms")
 RULES = Registry("aggregation rule", "fedcmi.rules", "fedcmi.rules.base:Rule", "fedcmi.rules")
 DATASETS = Registry("dataset", "fedcmi.datasets", "fedcmi.datasets.base:Dataset", "fedcmi.datasets")
+SAMPLERS = Registry("client sampler", "fedcmi.samplers", "fedcmi.samplers.base:Sampler", "fedcmi.samplers")

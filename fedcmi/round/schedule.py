@@ -1,22 +1,30 @@
 """When things happen in a federation: which clients a round samples, how they split over workers, which
-rounds end with an evaluation. Drawn from the settings and the round alone, so every executor agrees
-without the data. Rounds are numbered from 1."""
+rounds end with an evaluation. Drawn from the settings and the round alone (and, for a sampler that looks
+at what clients hold, the partition file), so every executor agrees without the data. Rounds are
+numbered from 1."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 from fedcmi.config import Config
+from fedcmi.partition import load_partition
+from fedcmi.registry import SAMPLERS
 from fedcmi.seeds import derive_seed
 
 SAMPLING_STREAM = 0xC11E
 
 
-def sample_clients(cfg: Config, round_no: int) -> list[int]:
-    """The clients of round ``round_no`` (from 1), sorted."""
+def sample_clients(cfg: Config, round_no: int, holdings: Sequence[tuple[str, ...]] | None = None) -> list[int]:
+    """The clients of round ``round_no`` (from 1), sorted, drawn by ``federation.sampler``. ``holdings``
+    (each client's modalities) is read from ``partition.file`` when the sampler needs it and none is given."""
+    sampler = SAMPLERS.get(cfg.federation.sampler)(cfg)
+    if sampler.reads_holdings and holdings is None:
+        holdings = [c.modalities for c in load_partition(cfg.partition.file).clients]
     rng = np.random.default_rng(derive_seed(cfg.seed, round_no - 1, SAMPLING_STREAM))
-    n = cfg.partition.num_clients
-    return sorted(rng.choice(n, size=cfg.federation.clients_per_round, replace=False).tolist())
+    return sorted(sampler.draw(rng, cfg.partition.num_clients, cfg.federation.clients_per_round, holdings))
 
 
 class Schedule:
@@ -24,13 +32,20 @@ class Schedule:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self._holdings: list[tuple[str, ...]] | None = None
+
+    def _held(self) -> list[tuple[str, ...]] | None:
+        """Each client's modalities, read once, when the sampler looks at them."""
+        if self._holdings is None and SAMPLERS.get(self.cfg.federation.sampler).reads_holdings:
+            self._holdings = [c.modalities for c in load_partition(self.cfg.partition.file).clients]
+        return self._holdings
 
     @property
     def rounds(self) -> int:
         return self.cfg.federation.rounds
 
     def clients(self, round_no: int) -> list[int]:
-        return sample_clients(self.cfg, round_no)
+        return sample_clients(self.cfg, round_no, self._held())
 
     def workers(self, per_worker: int) -> int:
         """How many workers (pods) a round needs when each trains up to ``per_worker`` clients."""
