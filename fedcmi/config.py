@@ -440,8 +440,8 @@ class Config(Section):
 
     def applicable(self) -> dict[str, Any]:
         """:meth:`flat` without the settings this run does not use: the sections of other datasets, of
-        other aggregation rules, of other client samplers and of other algorithms, and what its own dataset does not read (what MLflow
-        shows)."""
+        other aggregation rules, of other client samplers and of other algorithms, and what its own
+        dataset does not read (what MLflow shows)."""
         dataset = DATASETS.get(self.data.name)
         unused = {f"data.{key}" for key in (self.data.__pydantic_extra__ or {}) if key != self.data.name}
         unused |= dataset.unused_settings(self)
