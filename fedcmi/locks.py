@@ -64,17 +64,11 @@ def exclusive(lock_file: str | Path, what: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                if _only_readers(fd):
-                    raise Busy(f"{what} is being read by another fedcmi process (a train, an evaluation, a "
-                               "pipeline step); wait for it to finish, or write to another folder") from None
-                raise Busy(f"{what} is in use by {_holder(fd)}; wait for it to finish, or give this run "
-                           "another folder") from None
-            # a file system without locks (some network volumes): go on unguarded, and say so
-            log.warning("cannot lock %s (%s); nothing stops a second writer there", path, exc.strerror)
+        if not _take(fd, fcntl.LOCK_EX, path, "a second writer"):
+            if _only_readers(fd):
+                raise Busy(f"{what} is being read by another fedcmi process (a train, an evaluation, a "
+                           "pipeline step); wait for it to finish, or write to another folder")
+            raise Busy(f"{what} is in use by {_holder(fd)}; wait for it to finish, or give this run another folder")
         note = {"pid": os.getpid(), "host": socket.gethostname(),
                 "since": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:300]}
@@ -87,6 +81,18 @@ def exclusive(lock_file: str | Path, what: str) -> Iterator[None]:
             _held.discard(path)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _take(fd: int, mode: int, path: Path, unguarded: str) -> bool:
+    """Lock ``fd`` in ``mode`` without waiting; False when another process holds it. A file system without
+    locks (some network volumes) goes on unguarded, with a warning naming what nothing stops."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        log.warning("cannot lock %s (%s); nothing stops %s there", path, exc.strerror, unguarded)
+    return True
 
 
 def _only_readers(fd: int) -> bool:
@@ -109,12 +115,8 @@ def shared(lock_file: str | Path, what: str) -> Iterator[None]:
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise Busy(f"{what} is being written by {_holder(fd)}; wait for it to finish") from None
-            log.warning("cannot lock %s (%s); nothing stops a writer meanwhile", path, exc.strerror)
+        if not _take(fd, fcntl.LOCK_SH, path, "a writer"):
+            raise Busy(f"{what} is being written by {_holder(fd)}; wait for it to finish")
         yield
     finally:
         os.close(fd)
