@@ -107,3 +107,17 @@ def test_every_top_level_function_is_used_outside_the_tests():
             if uses < 2:  # its own definition is one
                 unused.append(f"{name}.{node.name}")
     assert not unused, f"defined but never used outside tests: {unused}"
+
+
+def test_the_wheel_lists_every_package():
+    """The installed image holds only the packages pyproject names (editable installs hide a missing one)."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    renamed = {folder: name for name, folder in setup.get("package-dir", {}).items()}
+    on_disk = set()
+    for init in sorted(ROOT.glob("*/**/__init__.py")):
+        parts = init.parent.relative_to(ROOT).parts
+        if parts[0] in {"fedcmi", *renamed}:
+            on_disk.add(".".join((renamed.get(parts[0], parts[0]), *parts[1:])))
+    assert on_disk - set(setup["packages"]) == set(), "add these to [tool.setuptools] packages in pyproject.toml"
