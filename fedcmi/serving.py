@@ -1,18 +1,23 @@
-"""The logged MLflow model: a pyfunc that takes a dict of named modality arrays.
+"""The logged MLflow model: a pyfunc that takes a dict of named modality arrays, any of them absent.
 
 ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` both run
-:class:`ModalityClassifier`: each modality arrives as an array in the prepared
-data's layout and dtype (``uint8`` frames are normalised here, as in
-training), and the answer is a table with the predicted class index and name
-and one probability column per class. The torch network stays reachable for
-research use through ``unwrap_python_model().network``, which also takes a
-dict holding one modality only.
+:class:`ModalityClassifier`: each modality arrives as a batch array in the
+prepared data's layout (``uint8`` frames are normalised here, as in
+training). A request may leave out any modality but not all: the model then
+answers through the path its method provides for the present one (FedCMI's
+infiltration path, the fusion head with the absent slot zero-filled, an
+ensemble member), the path the evaluation reports as ``path/<m>``. The answer
+is a table with the predicted class index and name, one probability column
+per class, and the ``path`` that answered with its ``path_kind``. The torch
+network stays reachable for research use through
+``unwrap_python_model().network``.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,6 @@ from fedcmi.data.base import DatasetSpec, _to_tensor
 from fedcmi.io import load_state, save_state, write_json
 from fedcmi.models.networks import MultimodalNet
 from fedcmi.round.update import StateDict
-from fedcmi.tracking.inputs import modality_tensor_specs
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -47,6 +51,12 @@ class Network(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x = {m: v for m, v in batch.items() if m in self.modalities}
         return self.net(x).mm_logits
+
+    def path(self, present: Sequence[str]) -> str:
+        """The evaluation's name for the view that answers a batch holding ``present``: ``mm`` with every
+        modality, ``path/<m>`` with ``m`` alone."""
+        held = [m for m in self.modalities if m in present]
+        return "mm" if len(held) == len(self.modalities) else "path/" + "+".join(held)
 
 
 class ModalityClassifier(PythonModel):
@@ -71,7 +81,10 @@ class ModalityClassifier(PythonModel):
         import pandas as pd
 
         arrays = check_request(model_input, self.spec)
-        x = {m: _to_tensor(arrays[m], self.spec.normalize.get(m)) for m in self.spec.modalities}
+        arrays = {m: a for m, a in arrays.items() if m in self.network.modalities}
+        if not arrays:
+            raise ValueError(f"this model reads only {list(self.network.modalities)}, which the request lacks")
+        x = {m: _to_tensor(a, self.spec.normalize.get(m)) for m, a in arrays.items()}
         with torch.no_grad():
             probs = torch.softmax(self.network(x).float(), dim=-1).numpy()
         names = class_labels(self.spec)
@@ -79,20 +92,30 @@ class ModalityClassifier(PythonModel):
         out["class_name"] = [names[i] for i in out["class_index"]]
         for i, name in enumerate(names):
             out[f"p_{name}"] = probs[:, i].astype(np.float64)
+        path = self.network.path(list(arrays))
+        out["path"] = path
+        out["path_kind"] = "all modalities" if path == "mm" else self.network.net.absent_modality
         return out
 
 
 def check_request(model_input: Any, spec: DatasetSpec) -> dict[str, np.ndarray]:
-    """The request's arrays, one per modality, checked before the network sees them: each present, numeric,
-    finite, of the modality's sample shape, and every modality with the same number of samples (at least
-    one). A ValueError naming the input and what is wrong, never a torch error or an array dump."""
-    missing = [m for m in spec.modalities if m not in model_input]
-    if missing:
-        raise ValueError(f"the input lacks modality {missing}; it needs {list(spec.modalities)}")
+    """The request's arrays, one per modality it holds (at least one), checked before the network sees them:
+    numeric, finite, within the modality's dtype, of its sample shape, and all with the same number of
+    samples (at least one). ``model_input`` is a dict of batch arrays, or the one-row table MLflow's
+    signature check makes of it (a cell per modality, None where absent). A ValueError naming the input and
+    what is wrong, never a torch error or an array dump."""
+    given = _cells(model_input)
+    unknown = sorted(set(given) - set(spec.modalities))
+    if unknown:
+        raise ValueError(f"the input holds {unknown}, which the model does not take; it takes "
+                         f"{list(spec.modalities)}, any of them absent")
+    present = [m for m in spec.modalities if given.get(m) is not None]
+    if not present:
+        raise ValueError(f"the request holds none of the modalities {list(spec.modalities)}; send at least one")
     out: dict[str, np.ndarray] = {}
-    for m in spec.modalities:
+    for m in present:
         try:
-            arr = np.asarray(model_input[m])
+            arr = np.asarray(given[m])
         except (ValueError, TypeError) as exc:
             raise ValueError(f"input {m!r} is not an array ({str(exc)[:80]})") from None
         if arr.dtype.kind not in "biuf":
@@ -102,7 +125,7 @@ def check_request(model_input: Any, spec: DatasetSpec) -> dict[str, np.ndarray]:
                              f"{tuple(spec.shapes[m])} (batch first)")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise ValueError(f"input {m!r} holds NaN or Inf")
-        out[m] = arr
+        out[m] = _as_dtype(m, arr, np.dtype(spec.dtype(m)))
     sizes = {m: len(a) for m, a in out.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"the inputs hold different numbers of samples: {sizes}")
@@ -111,19 +134,76 @@ def check_request(model_input: Any, spec: DatasetSpec) -> dict[str, np.ndarray]:
     return out
 
 
+def _cells(model_input: Any) -> dict[str, Any]:
+    """The request as {modality: batch}: a dict as given, or the cells of MLflow's one-row table."""
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        if model_input.empty:  # what MLflow makes of an empty dict
+            return {}
+        if len(model_input) != 1:
+            raise ValueError(f"the request is a table of {len(model_input)} rows; send one batch per modality "
+                             "(a dict of arrays, or JSON {\"inputs\": {\"<modality>\": [...]}})")
+        row = model_input.iloc[0]
+        return {str(k): (None if _absent(v) else v) for k, v in row.items()}
+    if not isinstance(model_input, dict):
+        raise ValueError(f"the request is a {type(model_input).__name__}; send a dict of modality arrays")
+    return {str(k): v for k, v in model_input.items()}
+
+
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _as_dtype(m: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``arr`` in the modality's dtype; integers outside that dtype's range (a uint8 frame holding 300) are
+    refused rather than wrapped around."""
+    if arr.dtype == dtype:
+        return arr
+    if dtype.kind in "iu":
+        if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
+            raise ValueError(f"input {m!r} holds fractions; it takes whole numbers ({dtype})")
+        info = np.iinfo(dtype)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise ValueError(f"input {m!r} holds values outside {info.min}..{info.max} ({dtype})")
+    return arr.astype(dtype)
+
+
 def class_labels(spec: DatasetSpec) -> list[str]:
     """The classes' names, or their numbers when the data has none."""
     return list(spec.class_names) or [str(i) for i in range(spec.num_classes)]
 
 
 def signature(spec: DatasetSpec) -> Any:
-    """Named tensor inputs (one per modality, any batch size) and the prediction table."""
+    """One optional input per modality, a batch of samples in its dtype and shape (any batch size), and the
+    prediction table. MLflow's tensor specs cannot be optional, so each input is a column holding a nested
+    array, ``required=False``: the signature says that any modality may be left out."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array
 
+    inputs: list[Any] = []
+    for m in spec.modalities:
+        kind: Any = _column_type(np.dtype(spec.dtype(m)))
+        for _ in range(1 + len(spec.shapes[m])):  # the batch axis, then each sample axis
+            kind = Array(kind)
+        inputs.append(ColSpec(kind, m, required=False))
     outputs = Schema([ColSpec("long", "class_index"), ColSpec("string", "class_name"),
-                      *[ColSpec("double", f"p_{n}") for n in class_labels(spec)]])
-    return ModelSignature(inputs=Schema(modality_tensor_specs(spec)), outputs=outputs)
+                      *[ColSpec("double", f"p_{n}") for n in class_labels(spec)],
+                      ColSpec("string", "path"), ColSpec("string", "path_kind")])
+    return ModelSignature(inputs=Schema(inputs), outputs=outputs)
+
+
+def _column_type(dtype: np.dtype) -> Any:
+    """The widest MLflow type of the modality's kind: JSON numbers arrive as float64 and int64, which MLflow's
+    check would refuse to narrow; :func:`check_request` narrows them, refusing values that do not fit."""
+    from mlflow.types import DataType
+
+    if dtype.kind in "iub":
+        return DataType.long
+    if dtype.kind == "f":
+        return DataType.double
+    raise ValueError(f"modality dtype {dtype} has no MLflow column type")
 
 
 @dataclass

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -162,7 +163,8 @@ def test_run_model_and_registry_over_http(project, tmp_path_factory):
         assert net({"visual": torch.from_numpy(both["visual"])}).shape == (3, 6)
         assert (net({m: torch.from_numpy(v) for m, v in both.items()}).argmax(1).numpy()
                 == pred["class_index"].to_numpy()).all()
-        _served_model_answers(uri, "models:/tiny-model@champion", both, pred, tmp_path_factory.mktemp("serve"))
+        alone = {m: model.predict({m: v}) for m, v in both.items()}
+        _served_model_answers(uri, "models:/tiny-model@champion", both, pred, alone, tmp_path_factory.mktemp("serve"))
 
         with urllib.request.urlopen(uri + "/", timeout=10) as page:
             assert page.status == 200 and b"<html" in page.read().lower()
@@ -170,8 +172,9 @@ def test_run_model_and_registry_over_http(project, tmp_path_factory):
         stop(proc)
 
 
-def _served_model_answers(uri: str, model_uri: str, inputs: dict, expected, tmp: Path) -> None:
-    """`mlflow models serve` on loopback answers a REST prediction equal to the loaded model's."""
+def _served_model_answers(uri: str, model_uri: str, inputs: dict, expected, alone: dict, tmp: Path) -> None:
+    """`mlflow models serve` on loopback answers a REST prediction equal to the loaded model's, with both
+    modalities and with either one alone (``alone``: the loaded model's answers), naming the path."""
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     proc = subprocess.Popen(
@@ -189,13 +192,27 @@ def _served_model_answers(uri: str, model_uri: str, inputs: dict, expected, tmp:
                 time.sleep(0.5)
         else:
             raise AssertionError("mlflow models serve did not start: " + (tmp / "serve.log").read_text()[-3000:])
-        body = json.dumps({"inputs": {m: v.tolist() for m, v in inputs.items()}}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            answer = json.loads(r.read())["predictions"]
+        def ask(request: dict) -> list[dict]:
+            body = json.dumps({"inputs": {m: v.tolist() for m, v in request.items()}}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())["predictions"]
+
+        answer = ask(inputs)
         assert [a["class_index"] for a in answer] == expected["class_index"].tolist()
         assert [a["class_name"] for a in answer] == expected["class_name"].tolist()
+        assert {a["path"] for a in answer} == {"mm"}
+        for m, table in alone.items():
+            answer = ask({m: inputs[m]})
+            assert [a["class_index"] for a in answer] == table["class_index"].tolist(), m
+            assert {(a["path"], a["path_kind"]) for a in answer} == {(f"path/{m}", "infiltration")}, answer[0]
+        try:
+            ask({})
+        except urllib.error.HTTPError as err:
+            assert err.code == 400 and "holds none of the modalities" in err.read().decode()
+        else:
+            raise AssertionError("an empty request was answered")
     finally:
         stop(proc)
 

@@ -45,6 +45,8 @@ class MultimodalNet(nn.Module):
     modalities: tuple[str, ...]
     encoders: nn.ModuleDict
     num_classes: int
+    #: How the network answers when a modality is absent (what the served model reports as ``path_kind``).
+    absent_modality: str = "own forward"
 
     if TYPE_CHECKING:  # nn.Module.__call__ runs forward; this tells the type checker what it returns
         def __call__(self, x: dict[str, torch.Tensor]) -> Output: ...
@@ -85,6 +87,8 @@ class FedCMINet(MultimodalNet):
     first modality, slot 1 the second; a missing modality's slot is filled by
     the present one's infiltration features.
     """
+
+    absent_modality = "infiltration"
 
     def __init__(
         self,
@@ -155,6 +159,8 @@ class FusionNet(MultimodalNet):
     uni-modal read-out of m is the fusion head with the other slot zero.
     """
 
+    absent_modality = "zero-filled fusion"
+
     def __init__(
         self,
         modalities: tuple[str, ...],
@@ -208,6 +214,8 @@ class EnsembleNet(MultimodalNet):
     The multimodal prediction is the sum of the present modalities' logits (the uni-modal ensemble of
     Du et al., ICML 2023); a missing modality simply adds nothing.
     """
+
+    absent_modality = "ensemble member"
 
     def __init__(self, modalities: tuple[str, ...], shapes: dict[str, tuple[int, ...]], encoders: Mapping[str, str],
                  num_classes: int, dim: int, width: int, vocab_sizes: dict[str, int] | None = None) -> None:
