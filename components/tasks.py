@@ -174,7 +174,9 @@ def finish_run(
     if tracking_uri:
         from fedcmi.tracking.model_registry import register_federation
 
-        info["registered"] = register_federation(cfg, Path(store), Path(model.path), final)
+        reg = info["registered"] = register_federation(cfg, Path(store), Path(model.path), final)
+        print(f"[fedcmi] registered v{reg['version']}: {'champion' if reg['promoted'] else 'candidate'} "
+              f"({reg['reason']})")
     print(f"[fedcmi] federation complete: {cfg.federation.rounds} rounds, accuracy {final.mm_acc:.4f}")
     return json.dumps(info)
 

@@ -305,6 +305,31 @@ class EvaluationConfig(Section):
     missing_modality: Float = Field(
         0.0, ge=0, le=1, description="evaluated samples that lose one modality (zero-filled, drawn from the seed "
         "per split): a test-time fault; the linear probes always see both")
+    absent_rates: list[Float] = Field(
+        [0.3, 0.6], max_length=20, description="shares of the samples that lack one modality, each answered "
+        "by the other's path as a served model answers (figures absent_acc_<percent>; the promotion gate "
+        "guards them); whole percents above 0, up to 1")
+
+    @field_validator("absent_rates")
+    @classmethod
+    def _whole_percents(cls, v: list[float]) -> list[float]:
+        bad = [r for r in v if not 0 < r <= 1 or abs(r * 100 - round(r * 100)) > 1e-9]
+        if bad:
+            raise ValueError(f"{bad} are not whole percents in (0, 1] (0.3 is 30%)")
+        if len({round(r * 100) for r in v}) != len(v):
+            raise ValueError("a rate is listed twice")
+        return sorted(v)
+
+
+class PromotionConfig(Section):
+    """What the registry's ``champion`` guards besides the headline: a candidate that beats it there but
+    falls further than a tolerance below it on a single-modality path or with modalities absent is not
+    promoted."""
+
+    path_tolerance: Float = Field(0.02, ge=0, le=1, description="largest fall below the champion's path_acc_<m> "
+                                  "(each single-modality path) that a promotion accepts")
+    absent_tolerance: Float = Field(0.02, ge=0, le=1, description="largest fall below the champion's "
+                                    "absent_acc_<percent> (evaluation.absent_rates) that a promotion accepts")
 
 
 class TrackingConfig(Section):
@@ -323,6 +348,7 @@ class TrackingConfig(Section):
                                "past it, what is left is not sent (the local files keep everything) and reported")
     close_wait: Float = Field(120.0, ge=0, description="seconds the end of a run waits, within time_budget, for a "
                               "server that is away to answer, so what is queued is sent before the run ends")
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
 
 class LoaderConfig(Section):

@@ -5,12 +5,14 @@ on top of it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 from fedcmi.data import DataModule
 from fedcmi.data.faults import missing_at_test
-from fedcmi.metrics import Evaluation, from_logits
+from fedcmi.metrics import Evaluation, absent_accuracy, from_logits, rate_key
 from fedcmi.models.networks import MultimodalNet
 
 
@@ -49,15 +51,23 @@ def ridge_probe_accuracy(
 
 def evaluate_model(
     model: MultimodalNet, data: DataModule, batch_size: int, device: torch.device, probe: bool = False,
-    split: str = "test", missing_modality: float = 0.0, seed: int = 0,
+    split: str = "test", missing_modality: float = 0.0, seed: int = 0, absent_rates: Sequence[float] = (),
 ) -> Evaluation:
     """Every figure on ``split`` (the test set by default), with ``missing_modality`` of its samples losing
-    one modality (drawn from ``seed``); with ``probe``, also a ridge probe per encoder fitted on the
+    one modality (zero-filled, drawn from ``seed``); per rate in ``absent_rates``, the accuracy with that
+    share of the samples lacking one modality, answered by the other's path (only without zero-filled
+    samples, which would be counted twice); with ``probe``, also a ridge probe per encoder fitted on the
     training split (always on whole samples)."""
     model.eval()
-    faults = missing_at_test(len(data.split(split)), data.spec.modalities, missing_modality, seed, split)
+    n, mods = len(data.split(split)), data.spec.modalities
+    faults = missing_at_test(n, mods, missing_modality, seed, split)
     logits, y = _collect(model, data.split_batches(split, batch_size, faults=faults), device)
-    ev = from_logits(logits, y, data.spec.num_classes, data.spec.modalities)
+    ev = from_logits(logits, y, data.spec.num_classes, mods)
+    if faults is None:
+        for rate in absent_rates:
+            # the samples a zero-filled evaluation at this rate would fault: one draw for both kinds of loss
+            lost = missing_at_test(n, mods, rate, seed, split)
+            ev.absent_acc[rate_key(rate)] = absent_accuracy(logits, y, mods, lost.missing if lost else {})
     if probe:
         for m in model.modalities:
             tx, ty = _features(model, data.split_batches("train", batch_size), m, device)

@@ -140,4 +140,4 @@ class Federation:
         self.load(state)
         return evaluate_model(self.model, self.data, self.cfg.evaluation.batch_size, self.device, probe=probe,
                               missing_modality=self.cfg.evaluation.missing_modality, seed=self.cfg.seed,
-                              split=split)
+                              split=split, absent_rates=self.cfg.evaluation.absent_rates)

@@ -23,7 +23,8 @@ import numpy as np
 def figure(rank: int, curve: bool = False, headline: bool = False, per: str = "") -> dict[str, Any]:
     """A figure's metadata: ``rank`` orders metrics files (the headline first, per-class detail last);
     ``curve``: drawn per round; ``headline``: higher is better and a run may be ranked by it; ``per``:
-    ``modality`` (a mapping by modality name) or ``class`` (a list by class index)."""
+    ``modality`` (a mapping by modality name), ``rate`` (a mapping by a whole percent) or ``class`` (a list
+    by class index)."""
     return {"figure": True, "rank": rank, "curve": curve, "headline": headline, "per": per}
 
 
@@ -39,14 +40,17 @@ class Evaluation:
     #: the figure FedMultimodal and the emotion-recognition literature report
     mm_uar: float = field(default=0.0, metadata=figure(4, curve=True, headline=True))
     path_acc: dict[str, float] = field(default_factory=dict, metadata=figure(5, True, True, per="modality"))
-    probe_acc: dict[str, float] = field(default_factory=dict, metadata=figure(6, headline=True, per="modality"))
-    imbalance_ratio: float | None = field(default=None, metadata=figure(7))
-    class_acc_spread: float = field(default=0.0, metadata=figure(8))
+    #: accuracy when that percent of the samples each lack one modality (drawn evenly, from the seed) and
+    #: are answered by the other modality's path, as a served model answers a request without it
+    absent_acc: dict[str, float] = field(default_factory=dict, metadata=figure(6, per="rate"))
+    probe_acc: dict[str, float] = field(default_factory=dict, metadata=figure(7, headline=True, per="modality"))
+    imbalance_ratio: float | None = field(default=None, metadata=figure(8))
+    class_acc_spread: float = field(default=0.0, metadata=figure(9))
     #: the share of the most-predicted class: near 1 when the model has collapsed to one answer
-    pred_top_frac: float = field(default=0.0, metadata=figure(9))
+    pred_top_frac: float = field(default=0.0, metadata=figure(10))
     #: how much the logits vary with the input, relative to their size: 0 when the network is dead
-    mm_logit_spread: float = field(default=1.0, metadata=figure(10))
-    class_acc: list[float] = field(default_factory=list, metadata=figure(11, per="class"))
+    mm_logit_spread: float = field(default=1.0, metadata=figure(11))
+    class_acc: list[float] = field(default_factory=list, metadata=figure(12, per="class"))
     #: the multimodal confusion matrix (rows: true class); not a figure
     confusion: list[list[int]] = field(default_factory=list, compare=False)
 
@@ -56,8 +60,8 @@ class Evaluation:
         for f in sorted((f for f in fields(self) if f.metadata.get("figure")), key=lambda f: f.metadata["rank"]):
             value = getattr(self, f.name)
             per = f.metadata["per"]
-            if per == "modality":
-                for m in sorted(value):
+            if per in ("modality", "rate"):
+                for m in sorted(value, key=float if per == "rate" else str):
                     yield f"{f.name}_{m}", float(value[m]), f.metadata
             elif per == "class":
                 for c, v in enumerate(value):
@@ -84,7 +88,7 @@ class Evaluation:
             if not f.metadata.get("figure"):
                 continue
             per = f.metadata["per"]
-            if per == "modality":
+            if per in ("modality", "rate"):
                 pre = f.name + "_"
                 kwargs[f.name] = {k[len(pre):]: float(v) for k, v in flat.items()
                                   if k.startswith(pre) and _number(v)}
@@ -162,3 +166,25 @@ def from_logits(logits: Mapping[str, np.ndarray], y: np.ndarray, k: int, modalit
     if len(uni) == 2:
         ev.imbalance_ratio = max(uni) / max(min(uni), 1e-6)
     return ev
+
+
+def rate_key(rate: float) -> str:
+    """A rate's key among :attr:`Evaluation.absent_acc`: its whole percent (0.3 -> ``30``)."""
+    return str(round(rate * 100))
+
+
+def absent_accuracy(logits: Mapping[str, np.ndarray], y: np.ndarray, modalities: tuple[str, ...],
+                    lost: Mapping[str, np.ndarray]) -> float:
+    """Accuracy when the samples marked in ``lost[m]`` lack modality ``m``: those are answered by the other
+    modality's ``path/`` view (what the served model answers without ``m``), the rest by ``mm``. A sample
+    whose remaining modality has no path in this model (a single-modality model without it) counts as wrong."""
+    pred = logits["mm"].argmax(1)
+    right = pred == y
+    for m, mask in lost.items():
+        others = [o for o in modalities if o != m]
+        view = f"path/{others[0]}" if len(others) == 1 else ""
+        if view in logits:
+            right[mask] = logits[view][mask].argmax(1) == y[mask]
+        else:
+            right[mask] = False
+    return float(right.mean())

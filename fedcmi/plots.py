@@ -91,6 +91,26 @@ def confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path: Pat
     return path
 
 
+def absent_sweep_plot(path: Path, label: str, candidate: dict[float, float],
+                      champion: dict[float, float] | None) -> Path:
+    """Accuracy against the share of samples lacking one modality, for a candidate version and the champion
+    it was gated against."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, points, style in ((f"candidate {label}", candidate, "o-"), ("champion", champion or {}, "s--")):
+        if points:
+            ax.plot([100 * r for r in points], list(points.values()), style, label=name)
+    ax.set_xlabel("% of samples lacking one modality")
+    ax.set_ylabel("accuracy")
+    ax.set_title("answers with a modality absent")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
 def confusion_records(cm: Sequence[Sequence[int]], class_names: Sequence[str]) -> list[dict]:
     """One {actual, predicted} row per test sample, the form `dvc plots` draws a confusion matrix from."""
     names = list(class_names) or [str(i) for i in range(len(cm))]

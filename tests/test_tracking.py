@@ -136,8 +136,14 @@ def test_run_model_and_registry_over_http(project, tmp_path_factory):
         (project / "worse.json").write_text(json.dumps(worse))
         r = fedcmi("train", "--set", "algorithm.name=fedcmi", "--set", "seed=4", cwd=project, uri=uri)
         assert r.returncode == 0, r.stderr
-        second = json.loads(fedcmi("register", "--metrics", "worse.json", cwd=project, uri=uri).stdout)
+        r = fedcmi("register", "--metrics", "worse.json", cwd=project, uri=uri)
+        second = json.loads(r.stdout)
         assert second["version"] == 2 and not second["promoted"]
+        assert f"fedcmi: v2 is the candidate, not the champion: {second['reason']}" in r.stderr
+        v2 = get(uri, "/api/2.0/mlflow/model-versions/get?name=tiny-model&version=2")["model_version"]
+        v2_tags = {t["key"]: t["value"] for t in v2["tags"]}
+        assert v2_tags["promotion"] == "not promoted: " + second["reason"]
+        assert {"path_acc_audio", "path_acc_visual", "absent_acc_30", "absent_acc_60"} <= set(v2_tags)
         cand = get(uri, "/api/2.0/mlflow/registered-models/alias?name=tiny-model&alias=candidate")
         champ = get(uri, "/api/2.0/mlflow/registered-models/alias?name=tiny-model&alias=champion")
         assert cand["model_version"]["version"] == "2" and champ["model_version"]["version"] == "1"

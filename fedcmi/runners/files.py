@@ -125,7 +125,8 @@ def evaluate_step(cfg: Config, model: str | Path, out: str | Path | None = None,
     device = resolve_device(cfg.device)
     net = load_model(cfg, model, data).to(device)
     ev = evaluate_model(net, data, cfg.evaluation.batch_size, device, probe=probe, split=split,
-                        missing_modality=cfg.evaluation.missing_modality, seed=cfg.seed)
+                        missing_modality=cfg.evaluation.missing_modality, seed=cfg.seed,
+                        absent_rates=cfg.evaluation.absent_rates)
     if out is not None:
         write_metrics(out, ev, confusion=True)
     return ev

@@ -50,10 +50,14 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
         print(f"fedcmi: not registered: the run is {unstable}", file=sys.stderr)
         return 0
     data_id = data_hash(cfg, verify=True)  # before the registry is touched
-    result = register_model(cfg, info["run_id"], info["model_uri"], float(value), data_id)
+    figures = {k: float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    result = register_model(cfg, info["run_id"], info["model_uri"], figures, data_id)
     if args.out:
         write_json(args.out, result)
     print(json.dumps(result, indent=2))
+    if not result["promoted"]:
+        print(f"fedcmi: v{result['version']} is the candidate, not the champion: {result['reason']}", file=sys.stderr)
     return 0
 
 

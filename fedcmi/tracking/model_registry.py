@@ -1,12 +1,17 @@
 """The model registry: one version per training run, aliases ``candidate`` and ``champion``.
 
 Every registered version gets ``candidate``; ``champion`` moves only when a version beats the champion's
-headline figure on the same test data (versions carry the hash of the data they were measured on).
+headline figure on the same test data (versions carry the hash of the data they were measured on) and
+passes the promotion gate (:mod:`fedcmi.tracking.promotion`): no single-modality path and no
+absent-modality figure falls further than its tolerance below the champion's. The decision is the
+version's ``promotion`` tag, and the absent-modality sweep it was taken on is an artifact of its run.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,7 @@ from fedcmi.metrics import Evaluation
 from fedcmi.outputs import HISTORY, METRICS
 from fedcmi.serving import ModelPackage
 from fedcmi.tracking.inputs import data_hash
+from fedcmi.tracking.promotion import REASON_TAG, Decision, decide, sweep_report, tag_figures, version_tags
 from fedcmi.tracking.run import RUN_INFO, TrainingRun
 from fedcmi.tracking.server import TrackingUnavailable, apply_http_limits, check_reachable, tracking_uri
 
@@ -25,12 +31,12 @@ from fedcmi.tracking.server import TrackingUnavailable, apply_http_limits, check
 REGISTRATION = "register.json"
 
 
-def register_model(cfg: Config, run_id: str, model_uri: str, headline: float, data_id: str) -> dict:
-    """Register a new version with alias ``candidate``; move ``champion`` only if it beats the champion.
+def register_model(cfg: Config, run_id: str, model_uri: str, figures: Mapping[str, float], data_id: str) -> dict:
+    """Register a new version with alias ``candidate``; move ``champion`` only if it passes the gate.
 
-    Versions carry their headline metric and the hash of the test data it was
-    measured on. A champion measured on other data is never compared by its
-    stored figure: it stays, and the reason says so.
+    ``figures``: the candidate's evaluation (flat names), the headline among them. Versions carry the
+    headline, the guarded figures and the hash of the test data they were measured on. A champion
+    measured on other data is never compared by its stored figures: it stays, and the reason says so.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -41,7 +47,6 @@ def register_model(cfg: Config, run_id: str, model_uri: str, headline: float, da
     check_reachable(tracking_uri(cfg))
     client = MlflowClient()
     name = cfg.tracking.registered_model
-    metric = cfg.tracking.headline_metric
     try:
         client.get_run(run_id)
     except MlflowException:
@@ -56,7 +61,7 @@ def register_model(cfg: Config, run_id: str, model_uri: str, headline: float, da
         if logged.source_run_id != run_id:
             raise CommandError(f"the model {model_uri} was logged by run {logged.source_run_id}, not {run_id}; "
                                "nothing was registered")
-    tags = {metric: str(headline), "data_hash": data_id, "run_id": run_id}
+    tags = {**version_tags(cfg, figures), "data_hash": data_id, "run_id": run_id}
     # one version per training run: a rerun (or a registration cut short) finishes that version
     mine = [v for v in _versions(client, name) if v.tags.get("run_id") == run_id]
     if mine:
@@ -70,25 +75,29 @@ def register_model(cfg: Config, run_id: str, model_uri: str, headline: float, da
         champ = client.get_model_version_by_alias(name, "champion")
     except MlflowException:
         champ = None
-    promoted, reason = False, ""
+    champion_figures = None
     if champ is not None and str(champ.version) == str(version):
-        promoted, reason = True, f"v{version} is already the champion"
+        decision = Decision(True, f"v{version} is already the champion")
     elif champ is None:
-        promoted, reason = True, "no champion yet"
+        decision = Decision(True, "no champion yet")
+    elif champ.tags.get("data_hash") != data_id:
+        decision = Decision(False, f"champion v{champ.version} was measured on other test data; kept "
+                            "(compare it with `fedcmi evaluate`)")
     else:
-        same_data = champ.tags.get("data_hash") == data_id
-        champ_score = float(champ.tags.get(metric, "nan"))
-        if not same_data:
-            reason = (f"champion v{champ.version} was measured on other test data; kept "
-                      "(compare it with `fedcmi evaluate`)")
-        elif headline > champ_score:
-            promoted, reason = True, f"{metric} {headline:.4f} > champion v{champ.version}'s {champ_score:.4f}"
-        else:
-            reason = f"{metric} {headline:.4f} <= champion v{champ.version}'s {champ_score:.4f}"
-    if promoted:
+        champion_figures = tag_figures(champ.tags)
+        decision = decide(cfg, figures, champ.tags, str(champ.version))
+    if not (mine and decision.promoted and champ is not None and str(champ.version) == str(version)):
+        # the decision taken when the version was registered stays its reason; a rerun only finishes it
+        client.set_model_version_tag(name, version, REASON_TAG,
+                                     ("promoted: " if decision.promoted else "not promoted: ") + decision.reason)
+        with tempfile.TemporaryDirectory(prefix="fedcmi-promotion-") as tmp:
+            for f in sweep_report(Path(tmp), str(version), figures, champion_figures, decision):
+                client.log_artifact(run_id, str(f), artifact_path="promotion")
+    if decision.promoted:
         client.set_registered_model_alias(name, "champion", version)
-    return {"name": name, "version": int(version), "candidate": int(version), "promoted": promoted, "reason": reason,
-            "champion": int(version) if promoted else int(champ.version) if champ else None}
+    return {"name": name, "version": int(version), "candidate": int(version), "promoted": decision.promoted,
+            "reason": decision.reason,
+            "champion": int(version) if decision.promoted else int(champ.version) if champ else None}
 
 
 def _versions(client: Any, name: str) -> list[Any]:
@@ -114,7 +123,6 @@ def register_federation(cfg: Config, store: Path, model_file: Path, final: Evalu
     if run.model_uri is None:
         raise TrackingUnavailable(f"the final model could not be logged to {run.uri}: {errors}")
     os.environ["MLFLOW_TRACKING_URI"] = run.uri
-    result = register_model(cfg, run.run_id, run.model_uri, final.value(cfg.tracking.headline_metric),
-                            data_hash(cfg, verify=True))
+    result = register_model(cfg, run.run_id, run.model_uri, final.flat(), data_hash(cfg, verify=True))
     write_json(reg_file, result)
     return result
