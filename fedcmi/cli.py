@@ -58,7 +58,7 @@ def cmd_partition(cfg: Config, args: argparse.Namespace) -> int:
     from fedcmi.partition import make_partition, save_partition
 
     dm = DataModule(cfg.data.prepared_dir)
-    part = make_partition(cfg, dm.train.labels, dm.spec.modalities, dm.spec.num_classes)
+    part = make_partition(cfg, dm.train.labels, dm.spec.modalities, dm.spec.num_classes, dm.train.groups)
     stats = part.stats()
     stats_path = Path(args.stats) if args.stats else cfg.partition.file.with_name("partition_stats.json")
     for path, body in ((cfg.partition.file, part.to_json()), (stats_path, stats)):  # both or neither

@@ -146,7 +146,9 @@ class PartitionConfig(Section):
     """How the training set is split across clients (seeded by ``seed``)."""
 
     num_clients: Int = Field(10, ge=1, le=100_000)
-    scheme: Literal["iid", "dirichlet"] = "dirichlet"
+    scheme: Literal["iid", "dirichlet", "natural"] = Field(
+        "dirichlet", description="iid; dirichlet (label skew, alpha); natural: clients are the data's own groups "
+        "(CREMA-D's actors, an npz 'group' array), whole groups per client")
     alpha: Float = Field(1.0, gt=0)
     max_samples_per_client: Float | None = Field(
         1.1, gt=1.0, description="cap as a multiple of N/num_clients (1.1 in the reference code); null for none"

@@ -236,6 +236,43 @@ class DirichletPartitioner:
         )
 
 
+class NaturalPartitioner:
+    """Clients as the data's own groups (a speaker, a site): each client holds whole groups. With as many
+    clients as groups, client ``i`` is the ``i``-th group id in sorted order; with fewer, the groups are
+    dealt in a seeded order, each to the client holding the fewest samples so far."""
+
+    def __init__(self, groups: np.ndarray | None, min_samples: int) -> None:
+        if groups is None:
+            raise PartitionError(
+                "partition.scheme: natural needs a group id per training sample, and the prepared data has none; "
+                "CREMA-D records each clip's actor, and an npz dataset takes an integer array 'group' in every "
+                "file: add it and rerun `fedcmi prepare`, or choose partition.scheme iid or dirichlet")
+        self.groups, self.min_samples = np.asarray(groups), min_samples
+
+    def split(self, labels: np.ndarray, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+        ids, inverse, counts = np.unique(self.groups, return_inverse=True, return_counts=True)
+        if num_clients > len(ids):
+            raise PartitionError(f"partition.num_clients={num_clients}, but the training split holds {len(ids)} "
+                                 f"groups and a natural split gives each client whole groups: set "
+                                 f"partition.num_clients to {len(ids)} (one client per group) or fewer")
+        if num_clients == len(ids):
+            owner = np.arange(len(ids))
+        else:
+            owner = np.empty(len(ids), dtype=np.int64)
+            load = np.zeros(num_clients, dtype=np.int64)
+            for g in rng.permutation(len(ids)):
+                owner[g] = int(np.argmin(load))
+                load[owner[g]] += counts[g]
+        shares = [np.flatnonzero(owner[inverse] == c).astype(np.int64) for c in range(num_clients)]
+        small = [(c, len(s)) for c, s in enumerate(shares) if len(s) < self.min_samples]
+        if small:
+            which = ", ".join(f"client {c} (group {', '.join(str(ids[g]) for g in np.flatnonzero(owner == c))}: "
+                              f"{n} samples)" for c, n in small[:3])
+            raise PartitionError(f"{len(small)} clients hold fewer than partition.min_samples={self.min_samples} "
+                                 f"samples: {which}; lower partition.min_samples or partition.num_clients")
+        return shares
+
+
 class ModalityAssigner:
     """A fraction of clients keep both modalities; the rest split between the two."""
 
@@ -257,12 +294,17 @@ class ModalityAssigner:
         return out
 
 
-def make_partition(cfg: Config, labels: np.ndarray, modalities: tuple[str, str], num_classes: int) -> Partition:
-    """The partition ``cfg.partition`` describes, seeded by ``cfg.seed``."""
+def make_partition(cfg: Config, labels: np.ndarray, modalities: tuple[str, str], num_classes: int,
+                   groups: np.ndarray | None = None) -> Partition:
+    """The partition ``cfg.partition`` describes, seeded by ``cfg.seed``; ``groups``: the training samples'
+    group ids, which ``scheme: natural`` needs."""
     p = cfg.partition
     rng = np.random.default_rng([cfg.seed, 104729])
+    splitter: IidPartitioner | DirichletPartitioner | NaturalPartitioner
     if p.scheme == "iid":
-        splitter: IidPartitioner | DirichletPartitioner = IidPartitioner()
+        splitter = IidPartitioner()
+    elif p.scheme == "natural":
+        splitter = NaturalPartitioner(groups, p.min_samples)
     else:
         splitter = DirichletPartitioner(p.alpha, p.max_samples_per_client, p.min_samples, p.max_attempts)
     shares = splitter.split(labels, p.num_clients, rng)

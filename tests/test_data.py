@@ -132,6 +132,32 @@ def test_npz_prepares_and_trains(tmp_path):
     assert 0 <= train(cfg, progress=False).final.mm_acc <= 1
 
 
+def test_npz_group_ids_reach_the_prepared_data_and_a_natural_partition(tmp_path):
+    """An npz 'group' array (a site per sample) is kept by prepare and makes the clients of scheme natural."""
+    from fedcmi.config import config_from_dict as load
+    from fedcmi.partition import make_partition
+
+    _write_npz(tmp_path / "raw", bad=None)
+    for split in ("train", "test"):
+        with np.load(tmp_path / "raw" / f"{split}.npz") as z:
+            arrays = dict(z)
+        np.savez(tmp_path / "raw" / f"{split}.npz", **arrays, group=np.arange(40) // 10 + (0 if split == "train" else 7))
+    cfg = load({**_npz_cfg(tmp_path).to_dict(), "partition": {"num_clients": 4, "scheme": "natural",
+                                                              "file": str(tmp_path / "p.json")}})
+    prepare(cfg)
+    dm = DataModule(cfg.data.prepared_dir)
+    assert dm.train.groups.tolist() == (np.arange(40) // 10).tolist() and dm.test.groups.min() == 7
+    part = make_partition(cfg, dm.train.labels, dm.spec.modalities, 3, dm.train.groups)
+    assert [c.indices.tolist() for c in part.clients] == [list(range(10 * g, 10 * g + 10)) for g in range(4)]
+    # a group array in one file only is refused; so is one of the wrong length
+    np.savez(tmp_path / "raw" / "test.npz", **{k: v for k, v in arrays.items() if k != "group"})
+    with pytest.raises(DataError, match=r"\['train'\] hold a 'group' array and \['test'\] do not"):
+        prepare(cfg)
+    np.savez(tmp_path / "raw" / "test.npz", **{**arrays, "group": np.arange(3)})
+    with pytest.raises(DataError, match="'group' must be a 1-D integer array with one id per sample"):
+        prepare(cfg)
+
+
 @pytest.mark.parametrize(
     "bad,needle",
     [

@@ -196,6 +196,48 @@ def test_cremad_speaker_split_holds_out_whole_actors_and_is_seeded(cremad_root, 
     assert info["val"] > 0
 
 
+def _cli(cfg, command: str, folder) -> object:
+    """``fedcmi COMMAND`` in a process, on ``cfg`` written out as a params file."""
+    import yaml
+
+    params = folder / f"{command}-params.yaml"
+    params.write_text(yaml.safe_dump(cfg.to_dict()))
+    return run_cli([command, "--params", str(params)], folder)
+
+
+def test_cremad_actors_are_the_group_ids_and_a_natural_partition_makes_each_a_client(cremad_root, tmp_path):
+    """Issue 25, part 3: prepare keeps every clip's actor as its group id (group.npy, stamped like every
+    array); `fedcmi partition` with scheme natural gives each training actor one client, and a round trains."""
+    from fedcmi.datasets.cremad import clip_actor
+    from fedcmi.partition import load_partition
+
+    root, planted = cremad_root
+    data = {"name": "cremad", "path": str(root), "cremad": {**CREMAD, "split": "speakers", "test_speakers": 0.25}}
+    cfg = _cfg(tmp_path, data, {"audio": "cnn", "visual": "clip"}, ["audio", "visual"])
+    cfg = config_from_dict(merge(cfg.to_dict(), {"partition": {"scheme": "natural", "num_clients": 3}}))
+    prepare(cfg)
+    dm = DataModule(cfg.data.prepared_dir)
+    assert dm.meta["groups"] is True and "train/group.npy" in dm.meta["stamps"]
+    assert set(np.unique(dm.train.groups).tolist()) | set(np.unique(dm.test.groups).tolist()) == {1001, 1002, 1003,
+                                                                                                    1004}
+    assert not set(dm.train.groups.tolist()) & set(dm.test.groups.tolist())  # speaker-independent
+    r = _cli(cfg, "partition", tmp_path)
+    assert r.returncode == 0, r.stderr
+    part = load_partition(cfg.partition.file)
+    held = [sorted(set(dm.train.groups[c.indices].tolist())) for c in part.clients]
+    assert sorted(held) == [[g] for g in sorted(set(dm.train.groups.tolist()))]
+    r = _cli(cfg, "train", tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # a dataset without group ids: one clear line naming the setting
+    plain = config_from_dict(merge(cfg.to_dict(), {"data": {"name": "synthetic", "prepared_dir": str(tmp_path / "p2")},
+                                                   "partition": {"file": str(tmp_path / "p2.json")}}))
+    prepare(plain)
+    r = _cli(plain, "partition", tmp_path)
+    assert r.returncode != 0 and "partition.scheme: natural needs a group id per training sample" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert {clip_actor(c) for c in planted["clips"]} == {"1001", "1002", "1003", "1004"}
+
+
 def test_prepare_on_the_command_line_names_every_skipped_file(cremad_root, tmp_path):
     root, planted = cremad_root
     settings = {"data.name": "cremad", "data.path": root, "data.max_bad_fraction": 0.25,

@@ -88,3 +88,40 @@ def test_min_size_is_enforced_on_the_whole_partition():
     cfg = config_from_dict({"partition": {"num_clients": 10, "min_samples": 61, "scheme": "iid"}})
     with pytest.raises(PartitionError, match="fewer than 61"):
         make_partition(cfg, LABELS, ("audio", "visual"), 6)
+
+
+# -- natural: the data's own groups as clients --------------------------------------------------------
+GROUPS = np.array([1007, 1003, 1003, 1007, 1005, 1005, 1005, 1003, 1009, 1009])
+
+
+def test_natural_gives_each_group_its_own_client_in_sorted_order():
+    from fedcmi.partition import NaturalPartitioner
+
+    shares = NaturalPartitioner(GROUPS, 1).split(np.zeros(10, dtype=np.int64), 4, np.random.default_rng(0))
+    _check_exact_cover(shares, 10)
+    assert [sorted(set(GROUPS[s].tolist())) for s in shares] == [[1003], [1005], [1007], [1009]]
+
+
+def test_natural_with_fewer_clients_keeps_groups_whole_and_balances_by_samples():
+    from fedcmi.partition import NaturalPartitioner
+
+    shares = NaturalPartitioner(GROUPS, 1).split(np.zeros(10, dtype=np.int64), 2, np.random.default_rng(3))
+    _check_exact_cover(shares, 10)
+    held = [set(GROUPS[s].tolist()) for s in shares]
+    assert not (held[0] & held[1])  # no group split between clients
+    assert sorted(len(s) for s in shares) == [5, 5]  # 3 + 2 against 3 + 2
+    again = NaturalPartitioner(GROUPS, 1).split(np.zeros(10, dtype=np.int64), 2, np.random.default_rng(3))
+    assert all((a == b).all() for a, b in zip(shares, again, strict=True))
+
+
+def test_natural_refuses_what_it_cannot_do_naming_the_setting():
+    from fedcmi.partition import NaturalPartitioner
+
+    y = np.zeros(10, dtype=np.int64)
+    with pytest.raises(PartitionError, match="the training split holds 4 groups .* set partition.num_clients to 4"):
+        NaturalPartitioner(GROUPS, 1).split(y, 5, np.random.default_rng(0))
+    with pytest.raises(PartitionError, match=r"2 clients hold fewer than partition.min_samples=3 samples: client 2 "
+                       r"\(group 1007: 2 samples\), client 3 \(group 1009: 2"):
+        NaturalPartitioner(GROUPS, 3).split(y, 4, np.random.default_rng(0))
+    with pytest.raises(PartitionError, match="needs a group id per training sample, and the prepared data has none"):
+        NaturalPartitioner(None, 1)

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config
 
 CHAMPION = {"mm_acc": 0.70, "path_acc_audio": 0.60, "path_acc_visual": 0.50, "absent_acc_30": 0.66,

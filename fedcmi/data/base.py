@@ -5,6 +5,8 @@ A prepared dataset is a folder::
     meta.json                 modalities, shapes, dtypes, classes, sizes, source, preprocessing report
     train/<modality>.npy      one row per sample: float32, uint8 (images) or int64 (token ids)
     train/label.npy           int64
+    train/group.npy           int64, optional: the group each sample comes from (a speaker, a hospital),
+                              which ``partition.scheme: natural`` makes the clients
     val/...                   optional, the same for a validation split
     test/...                  the same for the test split
 
@@ -36,6 +38,8 @@ from fedcmi.io import read_json, write_json
 SPLITS = ("train", "test")
 OPTIONAL_SPLITS = ("val",)
 META = "meta.json"
+#: the optional per-split array of group ids
+GROUP = "group"
 FORMAT = "fedcmi-prepared/2"
 DTYPES = ("float32", "uint8", "int64")
 
@@ -109,12 +113,16 @@ class Split:
     labels: np.ndarray
     normalize: dict[str, dict] = field(default_factory=dict)
     name: str = ""  # the split's name in the prepared folder, for messages
+    #: the group each sample comes from (a speaker, a site), when the data has them
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.labels)
         for name, arr in self.features.items():
             if len(arr) != n:
                 raise DataError(f"modality {name!r} has {len(arr)} rows but there are {n} labels")
+        if self.groups is not None and len(self.groups) != n:
+            raise DataError(f"{len(self.groups)} group ids but {n} labels")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -345,9 +353,10 @@ class PreparedWriter:
     :meth:`commit`, removes the partial copy and keeps a previous one.
     """
 
-    def __init__(self, out_dir: Path, spec: DatasetSpec, capacity: Mapping[str, int]) -> None:
+    def __init__(self, out_dir: Path, spec: DatasetSpec, capacity: Mapping[str, int], groups: bool = False) -> None:
         self.out_dir = Path(out_dir)
         self.spec = spec
+        self.groups = groups
         check_replaceable(self.out_dir)
         recover_interrupted_swap(self.out_dir)
         self.tmp, self.old = _siblings(self.out_dir)
@@ -363,6 +372,8 @@ class PreparedWriter:
             arrs: dict[str, np.memmap] = {}
             shapes = {**{m: (np.dtype(spec.dtype(m)), (cap, *spec.shapes[m])) for m in spec.modalities},
                       "label": (np.dtype(np.int64), (cap,))}
+            if groups:
+                shapes[GROUP] = (np.dtype(np.int64), (cap,))
             for name, (dtype, shape) in shapes.items():
                 path = self.tmp / split / f"{name}.npy"
                 try:
@@ -380,20 +391,29 @@ class PreparedWriter:
     def __exit__(self, *exc) -> None:
         self.abort()
 
-    def add(self, split: str, features: Mapping[str, np.ndarray], label: int) -> None:
+    def add(self, split: str, features: Mapping[str, np.ndarray], label: int, group: int | None = None) -> None:
         i = self.count[split]
         arrs = self.arrays[split]
         for m in self.spec.modalities:
             arrs[m][i] = features[m]
         arrs["label"][i] = label
+        if self.groups:
+            if group is None:
+                raise ValueError(f"sample {i} of split {split} has no group id; every sample needs one")
+            arrs[GROUP][i] = group
         self.count[split] = i + 1
 
-    def add_many(self, split: str, features: Mapping[str, np.ndarray], labels: np.ndarray) -> None:
+    def add_many(self, split: str, features: Mapping[str, np.ndarray], labels: np.ndarray,
+                 groups: np.ndarray | None = None) -> None:
         i, n = self.count[split], len(labels)
         arrs = self.arrays[split]
         for m in self.spec.modalities:
             arrs[m][i : i + n] = features[m]
         arrs["label"][i : i + n] = labels
+        if self.groups:
+            if groups is None:
+                raise ValueError(f"split {split} has no group ids; every sample needs one")
+            arrs[GROUP][i : i + n] = groups
         self.count[split] = i + n
 
     def commit(self, source: Mapping, report: Mapping | None = None, extra_files: Mapping | None = None) -> Path:
@@ -405,7 +425,8 @@ class PreparedWriter:
                 if self.count[split] < cap:
                     _shrink_npy(self.tmp / split / f"{name}.npy", self.count[split])
         self.arrays = {}
-        meta = {"format": FORMAT, **self.spec.to_json(), "sizes": dict(self.count), "source": dict(source),
+        meta = {"format": FORMAT, **self.spec.to_json(), "sizes": dict(self.count),
+                **({"groups": True} if self.groups else {}), "source": dict(source),
                 "report": dict(report or {}), "content_sha256": content_hash(self.tmp),
                 "stamps": stamps(self.tmp)}
         for name, content in (extra_files or {}).items():
@@ -485,9 +506,10 @@ def check_stamps(folder: Path, meta: Mapping) -> None:
 def write_prepared(out_dir: Path, spec: DatasetSpec, splits: Mapping[str, Split], source: Mapping,
                    report: Mapping | None = None) -> Path:
     """Write in-memory splits as a prepared dataset; the folder appears whole or not at all."""
-    with PreparedWriter(out_dir, spec, {name: len(s) for name, s in splits.items()}) as w:
+    grouped = all(s.groups is not None for s in splits.values())
+    with PreparedWriter(out_dir, spec, {name: len(s) for name, s in splits.items()}, groups=grouped) as w:
         for name, s in splits.items():
-            w.add_many(name, s.features, s.labels)
+            w.add_many(name, s.features, s.labels, s.groups if grouped else None)
         return w.commit(source, report)
 
 
@@ -544,5 +566,16 @@ def read_prepared(path: Path) -> tuple[DatasetSpec, dict[str, Split], dict]:
         if isinstance(sizes, dict) and sizes.get(split_name, len(labels)) != len(labels):
             raise DataError(f"prepared split {split_name} holds {len(labels)} samples, meta.json says "
                             f"{sizes[split_name]}; rerun `fedcmi prepare`")
-        splits[split_name] = Split(feats, labels, {m: spec.normalize[m] for m in spec.normalize}, split_name)
+        groups = None
+        if meta.get("groups"):
+            group_file = path / split_name / f"{GROUP}.npy"
+            if not group_file.is_file():
+                raise DataError(f"prepared dataset {path} lacks {split_name}/{GROUP}.npy (meta.json says it has "
+                                "group ids); rerun `fedcmi prepare`")
+            groups = _load_npy(group_file, mmap=False)
+            if groups.shape != labels.shape or groups.dtype != np.int64:
+                raise DataError(f"{group_file} holds {groups.dtype} {groups.shape}, expected one int64 group id "
+                                f"per sample ({len(labels)}); rerun `fedcmi prepare`")
+        splits[split_name] = Split(feats, labels, {m: spec.normalize[m] for m in spec.normalize}, split_name,
+                                   groups)
     return spec, splits, meta

@@ -70,6 +70,8 @@ class Record:
     key: str
     label: int
     fields: dict[str, Any] = field(default_factory=dict)
+    #: the group the sample comes from (CREMA-D: its actor), None when the source has none
+    group: int | None = None
 
 
 @dataclass
@@ -162,7 +164,8 @@ def build_cache(source: RecordSource, out_dir: Path, workers: int = 0, max_bad_f
     pool = (mp.get_context("spawn").Pool(n_workers, initializer=_init_worker, initargs=(source,))
             if n_workers > 1 else None)
     try:
-        with PreparedWriter(out_dir, spec, {s: len(r) for s, r in records.items()}) as writer:
+        grouped = any(r.group is not None for recs in records.values() for r in recs)
+        with PreparedWriter(out_dir, spec, {s: len(r) for s, r in records.items()}, groups=grouped) as writer:
             for split, recs in records.items():
                 results: Iterator = (pool.imap(_decode_in_worker, recs, chunksize=4) if pool
                                      else (_decode_with(source, r) for r in recs))
@@ -171,7 +174,7 @@ def build_cache(source: RecordSource, out_dir: Path, workers: int = 0, max_bad_f
                         skipped.append(Skipped(split, rec.key, out))
                         check()
                     else:
-                        writer.add(split, out, rec.label)
+                        writer.add(split, out, rec.label, rec.group)
                     if bar is not None:
                         bar.update(1)
             report: dict[str, Any] = {

@@ -8,7 +8,8 @@ Audio-visual emotion recognition, 6 classes from the clip names
     VideoFlash/<clip>.flv             the videos, decoded with PyAV (pip install 'fedcmi[video]')
     train.csv, test.csv               the common split lists, rows ``clip,EMOTION`` (split: lists)
 
-With ``split: speakers`` no lists are needed: actors are split by a seeded draw.
+With ``split: speakers`` no lists are needed: actors are split by a seeded draw. Every sample keeps its
+actor as its group id, so ``partition.scheme: natural`` can make each actor a client.
 """
 
 from __future__ import annotations
@@ -102,6 +103,11 @@ class CremaDSource(RecordSource):
             splits["train"], splits["val"] = self._hold_out_actors(splits["train"], self.cfg.val_fraction, 2)
         out: dict[str, list[Record]] = {}
         skipped: list[Skipped] = []
+        actors = sorted({clip_actor(c) for clips in splits.values() for c in clips})
+        # the actor is the sample's group (partition.scheme: natural makes actors the clients): its number
+        # as distributed (1001..1091), or its rank where an id is not a number
+        numeric = all(a.isdigit() for a in actors)
+        group = {a: int(a) if numeric else i for i, a in enumerate(actors)}
         for split, clips in splits.items():
             if split == "val" and not clips:
                 continue
@@ -111,7 +117,7 @@ class CremaDSource(RecordSource):
                 if label not in EMOTIONS:
                     skipped.append(Skipped(split, clip, f"unknown label {label!r} (known: {list(EMOTIONS)})"))
                     continue
-                recs.append(Record(split, clip, EMOTIONS.index(label)))
+                recs.append(Record(split, clip, EMOTIONS.index(label), group=group[clip_actor(clip)]))
             out[split] = recs
         return out, skipped
 

@@ -4,7 +4,9 @@ Each file holds one float32 array per modality, named by the modality (first
 axis: samples), and an int64 array ``label`` with values in ``0..K-1``. The
 modality names come from ``data.modalities``; the encoder for each from
 ``model.encoders`` (``mlp`` for vectors, ``cnn`` for C x H x W maps, ``clip``
-for T x 3 x H x W frames).
+for T x 3 x H x W frames). An optional integer array ``group`` (N) names the group each sample comes from
+(a speaker, a site, a device): ``partition.scheme: natural`` makes each group a client. Give it in every
+file or in none.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class NpzSource:
                     raise DataError(f"{path} lacks array(s) {missing}; it holds {sorted(names)}")
                 feats = {m: self._array(z, m, path) for m in self.modalities}
                 labels = self._array(z, "label", path)
+                groups = self._array(z, "group", path) if "group" in names else None
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
             if isinstance(exc, DataError):
                 raise
@@ -73,7 +76,12 @@ class NpzSource:
                 raise DataError(f"{path}: array {m!r} holds values up to {top:.3g}, beyond float32's range "
                                 "(about 3.4e38); scale the features")
             out[m] = arr.astype(np.float32, copy=False)
-        return Split(out, labels.astype(np.int64))
+        if groups is not None:
+            if groups.shape != labels.shape or not np.issubdtype(groups.dtype, np.integer):
+                raise DataError(f"{path}: 'group' must be a 1-D integer array with one id per sample "
+                                f"({len(labels)}), got {groups.dtype} {groups.shape}")
+            groups = groups.astype(np.int64)
+        return Split(out, labels.astype(np.int64), groups=groups)
 
     def _check_members(self, path: Path) -> None:
         """Every member the reader will take, checked from its header before anything is allocated: a numpy
@@ -86,7 +94,7 @@ class NpzSource:
                 if twice:
                     raise DataError(f"{path} holds members named twice ({twice[:3]}): which one is meant is "
                                     "ambiguous; write the file again with np.savez")
-                wanted = {f"{k}.npy" for k in (*self.modalities, "label")}
+                wanted = {f"{k}.npy" for k in (*self.modalities, "label", "group")}
                 for info in infos:
                     if info.filename not in wanted:
                         continue
@@ -129,6 +137,10 @@ class NpzSource:
         splits = {s: self._load(s) for s in SPLITS}
         if (self.root / "val.npz").is_file():  # optional: a validation split for choosing settings
             splits["val"] = self._load("val")
+        grouped = {name for name, split in splits.items() if split.groups is not None}
+        if grouped and grouped != set(splits):
+            raise DataError(f"{sorted(grouped)} hold a 'group' array and {sorted(set(splits) - grouped)} do not: "
+                            "give every file one, or none")
         for name, split in splits.items():
             for m in self.modalities:
                 a, b = splits["train"].features[m].shape[1:], split.features[m].shape[1:]
