@@ -375,9 +375,26 @@ class OutputConfig(Section):
 SHARED_ALGORITHM_KEYS = ("name", "aggregation", "control_variates")
 
 
+def _default_setting(dotted: str) -> Any:
+    """A setting's default by its dotted name (``partition.scheme``, ``data.cremad.split``)."""
+    section, *rest = dotted.split(".")
+    model: Any = Config.model_fields[section].annotation
+    if section == "data" and len(rest) == 2:  # a dataset's own section
+        options = DATASETS.get(rest[0]).Options
+        return options.model_fields[rest[1]].default if options is not None else None
+    for name in rest[:-1]:
+        model = model.model_fields[name].annotation
+    field = model.model_fields[rest[-1]]
+    return field.default_factory() if field.default_factory is not None else field.default
+
+
 class Config(Section):
     """Everything a run needs; see ``params.yaml`` for the defaults."""
 
+    #: a published protocol whose class set, split, clients and metric this run follows (fedcmi.protocols)
+    protocol: str | None = Field(None, description="a published protocol's preset: fedcmi-cremad or "
+                                 "fedmultimodal-cremad (fixes data.name, the CREMA-D labels and split, "
+                                 "partition.scheme and tracking.headline_metric); null: your own settings")
     seed: Int = Field(0, ge=0, lt=2**31)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Int = Field(1, ge=0, le=1024)
@@ -393,6 +410,13 @@ class Config(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol(cls, raw: Any) -> Any:
+        from fedcmi.protocols import apply_protocol
+
+        return apply_protocol(raw, _default_setting) if isinstance(raw, dict) else raw
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

@@ -2,7 +2,8 @@
 
 :class:`TrainFiles` is the metric sink of the DVC view: once the run ends it writes ``history.json`` (every
 committed round's flat record), ``curves.json`` (the curve figures every evaluated round has, as `dvc plots`
-reads them), ``metrics.json`` (the final evaluation, headline first) and ``curves.png``, each atomically,
+reads them), ``metrics.json`` (the final evaluation, headline first), ``curves.png`` and ``card.json`` (the
+data card: protocol, classes, split, clients, metric), each atomically,
 from the typed records. The model file is written by :func:`write_model`.
 """
 
@@ -12,9 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedcmi.config import Config
+from fedcmi.data import DataModule
 from fedcmi.io import save_state, write_json
 from fedcmi.metrics import Evaluation
 from fedcmi.plots import round_curves, run_title
+from fedcmi.protocols import data_card
 from fedcmi.round.record import RoundRecord, curve_rows
 from fedcmi.round.update import StateDict
 
@@ -23,6 +26,8 @@ HISTORY = "history.json"
 METRICS = "metrics.json"
 CURVES_JSON = "curves.json"
 CURVES_PNG = "curves.png"
+#: the data card: what the figures were measured under (fedcmi.protocols.data_card)
+CARD = "card.json"
 
 
 def write_metrics(path: str | Path, ev: Evaluation, confusion: bool = False) -> Path:
@@ -57,3 +62,4 @@ class TrainFiles:
         self.paths["metrics"] = write_metrics(out / METRICS, final)
         self.paths["curves_json"] = write_json(out / CURVES_JSON, curve_rows(list(history)))
         self.paths["curves"] = round_curves(history, self.cfg.data.modalities, out / CURVES_PNG, run_title(self.cfg))
+        self.paths["card"] = write_json(out / CARD, data_card(self.cfg, DataModule(self.cfg.data.prepared_dir).spec))

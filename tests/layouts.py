@@ -98,8 +98,19 @@ def cremad(root: Path, actors: int = 4) -> dict:
         w.writerow(["1002_IEO_XXX_XX", "XXX"])  # a label outside the six emotions
     with open(root / "test.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([c, c.split("_")[2]] for c in test)
+    # the raters' votes, as processedResults/summaryTable.csv holds them: a letter, or two on a tie
+    votes = {c: {"NEU": "N", "HAP": "H", "SAD": "S", "ANG": "A", "FEA": "F", "DIS": "D:F"}[c.split("_")[2]]
+             for c in clips}
+    votes["1003_IEO_HAP_XX"] = "N"  # the raters heard neutral: the vote, not the clip name, is the label
+    (root / "processedResults").mkdir(exist_ok=True)
+    with open(root / "processedResults" / "summaryTable.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["", "FileName", "VoiceVote", "VoiceLevel", "FaceVote", "FaceLevel", "MultiModalVote",
+                    "MultiModalLevel"])
+        for i, c in enumerate(clips):
+            w.writerow([i, c, votes[c], 50, votes[c], 50, votes[c], 60])
     return {"clips": clips, "train": train, "test": test, "broken": broken, "video_only": "1002_IEO_SAD_XX",
-            "unknown": "1002_IEO_XXX_XX"}
+            "unknown": "1002_IEO_XXX_XX", "votes": votes}
 
 
 AVE_CATEGORIES = ("Church bell", "Bark", "Male speech, man speaking")

@@ -136,3 +136,25 @@ def test_fuzzed_params_file_bytes_never_raise_anything_but_config_error(tmp_path
         load_config(path)
     except ConfigError:
         pass
+
+
+def test_a_protocol_fixes_its_settings_in_one_line_and_refuses_a_contradiction():
+    from fedcmi.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"protocol": "fedmultimodal-cremad"})
+    from fedcmi.datasets.cremad import CremaDOptions
+
+    opts = cfg.data.options(CremaDOptions)
+    assert (cfg.data.name, opts.labels, opts.split, cfg.partition.scheme, cfg.tracking.headline_metric) == (
+        "cremad", "vote4", "speaker_folds", "natural", "mm_uar")
+    # a params file lists every setting at its default: the protocol wins over a default, not over a choice
+    assert config_from_dict({"protocol": "fedcmi-cremad", "partition": {"scheme": "dirichlet"},
+                             "tracking": {"headline_metric": "mm_acc"}}).data.name == "cremad"
+    with pytest.raises(ConfigError, match="tracking.headline_metric is 'mm_f1', but protocol fedmultimodal-cremad "
+                                          "fixes it to 'mm_uar': remove the setting, or set protocol: null"):
+        config_from_dict({"protocol": "fedmultimodal-cremad", "tracking": {"headline_metric": "mm_f1"}})
+    with pytest.raises(ConfigError, match=r"protocol: 'fedmultimodal' is not a known protocol; one of "
+                                          r"\['fedcmi-cremad', 'fedmultimodal-cremad'\]"):
+        config_from_dict({"protocol": "fedmultimodal"})
+    with pytest.raises(ConfigError, match="fold 6 of 5 folds does not exist"):
+        config_from_dict({"data": {"name": "cremad", "cremad": {"split": "speaker_folds", "fold": 6}}})

@@ -238,6 +238,36 @@ def test_cremad_actors_are_the_group_ids_and_a_natural_partition_makes_each_a_cl
     assert {clip_actor(c) for c in planted["clips"]} == {"1001", "1002", "1003", "1004"}
 
 
+def test_the_fedmultimodal_preset_trains_on_the_cremad_layout_and_its_card_says_so(cremad_root, tmp_path):
+    """Issue 25, part 3: `protocol: fedmultimodal-cremad` in one line: the raters' vote among four classes,
+    speaker folds, one client per training actor, UAR as the headline; the run's data card states them."""
+    root, planted = cremad_root
+    cfg = _cfg(tmp_path, {"name": "cremad", "path": str(root), "cremad": {**CREMAD, "folds": 4}},
+               {"audio": "cnn", "visual": "clip"}, ["audio", "visual"])
+    cfg = config_from_dict(merge(cfg.to_dict(), {"protocol": "fedmultimodal-cremad",
+                                                 "partition": {"num_clients": 3, "scheme": "natural"},
+                                                 "evaluation": {"every": 1}}))
+    assert (cfg.partition.scheme, cfg.tracking.headline_metric) == ("natural", "mm_uar")
+    info = prepare(cfg)
+    dm = DataModule(cfg.data.prepared_dir)
+    assert dm.spec.class_names == ("ANG", "SAD", "HAP", "NEU")
+    assert set(dm.test.groups.tolist()) == {1001} and set(dm.train.groups.tolist()) == {1002, 1003, 1004}
+    # fear and the tied disgust votes are left out by the class set, not counted as unreadable
+    assert dm.meta["source"]["excluded_by_class_set"] == 8 and info["skipped"] == 1  # the broken wav
+    kept = {v for v in planted["votes"].values() if v in "ASHN"}
+    assert set(dm.train.labels.tolist()) | set(dm.test.labels.tolist()) <= set(range(len(kept)))
+    assert (dm.train.labels == 3).sum() == 4  # three actors' neutral clips and 1003's happy one, voted neutral
+    assert _cli(cfg, "partition", tmp_path).returncode == 0
+    r = _cli(cfg, "train", tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    card = json.loads((cfg.output.dir / "train" / "card.json").read_text())
+    assert card == {"protocol": "fedmultimodal-cremad", "dataset": "cremad", "classes": "ANG,SAD,HAP,NEU",
+                    "split": "speaker fold 1 of 4", "clients": "natural (whole groups), 3 clients",
+                    "metric": "mm_uar"}
+    metrics = json.loads((cfg.output.dir / "train" / "metrics.json").read_text())
+    assert {"mm_uar", "mm_f1", "mm_acc"} <= set(metrics)
+
+
 def test_prepare_on_the_command_line_names_every_skipped_file(cremad_root, tmp_path):
     root, planted = cremad_root
     settings = {"data.name": "cremad", "data.path": root, "data.max_bad_fraction": 0.25,

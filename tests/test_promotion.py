@@ -111,3 +111,33 @@ def test_the_registry_keeps_the_champion_when_a_path_falls_and_records_why(tiny,
     # registering v2 again finishes it and keeps its reason; the champion stays
     again = register_model(cfg, *runs[1], fallen, "data-1")
     assert not again["promoted"] and again["champion"] == 3 and again["version"] == 2
+
+
+def test_a_champion_under_another_data_card_is_kept_and_the_reason_names_the_difference(tiny, tmp_path):
+    """Two numbers are compared only under the same card: a candidate ranked by UAR never displaces a
+    champion ranked by accuracy on the same data, however the figures compare."""
+    import mlflow
+
+    from fedcmi.algorithms import build_model
+    from fedcmi.data import DataModule
+    from fedcmi.protocols import data_card
+    from fedcmi.serving import ModelPackage
+    from fedcmi.tracking.model_registry import register_model
+
+    cfg = tiny(tracking={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "registered_model": "card-model"})
+    data = DataModule(cfg.data.prepared_dir)
+    package = ModelPackage.of(cfg, build_model(cfg, data.spec).state_dict(), data)
+    uar = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"headline_metric": "mm_uar"})})
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    try:
+        runs = []
+        for _ in range(2):
+            with mlflow.start_run() as run:
+                runs.append((run.info.run_id, package.log()))
+        first = register_model(cfg, *runs[0], CHAMPION, "data-1", data_card(cfg, data.spec))
+        second = register_model(uar, *runs[1], {**CHAMPION, "mm_uar": 0.9}, "data-1", data_card(uar, data.spec))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert first["promoted"] and not second["promoted"] and second["champion"] == 1
+    assert second["reason"] == ("champion v1 was measured under another data card (metric: mm_acc vs mm_uar); "
+                                "kept: figures are compared only under the same card")

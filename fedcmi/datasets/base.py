@@ -59,3 +59,8 @@ class Dataset(ABC):
     def describe(cls, cfg: Config) -> dict[str, Any]:
         """What the prepared folder's meta.json records of where the data came from."""
         return {"path": str(cfg.data.path)}
+
+    @classmethod
+    def split_card(cls, cfg: Config) -> str:
+        """The train/test split in words, for the data card (:func:`fedcmi.protocols.data_card`)."""
+        return f"{cls.name}'s own train/test split"

@@ -7,21 +7,27 @@ Audio-visual emotion recognition, 6 classes from the clip names
     Image-01-FPS/<clip>/<n>.jpg       frames extracted at 1 fps (data.cremad.frames_dir), or else
     VideoFlash/<clip>.flv             the videos, decoded with PyAV (pip install 'fedcmi[video]')
     train.csv, test.csv               the common split lists, rows ``clip,EMOTION`` (split: lists)
+    processedResults/summaryTable.csv the raters' votes (labels: vote4)
 
-With ``split: speakers`` no lists are needed: actors are split by a seeded draw. Every sample keeps its
-actor as its group id, so ``partition.scheme: natural`` can make each actor a client.
+Two class sets: ``labels: clip``, the 6 emotions of the clip names (FedCMI's protocol), or ``labels:
+vote4``, the audio-visual raters' vote (``MultiModalVote``) where it is one of anger, sadness, happiness or
+neutral (FedMultimodal's four classes; clips voted otherwise, or tied, are left out and counted).
+
+With ``split: speakers`` no lists are needed: actors are split by a seeded draw; ``split: speaker_folds``
+holds out fold ``fold`` of ``folds`` contiguous folds of the actors in id order (FedMultimodal's split).
+Every sample keeps its actor as its group id, so ``partition.scheme: natural`` can make each actor a client.
 """
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from fedcmi.config import Config, Float
+from fedcmi.config import Config, Float, Int
 from fedcmi.data.base import DataError, DatasetSpec
 from fedcmi.data.cache import AudioVisualOptions, Record, RecordSource, Skipped, audio_visual_spec
 from fedcmi.data.media import MediaError, audio_features, load_frames, read_wav, sorted_images, video_frames
@@ -29,16 +35,31 @@ from fedcmi.datasets.base import Dataset
 
 
 class CremaDOptions(AudioVisualOptions):
-    """CREMA-D: 6 emotions from the clip names; the common split lists or a seeded split by speaker."""
+    """CREMA-D: 6 emotions from the clip names or 4 from the raters' votes; the common split lists, a seeded
+    split by speaker, or speaker folds."""
 
-    split: Literal["lists", "speakers"] = "lists"
+    labels: Literal["clip", "vote4"] = Field(
+        "clip", description="clip: the 6 emotions of the clip names; vote4: the raters' audio-visual vote, where it "
+        "is anger, sadness, happiness or neutral (FedMultimodal's classes)")
+    split: Literal["lists", "speakers", "speaker_folds"] = "lists"
     train_list: str = "train.csv"
     test_list: str = "test.csv"
+    summary_table: str = Field("processedResults/summaryTable.csv", description="the raters' votes (labels: vote4)")
     test_speakers: Float = Field(0.1, gt=0, lt=1, description="fraction of actors held out (split: speakers)")
+    folds: Int = Field(5, ge=2, le=91, description="contiguous folds of the actors in id order (split: speaker_folds)")
+    fold: Int = Field(1, ge=1, description="the fold held out as the test split (split: speaker_folds)")
     val_fraction: Float = Field(0.0, ge=0, lt=0.5, description="of the training actors, held out as validation")
+
+    @model_validator(mode="after")
+    def _fold_exists(self) -> CremaDOptions:
+        if self.fold > self.folds:
+            raise ValueError(f"fold {self.fold} of {self.folds} folds does not exist (folds are 1..{self.folds})")
+        return self
 
 
 EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")
+#: labels: vote4: the vote's letter -> the class, in FedMultimodal's order
+VOTES = {"A": "ANG", "S": "SAD", "H": "HAP", "N": "NEU"}
 
 
 def clip_emotion(clip: str) -> str:
@@ -53,6 +74,7 @@ def clip_actor(clip: str) -> str:
 class CremaDSource(RecordSource):
     def __init__(self, root: Path, cfg: CremaDOptions, seed: int) -> None:
         self.root, self.cfg, self.seed = Path(root), cfg, seed
+        self.excluded = 0  # clips outside the class set (labels: vote4), counted by records()
         c = cfg
         self.layout = (f"  {self.root}/{c.audio_dir}/<clip>.wav\n"
                        f"  {self.root}/{c.frames_dir}/<clip>/<n>.jpg  (or {self.root}/{c.video_dir}/<clip>.flv)\n"
@@ -74,6 +96,25 @@ class CremaDSource(RecordSource):
                 rows.append((clip, label))
         return rows
 
+    def _votes(self) -> dict[str, str]:
+        """clip -> the raters' audio-visual vote (``MultiModalVote``) from the summary table."""
+        path = self.require(self.root / self.cfg.summary_table, "the CREMA-D raters' summary table (labels: vote4)")
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"FileName", "MultiModalVote"} <= set(reader.fieldnames):
+                raise DataError(f"{path} lacks the columns FileName and MultiModalVote (it has "
+                                f"{reader.fieldnames}); is it processedResults/summaryTable.csv?")
+            return {row["FileName"].strip(): (row["MultiModalVote"] or "").strip().upper() for row in reader}
+
+    def _speaker_fold(self, clips: list[str]) -> tuple[list[str], list[str]]:
+        """(train, test): the actors in id order cut into ``folds`` contiguous folds, the first ones one actor
+        larger where they do not divide evenly; fold ``fold`` is the test split."""
+        actors = sorted({clip_actor(c) for c in clips})
+        if len(actors) < self.cfg.folds:
+            raise DataError(f"data.cremad.folds={self.cfg.folds} exceeds the {len(actors)} actors found")
+        held = set(np.array_split(np.array(actors), self.cfg.folds)[self.cfg.fold - 1].tolist())
+        return [c for c in clips if clip_actor(c) not in held], [c for c in clips if clip_actor(c) in held]
+
     def _hold_out_actors(self, clips: list[str], fraction: float, stream: int) -> tuple[list[str], list[str]]:
         """(kept, held out): a seeded ``fraction`` of the clips' actors held out whole; list order kept."""
         actors = sorted({clip_actor(c) for c in clips})
@@ -94,11 +135,23 @@ class CremaDSource(RecordSource):
             if not clips:
                 raise DataError(f"no .wav files in {audio_dir}; expected layout:\n{self.layout}")
             labels = {c: clip_emotion(c) for c in clips}
-            train, test = self._hold_out_actors(clips, self.cfg.test_speakers, 1)
+            if self.cfg.split == "speaker_folds":
+                train, test = self._speaker_fold(clips)
+            else:
+                train, test = self._hold_out_actors(clips, self.cfg.test_speakers, 1)
             if not test or not train:
                 raise DataError(f"data.cremad.test_speakers={self.cfg.test_speakers} leaves an empty split "
                                 f"among {len({clip_actor(c) for c in clips})} actors")
             splits = {"train": train, "test": test}
+        self.excluded = 0
+        if self.cfg.labels == "vote4":
+            # the class set leaves clips out by design: counted, never taken for unreadable samples
+            votes = self._votes()
+            labels = {c: VOTES.get(votes.get(c, ""), "") for c in labels}
+            for name, clips in splits.items():
+                kept = [c for c in clips if labels[c]]
+                self.excluded += len(clips) - len(kept)
+                splits[name] = kept
         if self.cfg.val_fraction > 0:  # validation actors come out of the training split, never the test split
             splits["train"], splits["val"] = self._hold_out_actors(splits["train"], self.cfg.val_fraction, 2)
         out: dict[str, list[Record]] = {}
@@ -112,12 +165,13 @@ class CremaDSource(RecordSource):
             if split == "val" and not clips:
                 continue
             recs = []
+            classes = self.classes()
             for clip in clips:
                 label = labels[clip]
-                if label not in EMOTIONS:
-                    skipped.append(Skipped(split, clip, f"unknown label {label!r} (known: {list(EMOTIONS)})"))
+                if label not in classes:
+                    skipped.append(Skipped(split, clip, f"unknown label {label!r} (known: {list(classes)})"))
                     continue
-                recs.append(Record(split, clip, EMOTIONS.index(label), group=group[clip_actor(clip)]))
+                recs.append(Record(split, clip, classes.index(label), group=group[clip_actor(clip)]))
             out[split] = recs
         return out, skipped
 
@@ -139,11 +193,17 @@ class CremaDSource(RecordSource):
             raise MediaError(f"no frames in {self.root / c.frames_dir / clip} and no video {video}")
         return {"audio": audio, "visual": visual}
 
+    def classes(self) -> tuple[str, ...]:
+        return tuple(VOTES.values()) if self.cfg.labels == "vote4" else EMOTIONS
+
     def spec(self) -> DatasetSpec:
-        return audio_visual_spec(self.cfg, EMOTIONS)
+        return audio_visual_spec(self.cfg, self.classes())
 
     def info(self) -> dict:
-        return {"root": str(self.root), "cremad": self.cfg.model_dump(mode="json")}
+        out: dict[str, Any] = {"root": str(self.root), "cremad": self.cfg.model_dump(mode="json")}
+        if self.cfg.labels == "vote4":
+            out["excluded_by_class_set"] = self.excluded
+        return out
 
 
 class CremaD(Dataset):
@@ -156,3 +216,11 @@ class CremaD(Dataset):
     @classmethod
     def source(cls, cfg: Config) -> CremaDSource:
         return CremaDSource(cfg.data.path, cfg.data.options(CremaDOptions), cfg.seed)
+
+    @classmethod
+    def split_card(cls, cfg: Config) -> str:
+        c = cfg.data.options(CremaDOptions)
+        split = {"lists": f"lists {c.train_list}/{c.test_list}",
+                 "speakers": f"speakers, {c.test_speakers:g} of the actors held out (seed {cfg.seed})",
+                 "speaker_folds": f"speaker fold {c.fold} of {c.folds}"}[c.split]
+        return split + (f", val {c.val_fraction:g} of the training actors" if c.val_fraction else "")

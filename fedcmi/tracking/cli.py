@@ -52,7 +52,11 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> int:
     data_id = data_hash(cfg, verify=True)  # before the registry is touched
     figures = {k: float(v) for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-    result = register_model(cfg, info["run_id"], info["model_uri"], figures, data_id)
+    from fedcmi.data import DataModule
+    from fedcmi.protocols import data_card
+
+    card = data_card(cfg, DataModule(cfg.data.prepared_dir).spec)
+    result = register_model(cfg, info["run_id"], info["model_uri"], figures, data_id, card)
     if args.out:
         write_json(args.out, result)
     print(json.dumps(result, indent=2))

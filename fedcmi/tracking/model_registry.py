@@ -9,6 +9,7 @@ version's ``promotion`` tag, and the absent-modality sweep it was taken on is an
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from fedcmi.errors import CommandError
 from fedcmi.io import load_state, read_json, write_json
 from fedcmi.metrics import Evaluation
 from fedcmi.outputs import HISTORY, METRICS
+from fedcmi.protocols import card_differences, data_card
 from fedcmi.serving import ModelPackage
 from fedcmi.tracking.inputs import data_hash
 from fedcmi.tracking.promotion import REASON_TAG, Decision, decide, sweep_report, tag_figures, version_tags
@@ -31,12 +33,14 @@ from fedcmi.tracking.server import TrackingUnavailable, apply_http_limits, check
 REGISTRATION = "register.json"
 
 
-def register_model(cfg: Config, run_id: str, model_uri: str, figures: Mapping[str, float], data_id: str) -> dict:
+def register_model(cfg: Config, run_id: str, model_uri: str, figures: Mapping[str, float], data_id: str,
+                   card: Mapping[str, str] | None = None) -> dict:
     """Register a new version with alias ``candidate``; move ``champion`` only if it passes the gate.
 
     ``figures``: the candidate's evaluation (flat names), the headline among them. Versions carry the
     headline, the guarded figures and the hash of the test data they were measured on. A champion
-    measured on other data is never compared by its stored figures: it stays, and the reason says so.
+    measured on other data, or under another data card (``card``: protocol, classes, split, clients,
+    metric), is never compared by its stored figures: it stays, and the reason says so.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -62,6 +66,8 @@ def register_model(cfg: Config, run_id: str, model_uri: str, figures: Mapping[st
             raise CommandError(f"the model {model_uri} was logged by run {logged.source_run_id}, not {run_id}; "
                                "nothing was registered")
     tags = {**version_tags(cfg, figures), "data_hash": data_id, "run_id": run_id}
+    if card is not None:
+        tags["card"] = json.dumps(dict(card), sort_keys=True)
     # one version per training run: a rerun (or a registration cut short) finishes that version
     mine = [v for v in _versions(client, name) if v.tags.get("run_id") == run_id]
     if mine:
@@ -83,6 +89,10 @@ def register_model(cfg: Config, run_id: str, model_uri: str, figures: Mapping[st
     elif champ.tags.get("data_hash") != data_id:
         decision = Decision(False, f"champion v{champ.version} was measured on other test data; kept "
                             "(compare it with `fedcmi evaluate`)")
+    elif card is not None and "card" in champ.tags and json.loads(champ.tags["card"]) != dict(card):
+        diffs = "; ".join(card_differences(json.loads(champ.tags["card"]), card))
+        decision = Decision(False, f"champion v{champ.version} was measured under another data card ({diffs}); "
+                            "kept: figures are compared only under the same card")
     else:
         champion_figures = tag_figures(champ.tags)
         decision = decide(cfg, figures, champ.tags, str(champ.version))
@@ -118,11 +128,13 @@ def register_federation(cfg: Config, store: Path, model_file: Path, final: Evalu
     if reg_file.is_file():
         return read_json(reg_file, expect=dict)
     run = TrainingRun.attach(cfg, Path(store) / RUN_INFO)
-    package = ModelPackage.of(cfg, load_state(model_file, checked=True)[0], DataModule(cfg.data.prepared_dir))
+    data = DataModule(cfg.data.prepared_dir)
+    package = ModelPackage.of(cfg, load_state(model_file, checked=True)[0], data)
     errors = run.finish([Path(store) / HISTORY, Path(store) / METRICS], package)
     if run.model_uri is None:
         raise TrackingUnavailable(f"the final model could not be logged to {run.uri}: {errors}")
     os.environ["MLFLOW_TRACKING_URI"] = run.uri
-    result = register_model(cfg, run.run_id, run.model_uri, final.flat(), data_hash(cfg, verify=True))
+    result = register_model(cfg, run.run_id, run.model_uri, final.flat(), data_hash(cfg, verify=True),
+                            data_card(cfg, data.spec))
     write_json(reg_file, result)
     return result

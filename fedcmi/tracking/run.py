@@ -188,6 +188,12 @@ class TrainingRun:
             digest = data_hash(self.cfg)
             self.calls.call("dataset", lambda: self.client.log_inputs(
                 self.run_id, datasets=[dataset_input(self.cfg, data, digest)]))
+            from mlflow.entities import RunTag
+
+            from fedcmi.protocols import data_card
+
+            card = [RunTag(f"card.{k}", v[:5000]) for k, v in data_card(self.cfg, data.spec).items()]
+            self.calls.call("card", lambda: self.client.log_batch(self.run_id, tags=card))
 
     # -- logging ------------------------------------------------------------------------------------------
     @property
