@@ -2,6 +2,11 @@
 
     python benchmarks/accuracy.py --jobs 2
 
+The protocol is `fedcmi compare`'s (its lr selection and grid growth are imported from it), run over this
+repository's two settings and with its ablations and the imbalance table; on your own data and methods use
+`fedcmi compare` itself. A trial of both gives the same model (BENCHMARKS.md, "fedcmi compare", shows the
+command that reproduces this table's FedAvg figures).
+
 The protocol, the same for every method:
 
 1. **Learning rate chosen on validation.** Each (setting, method) trains at
@@ -52,6 +57,7 @@ import yaml
 from common import RESULTS, ROOT, ensure_data, save_results
 
 # Imported before the pool forks its workers, so a benchmark that runs for an hour keeps the code it started with.
+from fedcmi.compare import next_lr, select_lr  # the protocol's rules, shared with `fedcmi compare`
 from fedcmi.config import apply_overrides, config_from_dict, load_config
 from fedcmi.datasets.synthetic import bayes_accuracy
 from fedcmi.divergence import Diverged
@@ -177,21 +183,6 @@ def mean_std(vals: list[float]) -> str:
 def val_scores(results: dict, setting: str, name: str, lrs: list[float], seeds: list[int]) -> dict[float, float]:
     return {lr: statistics.mean(results[run_key(setting, name, lr, s)]["val"]["mm_acc"] for s in seeds)
             for lr in lrs}
-
-
-def select_lr(scores: dict[float, float]) -> float:
-    """The learning rate with the best mean validation accuracy (ties: the smaller lr)."""
-    return max(sorted(scores), key=lambda lr: scores[lr])
-
-
-def next_lr(grid: list[float], best: float) -> float | None:
-    """The lr past the edge the best one sits on, or None when it is inside the grid."""
-    grid = sorted(grid)
-    if best == grid[0]:
-        return round(best / 2, 10)
-    if best == grid[-1]:
-        return round(best * 2, 10)
-    return None
 
 
 def late_gain(history: list[dict], span: int = 5) -> float | None:

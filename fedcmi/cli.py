@@ -301,10 +301,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=int, required=True, help="round number, from 1")
     p.add_argument("--out", required=True, help="global model file to write")
     p.add_argument("--summary", help="write the round summary JSON here")
+    p = add("compare", cmd_compare, "The fair comparison on your data: methods x a learning-rate grid chosen on "
+            "validation x seeds, paired differences to a baseline; resumable; a report and an MLflow parent run.")
+    p.add_argument("--method", action="append", default=[], help="NAME (an algorithm at its defaults) or "
+                   "LABEL:key=value[,key=value...]; repeat; default: every registered algorithm but unimodal")
+    p.add_argument("--baseline", help="the method the others are paired against (default: fedavg)")
+    p.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.02, 0.05],
+                   help="the starting learning-rate grid; it grows past an edge that wins")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--select-seeds", type=int, nargs="+", default=[0, 1],
+                   help="the seeds whose mean validation headline chooses each method's lr")
+    p.add_argument("--max-extensions", type=int, default=3, help="how often a grid may grow past its edge")
+    p.add_argument("--jobs", type=int, default=0, help="trials at once, one torch thread each (0: the cores)")
+    p.add_argument("--work", default="outputs/compare", help="the trials' cache and the report (a rerun resumes)")
+    p.add_argument("--title", help="the report's title")
     for name in READS_DATA:
         sub.choices[name].set_defaults(reads_data=True)
     _extend(sub, common)
     return parser
+
+
+def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
+    import shlex
+
+    import yaml
+
+    from fedcmi.compare import (
+        Method,
+        Plan,
+        Trial,
+        compare,
+        default_jobs,
+        default_methods,
+        prepare_seed,
+        summary,
+        trial_config,
+        trial_overrides,
+    )
+    from fedcmi.compare_report import write_report
+    from fedcmi.data import DataModule
+    from fedcmi.io import write_json
+    from fedcmi.protocols import data_card
+
+    methods = [Method.parse(m) for m in args.method] if args.method else default_methods()
+    names = [m.name for m in methods]
+    baseline = args.baseline or ("fedavg" if "fedavg" in names else names[0])
+    plan = Plan(methods, baseline, sorted(args.lrs), list(args.seeds), list(args.select_seeds),
+                args.max_extensions, args.jobs or default_jobs(), cfg.tracking.headline_metric, list(args.overrides))
+    plan.check()
+    work = Path(args.work)
+    params = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
+    title = args.title or f"fedcmi compare: {len(methods)} methods on {cfg.data.name}"
+    command = "fedcmi " + shlex.join(sys.argv[1:])
+    # the card of the first seed's data: every trial shares its classes, split, clients and metric
+    prepare_seed(params, plan.seeds[0], work, plan.extra)
+    first = trial_config(params, methods[0], Trial(methods[0].name, plan.lrs[0], plan.seeds[0]), work, plan.extra)
+    card = data_card(first, DataModule(first.data.prepared_dir).spec)
+    run = None
+    if cfg.tracking.enabled:
+        from fedcmi.tracking.comparison import ComparisonRun
+
+        run = ComparisonRun(cfg, work, plan, title, card)
+    by_name = {m.name: m for m in methods}
+
+    def log_trial(trial: Trial, result: dict) -> None:
+        if run is not None:
+            m = by_name[trial.method]
+            run.log_trial(trial, result, [*plan.extra, *m.overrides, *trial_overrides(first, trial, work)])
+
+    outcome = compare(params, plan, work, progress=lambda line: print(line, file=sys.stderr, flush=True),
+                      on_trial=log_trial)
+    body = summary(outcome)
+    files = [write_json(work / "report" / "summary.json", {"command": command, "card": card, **body}),
+             *write_report(outcome, work / "report", title, card, command)]
+    if run is not None:
+        body["mlflow_parent_run"] = run.finish(files, body)
+    print(json.dumps({"report": str(work / "report" / "report.html"), "wall_seconds": body["wall_seconds"],
+                      "chosen_lr": {n: m["chosen_lr"] for n, m in body["methods"].items()},
+                      "mlflow_parent_run": body.get("mlflow_parent_run")}, indent=2))
+    return 0
 
 
 #: The commands that read the prepared data, and hold it against a `prepare` meanwhile (see
