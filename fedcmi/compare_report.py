@@ -81,6 +81,12 @@ def _plt():
     return plt
 
 
+def _colour(plt, i: int, n: int):
+    """Method ``i`` of ``n``'s colour, the same in every plot: tab10 while it suffices (tab20 pairs
+    look-alike shades)."""
+    return plt.get_cmap("tab10" if n <= 10 else "tab20")(i % 20)
+
+
 def _save(fig, path: Path) -> Path:
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     _plt().close(fig)
@@ -98,9 +104,10 @@ def plot_curves(outcome: Outcome, path: Path) -> Path:
         n = min(len(c) for c in curves)
         rounds = [curves[0][j]["round"] for j in range(n)]
         mean = [statistics.mean(c[j].get(p.metric, float("nan")) for c in curves) for j in range(n)]
-        ax.plot(rounds, mean, "-", color=plt.get_cmap("tab20")(i % 20),
+        ax.plot(rounds, mean, "-", color=_colour(plt, i, len(p.methods)),
                 label=f"{m.name} (lr {outcome.chosen[m.name]:g})")
     ax.set_xlabel("round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(f"{p.metric} (test), mean of {len(p.seeds)} seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -114,7 +121,7 @@ def plot_lr(outcome: Outcome, path: Path) -> Path:
     for i, m in enumerate(outcome.plan.methods):
         scores = outcome.val_scores(m.name)
         lrs = sorted(scores)
-        color = plt.get_cmap("tab20")(i % 20)
+        color = _colour(plt, i, len(outcome.plan.methods))
         ax.plot(lrs, [scores[lr] for lr in lrs], "-o", ms=3, color=color, label=m.name)
         best = outcome.chosen[m.name]
         ax.scatter([best], [scores[best]], s=70, facecolors="none", edgecolors=[color])
