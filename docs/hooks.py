@@ -106,7 +106,8 @@ def error_table() -> str:
 
 def on_files(files: Files, config: Any) -> Files:
     text = (ROOT / "BENCHMARKS.md").read_text()
-    files.append(File.generated(config, "benchmarks.md", content=text))
+    # links into docs/ are the repository's view; on the site the page sits beside those pages
+    files.append(File.generated(config, "benchmarks.md", content=re.sub(r"\]\(docs/", "](", text)))
     # the tables and plots it links, from the repository's results folders
     for target in sorted(set(re.findall(r"\]\((benchmarks/results/[^)#\s]+)", text))):
         if (ROOT / target).is_file():
