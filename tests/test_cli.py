@@ -82,7 +82,7 @@ def test_help_explains_each_command():
     # the command column of the listing: each command named at the start of its own line, with its help
     listed = {m.group(1): m.group(2) for m in re.finditer(r"^    ([a-z][a-z-]*)(?:  +(\S.*))?$", r.stdout, re.M)}
     expected = {"prepare", "partition", "train", "evaluate", "plots-template", "init", "sample", "client-train", "aggregate",
-                "register", "pipeline"}
+                "register", "pipeline", "compare"}
     assert set(listed) == expected, sorted(listed)
     assert all(listed[c] for c in expected if c != "plots-template")  # (a long name wraps its help)
 
