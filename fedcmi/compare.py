@@ -194,6 +194,12 @@ def next_lr(grid: Sequence[float], best: float) -> float | None:
     return None
 
 
+def val_scores(results: dict[str, dict], method: str, grid: Sequence[float], seeds: Sequence[int],
+               metric: str) -> dict[float, float]:
+    """Per lr of ``grid``, the method's mean validation ``metric`` over ``seeds``: what chooses its lr."""
+    return {lr: statistics.mean(results[Trial(method, lr, s).key]["val"][metric] for s in seeds) for lr in grid}
+
+
 def paired(diffs: Sequence[float]) -> dict[str, float]:
     """Mean, standard deviation and 95% t confidence interval of paired differences."""
     from scipy import stats
@@ -221,9 +227,7 @@ class Outcome:
         return self.results[Trial(method, lr, seed).key]
 
     def val_scores(self, method: str) -> dict[float, float]:
-        m = self.plan.metric
-        return {lr: statistics.mean(self.result(method, lr, s)["val"][m] for s in self.plan.select_seeds)
-                for lr in self.grids[method]}
+        return val_scores(self.results, method, self.grids[method], self.plan.select_seeds, self.plan.metric)
 
     def finals(self, method: str) -> list[dict]:
         return [self.result(method, self.chosen[method], s)["test"] for s in self.plan.seeds]
@@ -272,9 +276,7 @@ def compare(params: dict, plan: Plan, work: Path, progress: Progress = print,
             wave(pool, [Trial(n, lr, s) for n in sorted(pending) for lr in grids[n] for s in plan.select_seeds])
             grown = set()
             for n in sorted(pending):
-                scores = {lr: statistics.mean(results[Trial(n, lr, s).key]["val"][plan.metric]
-                                              for s in plan.select_seeds) for lr in grids[n]}
-                chosen[n] = select_lr(scores)
+                chosen[n] = select_lr(val_scores(results, n, grids[n], plan.select_seeds, plan.metric))
                 nxt = next_lr(grids[n], chosen[n])
                 if nxt is not None and extension < plan.max_extensions:
                     grids[n] = sorted([*grids[n], nxt])

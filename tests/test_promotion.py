@@ -67,26 +67,35 @@ def test_the_gate_settings_are_checked_at_load(tmp_path):
         _cfg(tmp_path, absent_tolerance="a lot")
 
 
+def _runs_with_a_model(cfg, n: int) -> list[tuple[str, str]]:
+    """``n`` MLflow runs in the current tracking store, each with ``cfg``'s network logged: (run id, model uri)."""
+    import mlflow
+
+    from fedcmi.algorithms import build_model
+    from fedcmi.data import DataModule
+    from fedcmi.serving import ModelPackage
+
+    data = DataModule(cfg.data.prepared_dir)
+    package = ModelPackage.of(cfg, build_model(cfg, data.spec).state_dict(), data)
+    runs = []
+    for _ in range(n):
+        with mlflow.start_run() as run:
+            runs.append((run.info.run_id, package.log()))
+    return runs
+
+
 def test_the_registry_keeps_the_champion_when_a_path_falls_and_records_why(tiny, tmp_path):
     """Three training runs on one SQLite registry: v1 champion; v2 beats its headline but its visual path
     falls (not promoted: tag, sweep artifact, champion unchanged); v3 beats it within tolerance (promoted)."""
     import mlflow
     from mlflow import MlflowClient
 
-    from fedcmi.algorithms import build_model
-    from fedcmi.data import DataModule
-    from fedcmi.serving import ModelPackage
     from fedcmi.tracking.model_registry import register_model
 
     cfg = tiny(tracking={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "registered_model": "gate-model"})
-    data = DataModule(cfg.data.prepared_dir)
-    package = ModelPackage.of(cfg, build_model(cfg, data.spec).state_dict(), data)
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     try:
-        runs = []
-        for _ in range(3):
-            with mlflow.start_run() as run:
-                runs.append((run.info.run_id, package.log()))
+        runs = _runs_with_a_model(cfg, 3)
         v1 = register_model(cfg, *runs[0], CHAMPION, "data-1")
         fallen = {**CHAMPION, "mm_acc": 0.75, "path_acc_visual": 0.40}
         v2 = register_model(cfg, *runs[1], fallen, "data-1")
@@ -118,22 +127,16 @@ def test_a_champion_under_another_data_card_is_kept_and_the_reason_names_the_dif
     champion ranked by accuracy on the same data, however the figures compare."""
     import mlflow
 
-    from fedcmi.algorithms import build_model
     from fedcmi.data import DataModule
     from fedcmi.protocols import data_card
-    from fedcmi.serving import ModelPackage
     from fedcmi.tracking.model_registry import register_model
 
     cfg = tiny(tracking={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "registered_model": "card-model"})
     data = DataModule(cfg.data.prepared_dir)
-    package = ModelPackage.of(cfg, build_model(cfg, data.spec).state_dict(), data)
     uar = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"headline_metric": "mm_uar"})})
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     try:
-        runs = []
-        for _ in range(2):
-            with mlflow.start_run() as run:
-                runs.append((run.info.run_id, package.log()))
+        runs = _runs_with_a_model(cfg, 2)
         first = register_model(cfg, *runs[0], CHAMPION, "data-1", data_card(cfg, data.spec))
         second = register_model(uar, *runs[1], {**CHAMPION, "mm_uar": 0.9}, "data-1", data_card(uar, data.spec))
     finally:

@@ -10,13 +10,19 @@ import torch
 @pytest.fixture
 def logged(tiny, tmp_path):
     """A tiny trained-shape model logged to a SQLite MLflow store; returns (config, package, model uri)."""
+    cfg = tiny()
+    package, uri = _log(cfg, tmp_path)
+    return cfg, package, uri
+
+
+def _log(cfg, tmp_path):
+    """``cfg``'s network (initial weights) logged to a SQLite MLflow store: (its package, its model uri)."""
     import mlflow
 
     from fedcmi.algorithms import build_model
     from fedcmi.data import DataModule
     from fedcmi.serving import ModelPackage
 
-    cfg = tiny()
     data = DataModule(cfg.data.prepared_dir)
     package = ModelPackage.of(cfg, build_model(cfg, data.spec).state_dict(), data)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
@@ -25,7 +31,7 @@ def logged(tiny, tmp_path):
             uri = package.log()
     finally:
         mlflow.set_tracking_uri(None)
-    return cfg, package, uri
+    return package, uri
 
 
 def _load(uri: str, tmp_path):
@@ -75,23 +81,10 @@ def test_the_model_is_code_and_safetensors_not_a_pickle(logged, tmp_path):
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))], files
 
 
-def _logged_as(cfg, tmp_path, trained: bool = False):
-    """Log ``cfg``'s network (initial weights) and load it back as MLflow serves it."""
-    import mlflow
-
-    from fedcmi.algorithms import build_model
-    from fedcmi.data import DataModule
-    from fedcmi.serving import ModelPackage
-
-    data = DataModule(cfg.data.prepared_dir)
+def _logged_as(cfg, tmp_path):
+    """Log ``cfg``'s network (seeded initial weights) and load it back as MLflow serves it."""
     torch.manual_seed(0)
-    package = ModelPackage.of(cfg, build_model(cfg, data.spec).state_dict(), data)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    try:
-        with mlflow.start_run():
-            uri = package.log()
-    finally:
-        mlflow.set_tracking_uri(None)
+    package, uri = _log(cfg, tmp_path)
     return package, _load(uri, tmp_path)
 
 

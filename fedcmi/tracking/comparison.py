@@ -88,9 +88,9 @@ class ComparisonRun:
         from mlflow.entities import Metric
 
         metric = summary["metric"]
-        found = [Metric(f"{name}_{metric}", sum(r[metric] for r in m["test"]) / len(m["test"]), 0, 0)
+        means = [Metric(_clean(f"{name}_{metric}"), sum(r[metric] for r in m["test"]) / len(m["test"]), 0, 0)
                  for name, m in summary["methods"].items()]
-        self.client.log_batch(self.parent_id, metrics=[Metric(_clean(m.key), m.value, 0, 0) for m in found])
+        self.client.log_batch(self.parent_id, metrics=means)
         self.client.set_tag(self.parent_id, "fedcmi.summary", json.dumps(
             {n: m["chosen_lr"] for n, m in summary["methods"].items()})[:5000])
         self.client.set_terminated(self.parent_id, "FINISHED")
