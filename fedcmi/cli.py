@@ -15,9 +15,13 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedcmi.config import Config, load_config
 from fedcmi.errors import EXIT_FAILURE, EXIT_INTERRUPTED, FedcmiError
+
+if TYPE_CHECKING:
+    from fedcmi.compare import TrialRunner
 
 
 def _common() -> argparse.ArgumentParser:
@@ -303,6 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", help="write the round summary JSON here")
     p = add("compare", cmd_compare, "The fair comparison on your data: methods x a learning-rate grid chosen on "
             "validation x seeds, paired differences to a baseline; resumable; a report and an MLflow parent run.")
+    add_compare_options(p)
+    for name in READS_DATA:
+        sub.choices[name].set_defaults(reads_data=True)
+    _extend(sub, common)
+    return parser
+
+
+def add_compare_options(p: argparse.ArgumentParser) -> None:
+    """The options of a comparison, wherever its trials train (here, or as pipeline runs)."""
     p.add_argument("--method", action="append", default=[], help="NAME (an algorithm at its defaults) or "
                    "LABEL:key=value[,key=value...]; repeat; default: every registered algorithm but unimodal")
     p.add_argument("--baseline", help="the method the others are paired against (default: fedavg)")
@@ -315,13 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=0, help="trials at once, one torch thread each (0: the cores)")
     p.add_argument("--work", default="outputs/compare", help="the trials' cache and the report (a rerun resumes)")
     p.add_argument("--title", help="the report's title")
-    for name in READS_DATA:
-        sub.choices[name].set_defaults(reads_data=True)
-    _extend(sub, common)
-    return parser
 
 
 def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
+    return run_comparison(cfg, args)
+
+
+def run_comparison(cfg: Config, args: argparse.Namespace, runner: TrialRunner | None = None) -> int:
+    """A comparison from its options; trials train through ``runner`` (default: processes here)."""
     import shlex
 
     import yaml
@@ -346,8 +360,9 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
     methods = [Method.parse(m) for m in args.method] if args.method else default_methods()
     names = [m.name for m in methods]
     baseline = args.baseline or ("fedavg" if "fedavg" in names else names[0])
+    jobs = runner.jobs if runner is not None else args.jobs or default_jobs()
     plan = Plan(methods, baseline, sorted(args.lrs), list(args.seeds), list(args.select_seeds),
-                args.max_extensions, args.jobs or default_jobs(), cfg.tracking.headline_metric, list(args.overrides))
+                args.max_extensions, jobs, cfg.tracking.headline_metric, list(args.overrides))
     plan.check()
     work = Path(args.work)
     params = yaml.safe_load(Path(args.params).read_text()) if args.params else {}
@@ -370,7 +385,7 @@ def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
             run.log_trial(trial, result, [*plan.extra, *m.overrides, *trial_overrides(first, trial, work)])
 
     outcome = compare(params, plan, work, progress=lambda line: print(line, file=sys.stderr, flush=True),
-                      on_trial=log_trial)
+                      on_trial=log_trial, runner=runner)
     body = summary(outcome)
     files = [write_json(work / "report" / "summary.json", {"command": command, "card": card, **body}),
              *write_report(outcome, work / "report", title, card, command)]

@@ -14,25 +14,29 @@ Every method gets the same protocol:
 Trials run in parallel processes (one torch thread each) and are cached one file per trial under the work
 folder, so a rerun (after a crash or ``kill -9``) skips every finished trial. With tracking on, the
 comparison is one MLflow parent run and each trial a child run; the report (Markdown and a self-contained
-HTML page with its plots) is the parent's artifact and a file. Nothing here knows of KFP or DVC.
+HTML page with its plots) is the parent's artifact and a file. Trials train through a :class:`TrialRunner`:
+processes here by default; ``fedcmi_pipelines.compare`` runs each as a federation of Kubeflow pipeline runs.
+Nothing here knows of KFP or DVC.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fedcmi.config import Config, apply_overrides, config_from_dict
 from fedcmi.errors import CommandError
-from fedcmi.io import write_json
+from fedcmi.io import read_json, write_json
+
+if TYPE_CHECKING:
+    from fedcmi.round.record import RoundRecord
 
 #: the methods compared when none are named: every registered algorithm at its own defaults, but the
 #: single-modality baseline, which needs a modality chosen
@@ -142,8 +146,27 @@ def prepare_seed(params: dict, seed: int, work: Path, extra: Sequence[str]) -> N
                                       dm.train.groups), cfg.partition.file)
 
 
-def run_trial(job: tuple[dict, Method, Trial, str, tuple[str, ...]]) -> tuple[Trial, dict]:
-    """Train one trial and evaluate it on validation and test; cached, so a finished trial never reruns."""
+#: what a runner gets for each trial: the params, the method, the trial, the work folder, the extra settings
+Job = tuple[dict, Method, Trial, str, tuple[str, ...]]
+
+
+def trial_figures(test: dict[str, Any], val: dict[str, Any], history: Sequence[RoundRecord],
+                  seconds: float) -> dict:
+    """A finished trial as the comparison keeps it: the final model's test and validation figures (flat) and
+    the per-round curve."""
+    return {"test": test, "val": val, "seconds": seconds,
+            "curve": [{"round": r.round, **r.evaluation.curves()} for r in history if r.evaluation is not None]}
+
+
+def diverged_figures(reason: str, num_classes: int, metric: str, seconds: float) -> dict:
+    """A trial the divergence guard stopped: a result too, chance level at its lr."""
+    chance = 1 / num_classes
+    return {"diverged": reason, "seconds": seconds, "curve": [],
+            "val": {"mm_acc": chance, metric: chance}, "test": {"mm_acc": chance, metric: chance}}
+
+
+def run_trial(job: Job) -> tuple[Trial, dict]:
+    """Train one trial in this process and evaluate it on validation and test."""
     import torch
 
     from fedcmi.data import DataModule
@@ -153,29 +176,44 @@ def run_trial(job: tuple[dict, Method, Trial, str, tuple[str, ...]]) -> tuple[Tr
     from fedcmi.runners.engine import train
 
     params, method, trial, work_s, extra = job
-    work = Path(work_s)
-    cache = work / "trials" / trial.file_name
-    if cache.is_file():
-        return trial, json.loads(cache.read_text())
     torch.set_num_threads(1)  # one core per trial; results depend on the thread count, so it is pinned
-    cfg = trial_config(params, method, trial, work, extra)
+    cfg = trial_config(params, method, trial, Path(work_s), extra)
     dm = DataModule(cfg.data.prepared_dir)
     t0 = time.perf_counter()
     try:
         res = train(cfg, cfg.output.dir, resume="never", progress=False)
-    except Diverged as exc:  # a diverged trial is a result: chance level at this lr
-        chance = 1 / dm.spec.num_classes
-        out = {"diverged": str(exc), "seconds": time.perf_counter() - t0, "curve": [],
-               "val": {"mm_acc": chance, cfg.tracking.headline_metric: chance},
-               "test": {"mm_acc": chance, cfg.tracking.headline_metric: chance}}
-    else:
-        fed = Federation(cfg, dm, load_partition(cfg.partition.file))
-        out = {"test": res.final.flat(), "val": fed.evaluate(res.state, split="val").flat(),
-               "seconds": time.perf_counter() - t0,
-               "curve": [{"round": r.round, **r.evaluation.curves()} for r in res.history
-                         if r.evaluation is not None]}
-    write_json(cache, out)
-    return trial, out
+    except Diverged as exc:
+        return trial, diverged_figures(str(exc), dm.spec.num_classes, cfg.tracking.headline_metric,
+                                       time.perf_counter() - t0)
+    fed = Federation(cfg, dm, load_partition(cfg.partition.file))
+    val = fed.evaluate(res.state, split="val")
+    return trial, trial_figures(res.final.flat(), val.flat(), res.history, time.perf_counter() - t0)
+
+
+class TrialRunner(Protocol):
+    """Where a comparison's trials train: :class:`LocalTrials` (processes here), or pipeline runs
+    (``fedcmi_pipelines.compare``). Results may come in any order."""
+
+    jobs: int
+
+    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Trial, dict]]:
+        """Train every job; yield each trial with its :func:`trial_figures` as it finishes."""
+        ...
+
+
+class LocalTrials:
+    """Trials in parallel processes on this machine, one torch thread each."""
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs = jobs
+
+    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Trial, dict]]:
+        if not jobs:
+            return
+        with ProcessPoolExecutor(max_workers=min(self.jobs, len(jobs))) as pool:
+            futures = [pool.submit(run_trial, job) for job in jobs]
+            for future in as_completed(futures):
+                yield future.result()
 
 
 # -- the protocol -------------------------------------------------------------------------------------------
@@ -244,24 +282,31 @@ Progress = Callable[[str], None]
 
 
 def compare(params: dict, plan: Plan, work: Path, progress: Progress = print,
-            on_trial: Callable[[Trial, dict], None] | None = None) -> Outcome:
-    """Run the protocol; every finished trial goes to ``on_trial`` (the MLflow child runs) as it lands."""
+            on_trial: Callable[[Trial, dict], None] | None = None, runner: TrialRunner | None = None) -> Outcome:
+    """Run the protocol; every finished trial goes to ``on_trial`` (the MLflow child runs) as it lands.
+
+    Trials train through ``runner`` (default: :class:`LocalTrials` with ``plan.jobs``). Each finished
+    trial is written to ``<work>/trials/`` by this process alone, so a rerun takes it from there."""
     plan.check()
     work = Path(work)
+    runner = runner or LocalTrials(plan.jobs)
     methods = {m.name: m for m in plan.methods}
-    for seed in plan.seeds:  # before the pool: no two trials prepare the same folder
+    for seed in plan.seeds:  # before any trial: no two trials prepare the same folder
         prepare_seed(params, seed, work, plan.extra)
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
     grids = {name: sorted(plan.lrs) for name in methods}
     chosen: dict[str, float] = {}
 
-    def wave(pool: ProcessPoolExecutor, trials: list[Trial]) -> None:
+    def wave(trials: list[Trial]) -> None:
         todo = [t for t in trials if t.key not in results]
-        cached = sum((work / "trials" / t.file_name).is_file() for t in todo)
-        progress(f"{len(todo)} trials ({cached} already done), {plan.jobs} at a time")
-        jobs = [(params, methods[t.method], t, str(work), tuple(plan.extra)) for t in todo]
-        for done, (trial, res) in enumerate(pool.map(run_trial, jobs), 1):
+        cached = [t for t in todo if (work / "trials" / t.file_name).is_file()]
+        progress(f"{len(todo)} trials ({len(cached)} already done), {runner.jobs} at a time")
+        done = 0
+
+        def land(trial: Trial, res: dict) -> None:
+            nonlocal done
+            done += 1
             results[trial.key] = res
             if on_trial is not None:
                 on_trial(trial, res)
@@ -270,21 +315,27 @@ def compare(params: dict, plan: Plan, work: Path, progress: Progress = print,
             progress(f"[{done}/{len(todo)} {time.perf_counter() - t0:6.0f}s] {trial.key:40s} {state} "
                      f"({res['seconds']:.1f}s)")
 
-    with ProcessPoolExecutor(max_workers=plan.jobs) as pool:
-        pending = set(methods)
-        for extension in range(plan.max_extensions + 1):
-            wave(pool, [Trial(n, lr, s) for n in sorted(pending) for lr in grids[n] for s in plan.select_seeds])
-            grown = set()
-            for n in sorted(pending):
-                chosen[n] = select_lr(val_scores(results, n, grids[n], plan.select_seeds, plan.metric))
-                nxt = next_lr(grids[n], chosen[n])
-                if nxt is not None and extension < plan.max_extensions:
-                    grids[n] = sorted([*grids[n], nxt])
-                    grown.add(n)
-            pending = grown
-            if not pending:
-                break
-        wave(pool, [Trial(n, chosen[n], s) for n in methods for s in plan.seeds])
+        for t in cached:
+            land(t, read_json(work / "trials" / t.file_name, expect=dict))
+        fresh = [(params, methods[t.method], t, str(work), tuple(plan.extra)) for t in todo if t not in cached]
+        for trial, res in runner.run(fresh):
+            write_json(work / "trials" / trial.file_name, res)
+            land(trial, res)
+
+    pending = set(methods)
+    for extension in range(plan.max_extensions + 1):
+        wave([Trial(n, lr, s) for n in sorted(pending) for lr in grids[n] for s in plan.select_seeds])
+        grown = set()
+        for n in sorted(pending):
+            chosen[n] = select_lr(val_scores(results, n, grids[n], plan.select_seeds, plan.metric))
+            nxt = next_lr(grids[n], chosen[n])
+            if nxt is not None and extension < plan.max_extensions:
+                grids[n] = sorted([*grids[n], nxt])
+                grown.add(n)
+        pending = grown
+        if not pending:
+            break
+    wave([Trial(n, chosen[n], s) for n in methods for s in plan.seeds])
     edge = [n for n in methods if next_lr(grids[n], chosen[n]) is not None]
     return Outcome(plan, results, grids, chosen, edge, time.perf_counter() - t0)
 

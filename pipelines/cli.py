@@ -119,10 +119,9 @@ def _options(args: argparse.Namespace):
 
 def _arguments(cfg: Config, args: argparse.Namespace) -> dict:
     """The run-time parameters of every run of this federation."""
-    return {"seed": cfg.seed, "algorithm": cfg.algorithm.name, "lr": cfg.optim.lr, "mu": cfg.algorithm.mu,
-            "rounds": cfg.federation.rounds, "local_epochs": cfg.federation.local_epochs,
-            "data_root": args.data_root, "store": args.store, "tracking_uri": args.tracking_uri,
-            "run_name": args.run_name or f"{cfg.algorithm.name}-seed{cfg.seed}"}
+    from fedcmi_pipelines.federated import federation_arguments
+
+    return federation_arguments(cfg, args.data_root, args.store, args.tracking_uri, args.run_name or "")
 
 
 def cmd_compile(cfg: Config, args: argparse.Namespace) -> int:
@@ -213,8 +212,8 @@ def cmd_run_local(cfg: Config, args: argparse.Namespace) -> int:
     """The whole federation with kfp.local, run after run, as `drive` would on a cluster."""
     from fedcmi.io import load_state, save_state
     from fedcmi.runners.store import MODEL, resolve_store, status
-    from fedcmi_pipelines.driver import DriveError, LocalExecutor, Outcome, drive
-    from fedcmi_pipelines.federated import local_runner, run_local
+    from fedcmi_pipelines.driver import DriveError, drive
+    from fedcmi_pipelines.federated import local_executor, local_runner
 
     root = Path(args.data_root).resolve()
     args.data_root = str(root)
@@ -226,22 +225,11 @@ def cmd_run_local(cfg: Config, args: argparse.Namespace) -> int:
     env = dict(args.env)
     os.environ.update(env)  # the subprocess runner's steps inherit it; the docker runner passes it on
     runner = local_runner(args.runner, root, environment=env)
-    logs = pipeline_root / "logs"
-    count = [0]
-
-    def one_run(arguments: dict) -> Outcome:
-        count[0] += 1
-        log_file = logs / f"{arguments['run_name']}-{count[0]}.log"
-        _say(f"kfp.local ({args.runner}); full log in {log_file}")
-        return run_local(cfg, opts, arguments, pipeline_root, runner, log_file, echo=lambda line: f"fedcmi: {line}")
-
-    def committed() -> int:  # the store lies on this machine: the driver checks it against its record
-        store = resolve_store(args.store, plan.arguments["run_name"], root)
-        return int(status(cfg, store)["completed_rounds"]) if store.is_dir() else 0
-
+    executor = local_executor(cfg, opts, root, args.store, plan.arguments["run_name"], runner, pipeline_root, _say,
+                              label=f"kfp.local ({args.runner})")
     state_file = Path(args.state or pipeline_root / f"drive-{plan.arguments['run_name']}.json")
     try:
-        drive(LocalExecutor(one_run, committed), plan, state_file, args.max_failures, progress=_say)
+        drive(executor, plan, state_file, args.max_failures, progress=_say)
     except DriveError as exc:
         raise PipelineError(str(exc)) from None
     store = resolve_store(args.store, plan.arguments["run_name"], root)
@@ -253,6 +241,54 @@ def cmd_run_local(cfg: Config, args: argparse.Namespace) -> int:
     out = save_state(args.out, state, meta)
     print(json.dumps({"model": str(out), "store": str(store), "rounds": info["rounds"]}))
     return 0
+
+
+def cmd_compare(cfg: Config, args: argparse.Namespace) -> int:
+    """The fair comparison with each trial a federation of pipeline runs (kfp.local, or --host)."""
+    import tempfile
+
+    from fedcmi.cli import run_comparison
+    from fedcmi_pipelines.compare import PipelineTrials
+    from fedcmi_pipelines.driver import KfpExecutor
+    from fedcmi_pipelines.federated import compile_pipeline, local_executor, local_runner
+
+    root = Path(args.data_root).resolve()
+    work = Path(args.work).resolve()
+    if not work.is_relative_to(root):
+        from fedcmi.errors import UsageError
+
+        raise UsageError(f"--work {args.work} lies outside --data-root {root}: the pipeline's steps read the "
+                            "trials' data and write their stores there")
+    if args.params:
+        args.params = str(Path(args.params).resolve())
+    args.work = str(work.relative_to(root))
+    os.chdir(root)  # as every step: the trials' paths are relative to the project root on the data volume
+    args.data_root = str(root)
+    if args.host:
+        opts = _options(args)
+        client = _client(args)
+        packages = Path(tempfile.mkdtemp(prefix="fedcmi-compare-"))
+
+        def executor_for(trial_cfg: Config, store: str) -> KfpExecutor:
+            from fedcmi.runners.store import status
+
+            package = compile_pipeline(trial_cfg, opts, packages / f"{Path(store).name}.yaml")
+            return KfpExecutor(client, package, args.experiment or cfg.tracking.experiment, args.poll_seconds,
+                               progress=_say,
+                               committed=lambda: int(status(trial_cfg, root / store)["completed_rounds"]))
+        jobs = args.jobs or 4
+    else:
+        args.accelerator_count, args.retries, args.parallelism, args.pvc = 0, 0, 0, ""
+        opts = _options(args)
+        runner = local_runner(args.runner, root)
+        pipeline_root = root / args.work / "kfp_local"
+
+        def executor_for(trial_cfg: Config, store: str):  # type: ignore[misc]
+            return local_executor(trial_cfg, opts, root, store, "", runner, pipeline_root, _say,
+                                  label=f"kfp.local ({args.runner})")
+        jobs = 1  # kfp.local runs one pipeline at a time in this process
+    trials = PipelineTrials(root, opts, executor_for, jobs=jobs, max_failures=args.max_failures, progress=_say)
+    return run_comparison(cfg, args, runner=trials)
 
 
 def add_commands(sub, common) -> None:
@@ -325,3 +361,19 @@ def add_commands(sub, common) -> None:
     r.add_argument("--pipeline-root", default="outputs/kfp_local", help="where kfp.local keeps artifacts and logs")
     r.add_argument("--out", default="outputs/pipeline/model.safetensors", help="copy the final model here")
     r.set_defaults(func=cmd_run_local)
+
+    from fedcmi.cli import add_compare_options
+
+    cmp = psub.add_parser("compare", parents=[common, shape, cluster],
+                          help="fedcmi compare with each trial a federation of pipeline runs: kfp.local here, or "
+                          "a Kubeflow Pipelines server with --host (run where the data volume is mounted).")
+    add_compare_options(cmp)
+    cmp.set_defaults(func=cmd_compare, data_root=".")
+    cmp.add_argument("--host", help="a Kubeflow Pipelines API endpoint; without it, trials run with kfp.local")
+    cmp.add_argument("--namespace", default=None, help="the Kubeflow namespace")
+    cmp.add_argument("--experiment", help="KFP experiment (default: tracking.experiment)")
+    cmp.add_argument("--poll-seconds", type=_seconds, default=30.0, help="how often to ask for a run's state")
+    cmp.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
+                     help="without --host: subprocess (this environment) or docker (the image)")
+    cmp.add_argument("--max-failures", type=_count(1), default=3,
+                     help="failed runs in a row before a trial gives up")

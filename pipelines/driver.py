@@ -174,8 +174,9 @@ class KfpExecutor:
     """Runs on a Kubeflow Pipelines server, from one compiled package."""
 
     def __init__(self, client, package: Path, experiment: str, poll_seconds: float = 30.0,
-                 progress: Callable[[str], None] = print) -> None:
+                 progress: Callable[[str], None] = print, committed: Callable[[], int] | None = None) -> None:
         self.client = client
+        self._committed = committed
         self.package = package
         self.experiment = experiment
         self.poll = poll_seconds
@@ -190,7 +191,8 @@ class KfpExecutor:
         return str(run.run_id)
 
     def committed(self) -> int | None:
-        return None  # the store lies on the cluster's data volume, out of the driver's sight
+        # the store lies on the cluster's data volume: in sight only of a driver that mounts it
+        return self._committed() if self._committed is not None else None
 
     def wait(self, run_id: str, attempts: int = 10) -> Outcome:
         last, failures = None, 0

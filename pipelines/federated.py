@@ -269,3 +269,33 @@ def run_local(cfg: Config, opts: PipelineOptions, arguments: dict, pipeline_root
     if refused:
         return Outcome("FAILED", refused[-1], permanent=True)
     return Outcome("FAILED", failed)
+
+
+def federation_arguments(cfg: Config, data_root: str, store: str, tracking_uri: str, run_name: str) -> dict:
+    """The run-time parameters of every run of ``cfg``'s federation."""
+    return {"seed": cfg.seed, "algorithm": cfg.algorithm.name, "lr": cfg.optim.lr, "mu": cfg.algorithm.mu,
+            "rounds": cfg.federation.rounds, "local_epochs": cfg.federation.local_epochs,
+            "data_root": data_root, "store": store, "tracking_uri": tracking_uri,
+            "run_name": run_name or f"{cfg.algorithm.name}-seed{cfg.seed}"}
+
+
+def local_executor(cfg: Config, opts: PipelineOptions, root: Path, store: str, run_name: str, runner,
+                   pipeline_root: Path, say: Callable[[str], None], label: str = "kfp.local"):
+    """A driver executor that runs ``cfg``'s federation run after run with kfp.local (full logs under
+    ``pipeline_root/logs``) and reads its store on this machine."""
+    from fedcmi.runners.store import resolve_store, status
+    from fedcmi_pipelines.driver import LocalExecutor
+
+    count = [0]
+
+    def one_run(arguments: dict) -> Outcome:
+        count[0] += 1
+        log_file = Path(pipeline_root) / "logs" / f"{arguments['run_name']}-{count[0]}.log"
+        say(f"{label}; full log in {log_file}")
+        return run_local(cfg, opts, arguments, pipeline_root, runner, log_file, echo=lambda line: f"fedcmi: {line}")
+
+    def committed() -> int:  # the store lies on this machine: the driver checks it against its record
+        where = resolve_store(store, run_name, root)
+        return int(status(cfg, where)["completed_rounds"]) if where.is_dir() else 0
+
+    return LocalExecutor(one_run, committed)

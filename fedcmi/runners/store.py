@@ -51,6 +51,7 @@ from fedcmi.workers import ClientWorkers, resolve_workers
 
 log = logging.getLogger("fedcmi")
 FINAL = "final.json"
+FINAL_VAL = "final_val.json"  # the final model on the validation split, where the data has one
 DIVERGED = "diverged.json"  # a federation the divergence guard stopped: no later run may continue it
 MODEL = "model.safetensors"  # the final global model, once the federation is complete
 
@@ -280,6 +281,8 @@ def finish(cfg: Config, store: Path, out_model: Path, sinks: Sequence[MetricSink
     else:  # the last round was committed, and its step stopped before writing final.json
         final = final_evaluation(fed, ledger, state)
         _write_final(store, final)
+    if fed.data.val is not None and not (Path(store) / FINAL_VAL).is_file():  # what chooses settings
+        write_json(Path(store) / FINAL_VAL, {"metrics": fed.evaluate(state, split="val").flat()})
     meta = {"kind": "global", "round": cfg.federation.rounds, "algorithm": cfg.algorithm.name}
     weights = model_state(state)  # the server's state stays in the store's checkpoints
     save_state(Path(store) / MODEL, weights, meta)
@@ -289,3 +292,14 @@ def finish(cfg: Config, store: Path, out_model: Path, sinks: Sequence[MetricSink
     for sink in sinks:
         sink.log_final(final, ledger.history)
     return final
+
+
+def final_figures(cfg: Config, store: Path) -> tuple[dict, dict | None, list[RoundRecord]]:
+    """A complete federation's final test figures, its validation figures (None without a validation
+    split) and its rounds, as :func:`finish` left them in ``store``."""
+    if not status(cfg, store)["complete"] or not (Path(store) / FINAL).is_file():
+        raise StoreError(f"the federation in {store} is not finished; drive it to its last round first")
+    fed = _federation(cfg)
+    ledger, _ = _ledger(cfg, store, fed)
+    val = read_json(Path(store) / FINAL_VAL, expect=dict)["metrics"] if (Path(store) / FINAL_VAL).is_file() else None
+    return read_json(Path(store) / FINAL, expect=dict)["metrics"], val, list(ledger.history)
