@@ -334,6 +334,56 @@ class PromotionConfig(Section):
                                     "absent_acc_<percent> (evaluation.absent_rates) that a promotion accepts")
 
 
+class AdaptiveClipConfig(Section):
+    """Adaptive clipping (Andrew et al., "Differentially Private Learning with Adaptive Clipping", NeurIPS
+    2021): the bound follows a quantile of the clients' change norms, learnt from a noised count."""
+
+    target_quantile: Float = Field(0.5, gt=0, lt=1, description="the share of clients whose change the bound "
+                                   "should leave unclipped")
+    learning_rate: Float = Field(0.2, gt=0, le=10, description="the bound's geometric step per round")
+    count_noise: Float | None = Field(None, gt=0, description="noise std of the clipped-count (in clients); "
+                                      "null: the larger of clients_per_round / 20 (the paper's) and the noise "
+                                      "multiplier")
+
+
+class PrivacyConfig(Section):
+    """Client-level differential privacy of the global model (DP-FedAvg, McMahan et al., ICLR 2018).
+
+    ``central``: the server clips each admitted client's change to ``clip_norm``, sums the clipped changes,
+    adds Gaussian noise of std ``noise_multiplier x clip_norm`` from the run's seeded generator and divides by
+    the number of contributors (every client counts the same: a weight by sample count would let one client
+    move the mean further than the bound). With ``per_group`` and modality-aware aggregation each modality
+    group (each encoder, and the shared fusion head) is clipped, noised and accounted on its own: a rarely held
+    modality is averaged over few clients, and its holders may be sampled at another rate. Epsilon comes from
+    the ``dp-accounting`` library (RDP accountant), reported per round, per group and for the worst-placed
+    client; a run whose rounds would spend past ``budget_epsilon`` is refused before it starts.
+    """
+
+    mechanism: Literal["none", "central"] = Field("none", description="none, or central (DP-FedAvg on the "
+                                                  "server: clip, sum, Gaussian noise)")
+    noise_multiplier: Float | None = Field(1.0, ge=0, le=1000, description="noise std over the clip bound; null "
+                                           "with target_epsilon: the smallest that meets it after all the rounds")
+    target_epsilon: Float | None = Field(None, gt=0, le=1000, description="the epsilon the run should end at; "
+                                         "chooses noise_multiplier (set it null)")
+    delta: Float = Field(1e-5, gt=0, lt=1, description="the delta of (epsilon, delta)-DP")
+    clipping: Literal["fixed", "adaptive"] = Field("fixed", description="fixed bound, or adaptive (a quantile "
+                                                   "of the change norms)")
+    clip_norm: Float = Field(1.0, gt=0, le=1e6, description="the L2 bound on a client's change (adaptive: its "
+                             "start)")
+    per_group: bool = Field(True, description="under modality-aware aggregation, clip, noise and account each "
+                            "modality group on its own")
+    budget_epsilon: Float | None = Field(None, gt=0, description="refuse a run whose rounds would spend more "
+                                         "epsilon than this")
+    adaptive: AdaptiveClipConfig = Field(default_factory=AdaptiveClipConfig)
+
+    @model_validator(mode="after")
+    def _noise(self) -> PrivacyConfig:
+        if self.mechanism == "central" and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of privacy.noise_multiplier and privacy.target_epsilon (set the "
+                             "other to null)")
+        return self
+
+
 class TrackingConfig(Section):
     """MLflow tracking and the model registry."""
 
@@ -408,6 +458,7 @@ class Config(Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     loader: LoaderConfig = LoaderConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     tracking: TrackingConfig = TrackingConfig()
     output: OutputConfig = OutputConfig()
 
@@ -444,6 +495,10 @@ class Config(Section):
         if self.federation.min_clients > self.federation.clients_per_round:
             raise ValueError("federation.min_clients exceeds federation.clients_per_round")
         SAMPLERS.get(self.federation.sampler).check(self)
+        if self.privacy.mechanism != "none":
+            from fedcmi.privacy.checks import check_composition
+
+            check_composition(self)
         headlines = headline_names(mods)
         if self.tracking.headline_metric not in headlines:
             raise ValueError(f"tracking.headline_metric {self.tracking.headline_metric!r} is not a figure the "
@@ -503,6 +558,10 @@ class Config(Section):
         strategy = ALGORITHMS.get(self.algorithm.name)
         used = {*SHARED_ALGORITHM_KEYS, *strategy.reads, strategy.options_key()}
         unused |= {f"algorithm.{key}" for key in self.algorithm.model_dump() if key not in used}
+        if self.privacy.mechanism == "none":
+            unused |= {f"privacy.{key}" for key in PrivacyConfig.model_fields if key != "mechanism"}
+        elif self.privacy.clipping == "fixed":
+            unused.add("privacy.adaptive")
         # a key is left out when it is an unused setting or lies inside an unused section
         return {k: v for k, v in self.flat().items()
                 if not any(k == u or k.startswith(u + ".") for u in unused)}

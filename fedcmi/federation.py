@@ -68,6 +68,10 @@ def check_inputs(cfg: Config, data: DataModule | None, partition: Partition) -> 
             f"the partition file has {len(partition.clients)} clients, params say partition.num_clients="
             f"{cfg.partition.num_clients}; rerun `fedcmi partition`"
         )
+    if cfg.privacy.mechanism != "none":  # a run past its privacy budget is refused before anything trains
+        from fedcmi.privacy.accounting import accountant
+
+        accountant(cfg, [c.modalities for c in partition.clients])
 
 
 class Federation:

@@ -3,6 +3,7 @@
 :func:`stages_for` builds the pipeline the settings ask for, always in this order::
 
     admission -> clipping -> client state (control variates) -> aggregation rule -> server optimiser
+    admission -> privacy (clip, sum, noise: DP-FedAvg) -> server optimiser         (privacy.mechanism)
 
 so admission sees every update before anything changes it, and the server optimiser steps from what the
 rule gives. :class:`ServerPipeline` feeds it the round's outcomes in the order given (callers sort by
@@ -24,6 +25,7 @@ from fedcmi.divergence import Diverged, lr_advice
 from fedcmi.errors import FedcmiError
 from fedcmi.models.networks import MultimodalNet
 from fedcmi.partition import Partition
+from fedcmi.privacy.stage import CentralPrivacy
 from fedcmi.registry import RULES
 from fedcmi.round.admission import Admission
 from fedcmi.round.aggregate import Aggregate
@@ -72,6 +74,14 @@ def stages_for(cfg: Config, strategy: Strategy, model: MultimodalNet, partition:
     admission = Admission(round_no, sampled, partition, strategy.participates, strategy.name,
                           cfg.server.max_change_ratio, weights)
     stages: list[Stage] = []
+    if cfg.privacy.mechanism == "central":  # clip, sum and noise: it is the aggregation (checked at load)
+        from fedcmi.privacy.accounting import accountant
+
+        stages.append(CentralPrivacy(cfg, weights, model.owner, aux,
+                                     accountant(cfg, [c.modalities for c in partition.clients]), round_no))
+        if cfg.server_optimizer != "none":
+            stages.append(ServerOptimizer(cfg.server, cfg.server_optimizer))
+        return admission, stages
     if cfg.server.clip_norm is not None:
         stages.append(Clipping(weights, cfg.server.clip_norm))
     if cfg.control_variates:
@@ -151,7 +161,7 @@ class ServerPipeline:
         for stage in stages:
             state = stage.conclude(state)
         for stage in stages:
-            if isinstance(stage, Clipping):
+            if isinstance(stage, (Clipping, CentralPrivacy)):
                 part.clipped = len(stage.clipped)
         return ServerResult({**state.weights, **state.aux}, part, self.strategy.train_summary(kept),
                             self.strategy.algorithm_summary(kept), state.figures)

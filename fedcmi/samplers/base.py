@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from fedcmi.config import Config
 
 
+#: the generator of :meth:`Sampler.inclusion`'s draws (fixed: the estimate is part of the accounting)
+INCLUSION_SEED = 20240100403
+
+
 class Sampler(ABC):
     """How a round's clients are drawn."""
 
@@ -42,3 +46,15 @@ class Sampler(ABC):
              holdings: Sequence[tuple[str, ...]] | None) -> list[int]:
         """``k`` distinct clients of ``num_clients`` from ``rng``; ``holdings[c]``: client c's modalities
         (given when :attr:`reads_holdings`)."""
+
+    def inclusion(self, num_clients: int, k: int, holdings: Sequence[tuple[str, ...]] | None,
+                  draws: int = 4000) -> list[float]:
+        """Each client's probability of being drawn in a round (what privacy accounting needs), here an
+        upper estimate from ``draws`` seeded draws: the observed share plus four standard errors and one
+        draw. A sampler that knows its rates exactly overrides it."""
+        rng = np.random.default_rng(INCLUSION_SEED)
+        counts = np.zeros(num_clients)
+        for _ in range(draws):
+            counts[self.draw(rng, num_clients, k, holdings)] += 1
+        share = counts / draws
+        return [float(min(1.0, p + 4 * np.sqrt(p * (1 - p) / draws) + 1 / draws)) for p in share]

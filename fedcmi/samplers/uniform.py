@@ -17,3 +17,7 @@ class Uniform(Sampler):
     def draw(self, rng: np.random.Generator, num_clients: int, k: int,
              holdings: Sequence[tuple[str, ...]] | None) -> list[int]:
         return [int(c) for c in rng.choice(num_clients, size=k, replace=False)]
+
+    def inclusion(self, num_clients: int, k: int, holdings: Sequence[tuple[str, ...]] | None,
+                  draws: int = 0) -> list[float]:
+        return [k / num_clients] * num_clients
