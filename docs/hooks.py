@@ -109,7 +109,11 @@ def on_files(files: Files, config: Any) -> Files:
     # links into docs/ are the repository's view; on the site the page sits beside those pages
     files.append(File.generated(config, "benchmarks.md", content=re.sub(r"\]\(docs/", "](", text)))
     # the tables and plots it links, from the repository's results folders
-    for target in sorted(set(re.findall(r"\]\((benchmarks/results/[^)#\s]+)", text))):
+    targets = set(re.findall(r"\]\((benchmarks/results/[^)#\s]+)", text))
+    for page in [t for t in targets if t.endswith(".md") and (ROOT / t).is_file()]:  # and what those pages show
+        folder = Path(page).parent
+        targets |= {str(folder / link) for link in re.findall(r"\]\(([^):#\s/]+)\)", (ROOT / page).read_text())}
+    for target in sorted(targets):
         if (ROOT / target).is_file():
             files.append(File(target, str(ROOT), config["site_dir"], config["use_directory_urls"]))
     return files
