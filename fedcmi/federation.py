@@ -69,9 +69,13 @@ def check_inputs(cfg: Config, data: DataModule | None, partition: Partition) -> 
             f"{cfg.partition.num_clients}; rerun `fedcmi partition`"
         )
     if cfg.privacy.mechanism != "none":  # a run past its privacy budget is refused before anything trains
-        from fedcmi.privacy.accounting import accountant
+        from fedcmi.privacy.accounting import accountant, model_groups
 
-        accountant(cfg, [c.modalities for c in partition.clients])
+        groups = None
+        if data is not None:  # the model's own groups, as the rounds will account them
+            net = build_model(cfg, data.spec)
+            groups = model_groups(cfg, (net.owner(k) for k, v in net.state_dict().items() if v.is_floating_point()))
+        accountant(cfg, [c.modalities for c in partition.clients], groups)
 
 
 class Federation:

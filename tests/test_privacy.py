@@ -181,3 +181,18 @@ def test_the_pipelines_steps_give_the_engines_dp_model_with_the_bound_carried_ac
     state, _ = load_state(store / MODEL)
     assert all(torch.equal(state[k], engine.state[k]) for k in state)
     assert final is not None and final.mm_acc == engine.final.mm_acc
+
+
+def test_a_model_without_a_shared_part_is_accounted_over_the_groups_it_has(tiny):
+    from fedcmi.algorithms import build_model
+    from fedcmi.data import DataModule
+    from fedcmi.privacy.accounting import model_groups
+
+    cfg = tiny(algorithm={"name": "ume"}, federation={"rounds": 20}, privacy={**DP, "noise_multiplier": 1.0})
+    net = build_model(cfg, DataModule(cfg.data.prepared_dir).spec)
+    groups = model_groups(cfg, (net.owner(k) for k, v in net.state_dict().items() if v.is_floating_point()))
+    assert groups == ("audio", "visual")  # UME's ensemble: two encoders with their heads, nothing shared
+    acc = accountant(cfg, [("audio", "visual")] * 4, groups)
+    # a multimodal client reaches two groups, not three: noise 1 / sqrt(2) at rate 2 of 4
+    assert acc.client_epsilon(20) == pytest.approx(library_epsilon(0.5, 1 / math.sqrt(2), 20), rel=1e-12)
+    assert acc.client_epsilon(20) < accountant(cfg, [("audio", "visual")] * 4).client_epsilon(20)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from fedcmi.config import Config, ConfigError
@@ -86,12 +86,18 @@ class Accountant:
         return out
 
 
-def _kinds(cfg: Config, holdings: Sequence[tuple[str, ...]], inclusion: Sequence[float]) -> tuple[
-        tuple[str, ...], dict[str, float], dict[tuple[str, ...], float]]:
+def model_groups(cfg: Config, owners: Iterable[str | None]) -> tuple[str, ...]:
+    """The privacy groups a model's parameters fall in, from each floating parameter's owner (None:
+    shared), in the modalities' order and the shared group last (UME's ensemble has no shared one)."""
+    present = {group_of(cfg, o) for o in owners}
+    return tuple(g for g in (*cfg.data.modalities, SHARED, ALL) if g in present)
+
+
+def _kinds(cfg: Config, holdings: Sequence[tuple[str, ...]], inclusion: Sequence[float],
+           groups: tuple[str, ...]) -> tuple[dict[str, float], dict[tuple[str, ...], float]]:
     from fedcmi.registry import ALGORITHMS
 
     strategy = ALGORITHMS.get(cfg.algorithm.name)(cfg)
-    groups = (*cfg.data.modalities, SHARED) if per_group(cfg) else (ALL,)
     rates = dict.fromkeys(groups, 0.0)
     kinds: dict[tuple[str, ...], float] = {}
     for held, p in zip(holdings, inclusion, strict=True):
@@ -101,7 +107,7 @@ def _kinds(cfg: Config, holdings: Sequence[tuple[str, ...]], inclusion: Sequence
         kinds[touched] = max(kinds.get(touched, 0.0), p)
         for g in touched:
             rates[g] = max(rates[g], p)
-    return groups, rates, kinds
+    return rates, kinds
 
 
 def calibrate(cfg: Config, kinds: dict[tuple[str, ...], float]) -> float:
@@ -124,14 +130,14 @@ def calibrate(cfg: Config, kinds: dict[tuple[str, ...], float]) -> float:
 
 
 @functools.lru_cache(maxsize=16)
-def _cached(key: str, holdings: tuple[tuple[str, ...], ...]) -> Accountant:
+def _cached(key: str, holdings: tuple[tuple[str, ...], ...], groups: tuple[str, ...]) -> Accountant:
     from fedcmi.config import config_from_dict
     from fedcmi.registry import SAMPLERS
 
     cfg = config_from_dict(json.loads(key))
     sampler = SAMPLERS.get(cfg.federation.sampler)(cfg)
     inclusion = sampler.inclusion(len(holdings), cfg.federation.clients_per_round, holdings)
-    groups, rates, kinds = _kinds(cfg, holdings, inclusion)
+    rates, kinds = _kinds(cfg, holdings, inclusion, groups)
     sigma = cfg.privacy.noise_multiplier if cfg.privacy.noise_multiplier is not None else calibrate(cfg, kinds)
     acc = Accountant(groups, rates, kinds, sigma, cfg.privacy.delta)
     budget = cfg.privacy.budget_epsilon
@@ -149,7 +155,10 @@ def _cached(key: str, holdings: tuple[tuple[str, ...], ...]) -> Accountant:
     return acc
 
 
-def accountant(cfg: Config, holdings: Sequence[Sequence[str]]) -> Accountant:
-    """The federation's accountant (checks ``privacy.budget_epsilon``); cached per settings and holdings."""
+def accountant(cfg: Config, holdings: Sequence[Sequence[str]], groups: Sequence[str] | None = None) -> Accountant:
+    """The federation's accountant (checks ``privacy.budget_epsilon``); cached per settings, holdings and the
+    model's groups (:func:`model_groups`; None: every modality's and a shared one, which never understates)."""
     key = json.dumps(cfg.to_dict(), sort_keys=True)
-    return _cached(key, tuple(tuple(h) for h in holdings))
+    if groups is None:
+        groups = (*cfg.data.modalities, SHARED) if per_group(cfg) else (ALL,)
+    return _cached(key, tuple(tuple(h) for h in holdings), tuple(groups))
