@@ -21,10 +21,12 @@ from typing import Any
 
 from common import RESULTS, save_results
 
+from fedcmi.algorithms import build_model
 from fedcmi.compare import Method, Plan, compare
 from fedcmi.config import apply_overrides, config_from_dict, load_config
+from fedcmi.data import DataModule
 from fedcmi.partition import load_partition
-from fedcmi.privacy.accounting import accountant
+from fedcmi.privacy.accounting import accountant, model_groups
 
 #: each method's settings and its learning rate (BENCHMARKS.md, default setting: chosen on validation)
 METHODS = {"FedAvg": ("algorithm.name=fedavg", 0.02), "FedCMI": ("algorithm.name=fedcmi", 0.01),
@@ -68,7 +70,9 @@ def main() -> None:
         holdings = [c.modalities for c in load_partition(Path(args.work) / name / "partition_seed0.json").clients]
         for e in args.epsilons:  # the noise each target needed (the seeds share the holdings' kinds and rates)
             trial = config_from_dict(apply_overrides(params, [setting, *DP, f"privacy.target_epsilon={e}"]))
-            noise.setdefault(name, {})[f"{e:g}"] = accountant(trial, holdings).noise_multiplier
+            net = build_model(trial, DataModule(Path(args.work) / name / "prepared_seed0").spec)
+            groups = model_groups(trial, (net.owner(k) for k, v in net.state_dict().items() if v.is_floating_point()))
+            noise.setdefault(name, {})[f"{e:g}"] = accountant(trial, holdings, groups).noise_multiplier
     lines = ["| method | epsilon (delta 1e-5) | noise multiplier | " + " | ".join(FIGURES)
              + " | Δ mm_acc vs no DP (95% CI) | diverged |", "|---|---|---|" + "---|" * (len(FIGURES) + 2)]
     for key, row in rows.items():
