@@ -71,7 +71,7 @@ def main() -> None:
         for e in args.epsilons:  # the noise each target needed (the seeds share the holdings' kinds and rates)
             trial = config_from_dict(apply_overrides(params, [setting, *DP, f"privacy.target_epsilon={e}"]))
             net = build_model(trial, DataModule(Path(args.work) / name / "prepared_seed0").spec)
-            groups = model_groups(trial, (net.owner(k) for k, v in net.state_dict().items() if v.is_floating_point()))
+            groups = model_groups(trial, net)
             noise.setdefault(name, {})[f"{e:g}"] = accountant(trial, holdings, groups).noise_multiplier
     lines = ["| method | epsilon (delta 1e-5) | noise multiplier | " + " | ".join(FIGURES)
              + " | Δ mm_acc vs no DP (95% CI) | diverged |", "|---|---|---|" + "---|" * (len(FIGURES) + 2)]

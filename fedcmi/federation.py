@@ -73,8 +73,7 @@ def check_inputs(cfg: Config, data: DataModule | None, partition: Partition) -> 
 
         groups = None
         if data is not None:  # the model's own groups, as the rounds will account them
-            net = build_model(cfg, data.spec)
-            groups = model_groups(cfg, (net.owner(k) for k, v in net.state_dict().items() if v.is_floating_point()))
+            groups = model_groups(cfg, build_model(cfg, data.spec))
         accountant(cfg, [c.modalities for c in partition.clients], groups)
 
 

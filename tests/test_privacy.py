@@ -190,7 +190,7 @@ def test_a_model_without_a_shared_part_is_accounted_over_the_groups_it_has(tiny)
 
     cfg = tiny(algorithm={"name": "ume"}, federation={"rounds": 20}, privacy={**DP, "noise_multiplier": 1.0})
     net = build_model(cfg, DataModule(cfg.data.prepared_dir).spec)
-    groups = model_groups(cfg, (net.owner(k) for k, v in net.state_dict().items() if v.is_floating_point()))
+    groups = model_groups(cfg, net)
     assert groups == ("audio", "visual")  # UME's ensemble: two encoders with their heads, nothing shared
     acc = accountant(cfg, [("audio", "visual")] * 4, groups)
     # a multimodal client reaches two groups, not three: noise 1 / sqrt(2) at rate 2 of 4

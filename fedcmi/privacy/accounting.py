@@ -16,10 +16,14 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedcmi.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from fedcmi.models.networks import MultimodalNet
 
 SHARED = "shared"  # the group of parameters every client has a say in (the fusion head)
 ALL = "all"  # the one group when privacy is not per modality
@@ -86,10 +90,10 @@ class Accountant:
         return out
 
 
-def model_groups(cfg: Config, owners: Iterable[str | None]) -> tuple[str, ...]:
-    """The privacy groups a model's parameters fall in, from each floating parameter's owner (None:
-    shared), in the modalities' order and the shared group last (UME's ensemble has no shared one)."""
-    present = {group_of(cfg, o) for o in owners}
+def model_groups(cfg: Config, model: MultimodalNet) -> tuple[str, ...]:
+    """The privacy groups ``model``'s floating parameters fall in (by each one's owner), in the modalities'
+    order and the shared group last (UME's ensemble has no shared one)."""
+    present = {group_of(cfg, model.owner(k)) for k, v in model.state_dict().items() if v.is_floating_point()}
     return tuple(g for g in (*cfg.data.modalities, SHARED, ALL) if g in present)
 
 

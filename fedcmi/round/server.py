@@ -77,9 +77,8 @@ def stages_for(cfg: Config, strategy: Strategy, model: MultimodalNet, partition:
     if cfg.privacy.mechanism == "central":  # clip, sum and noise: it is the aggregation (checked at load)
         from fedcmi.privacy.accounting import accountant, model_groups
 
-        groups = model_groups(cfg, (model.owner(k) for k, v in weights.items() if v.is_floating_point()))
-        stages.append(CentralPrivacy(cfg, weights, model.owner, aux,
-                                     accountant(cfg, [c.modalities for c in partition.clients], groups), round_no))
+        spent = accountant(cfg, [c.modalities for c in partition.clients], model_groups(cfg, model))
+        stages.append(CentralPrivacy(cfg, weights, model.owner, aux, spent, round_no))
         if cfg.server_optimizer != "none":
             stages.append(ServerOptimizer(cfg.server, cfg.server_optimizer))
         return admission, stages
