@@ -131,7 +131,8 @@ def conclude_round(
     if rec is not None:
         acc = f", accuracy {rec.evaluation.mm_acc:.4f}" if rec.evaluation is not None else ""
         print(f"[fedcmi] round {round_no}/{cfg.federation.rounds}: accepted {rec.participation.accepted}, "
-              f"rejected {sorted(rec.participation.rejected)}{acc}")
+              f"rejected {sorted(rec.participation.rejected)}"
+              + (f", late {sorted(rec.participation.late)}" if rec.participation.late else "") + acc)
     if run is not None:
         run.calls.drain()
         for e in run.errors + run.unlogged:

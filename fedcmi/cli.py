@@ -223,9 +223,13 @@ def cmd_init(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_sample(cfg: Config, args: argparse.Namespace) -> int:
-    from fedcmi.runners.files import sample_step
+    from fedcmi.runners.files import late_step, sample_step
 
-    _print_json({"round": args.round, "clients": sample_step(cfg, args.round)})
+    clients = sample_step(cfg, args.round)
+    out: dict = {"round": args.round, "clients": clients}
+    if cfg.federation.latency.model != "none":
+        out["late"] = {str(c): why for c, why in late_step(cfg, args.round, clients).items()}
+    _print_json(out)
     return 0
 
 

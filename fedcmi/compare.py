@@ -152,10 +152,15 @@ Job = tuple[dict, Method, Trial, str, tuple[str, ...]]
 
 def trial_figures(test: dict[str, Any], val: dict[str, Any], history: Sequence[RoundRecord],
                   seconds: float) -> dict:
-    """A finished trial as the comparison keeps it: the final model's test and validation figures (flat) and
-    the per-round curve."""
-    return {"test": test, "val": val, "seconds": seconds,
-            "curve": [{"round": r.round, **r.evaluation.curves()} for r in history if r.evaluation is not None]}
+    """A finished trial as the comparison keeps it: the final model's test and validation figures (flat), the
+    per-round curve and, under a latency model, each round's participation and simulated time."""
+    out = {"test": test, "val": val, "seconds": seconds,
+           "curve": [{"round": r.round, **r.evaluation.curves()} for r in history if r.evaluation is not None]}
+    if any(r.timing.simulated is not None for r in history):
+        out["participation"] = [{"round": r.round, "sampled": r.participation.sampled,
+                                 "accepted": r.participation.accepted, "late": sorted(r.participation.late),
+                                 "simulated_seconds": r.timing.simulated} for r in history]
+    return out
 
 
 def diverged_figures(reason: str, num_classes: int, metric: str, seconds: float) -> dict:

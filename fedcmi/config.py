@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -178,6 +179,26 @@ class ModelConfig(Section):
     fusion: Literal["concat", "sum", "film", "gated"] = "concat"
 
 
+class LatencyConfig(Section):
+    """A seeded model of when each sampled client reports (simulated seconds), for deadlines and
+    over-selection: a client's time is its examples x local epochs x ``seconds_per_example``, over its speed
+    (fixed for the run, log-normal with ``speed_spread``), times a round's log-normal ``jitter``; in each
+    round it reports at all with probability ``availability``. Drawn from the run's seed and the round alone,
+    so every executor (the engine, a pipeline's pods) finds the same clients late."""
+
+    model: Literal["none", "lognormal"] = Field("none", description="none: every client reports, and the round "
+                                                "waits for all; lognormal: the seeded model above")
+    seconds_per_example: Float = Field(0.01, gt=0, le=1e4, description="an average client's seconds per example "
+                                       "per local epoch")
+    speed_spread: Float = Field(0.5, ge=0, le=5, description="std of a client's log speed (fixed for the run)")
+    jitter: Float = Field(0.2, ge=0, le=5, description="std of the log noise on a client's time in each round")
+    availability: Float = Field(1.0, gt=0, le=1, description="chance that a sampled client reports at all in a "
+                                "round")
+    stragglers: list[Int] = Field(default_factory=list, description="clients on a slow device: their time is "
+                                  "straggler_slowdown times longer")
+    straggler_slowdown: Float = Field(10.0, ge=1, le=1e6, description="how much longer a straggler takes")
+
+
 class FederationConfig(PluginSection):
     """Rounds, client sampling and local work; each client sampler's own settings at
     ``federation.<sampler>`` (see :mod:`fedcmi.samplers`)."""
@@ -191,6 +212,11 @@ class FederationConfig(PluginSection):
     local_epochs: Int = Field(3, ge=1)
     batch_size: Int = Field(16, ge=1)
     min_clients: Int = Field(1, ge=1, description="valid updates a round needs to complete")
+    over_selection: Float = Field(0.0, ge=0, le=10, description="extra share of clients sampled each round; "
+                                  "the first clients_per_round to report are kept (needs latency.model)")
+    deadline: Float | None = Field(None, gt=0, description="simulated seconds after which a round closes; a "
+                                   "client reporting later is late (needs latency.model); null: no deadline")
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
     workers: Int | Literal["auto"] = Field(
         "auto", description="processes that train a round's clients side by side (each with `threads` torch "
         "threads); auto: the CPUs this process may use over `threads`. The model does not depend on it")
@@ -346,6 +372,21 @@ class AdaptiveClipConfig(Section):
                                       "multiplier")
 
 
+class DpSgdConfig(Section):
+    """Sample-level differential privacy inside each client's local training: DP-SGD (Abadi et al., CCS 2016)
+    with Opacus's per-sample gradients. Each step draws a Poisson batch (every example with probability
+    batch_size / the client's examples), clips each example's gradient to ``max_grad_norm``, sums and adds
+    Gaussian noise of std ``noise_multiplier x max_grad_norm`` from the client's seeded generator. Epsilon is
+    accounted per client over the rounds it trained (``dp-accounting``'s RDP accountant) and the worst
+    client's is reported each round. A method whose loss couples the samples of a batch or of the client
+    (FedCMI's infiltration, OGM-GE, PMR, MMPareto) is refused, with the reason."""
+
+    enabled: bool = False
+    noise_multiplier: Float = Field(1.0, gt=0, le=1000, description="noise std over max_grad_norm")
+    max_grad_norm: Float = Field(1.0, gt=0, le=1e6, description="the L2 bound on each example's gradient")
+    delta: Float = Field(1e-5, gt=0, lt=1, description="the delta of each client's (epsilon, delta)")
+
+
 class PrivacyConfig(Section):
     """Client-level differential privacy of the global model (DP-FedAvg, McMahan et al., ICLR 2018).
 
@@ -375,6 +416,7 @@ class PrivacyConfig(Section):
     budget_epsilon: Float | None = Field(None, gt=0, description="refuse a run whose rounds would spend more "
                                          "epsilon than this")
     adaptive: AdaptiveClipConfig = Field(default_factory=AdaptiveClipConfig)
+    dp_sgd: DpSgdConfig = Field(default_factory=DpSgdConfig)
 
     @model_validator(mode="after")
     def _noise(self) -> PrivacyConfig:
@@ -494,18 +536,45 @@ class Config(Section):
             )
         if self.federation.min_clients > self.federation.clients_per_round:
             raise ValueError("federation.min_clients exceeds federation.clients_per_round")
+        self._check_participation()
         SAMPLERS.get(self.federation.sampler).check(self)
         if self.privacy.mechanism != "none":
             from fedcmi.privacy.checks import check_composition
 
             check_composition(self)
+        if self.privacy.dp_sgd.enabled:
+            from fedcmi.privacy.checks import check_dp_sgd
+
+            check_dp_sgd(self, strategy.per_sample_obstacle(self))
         headlines = headline_names(mods)
         if self.tracking.headline_metric not in headlines:
             raise ValueError(f"tracking.headline_metric {self.tracking.headline_metric!r} is not a figure the "
                              f"evaluation reports where higher is better; one of {', '.join(headlines)}")
         return self
 
+    def _check_participation(self) -> None:
+        fed = self.federation
+        if fed.latency.model == "none":
+            asked = [f for f, on in (("federation.deadline", fed.deadline is not None),
+                                     ("federation.over_selection", fed.over_selection > 0)) if on]
+            if asked:
+                raise ValueError(f"{' and '.join(asked)} need(s) a latency model (federation.latency.model: "
+                                 "lognormal): without one every client reports at once")
+        if self.sampled_per_round > self.partition.num_clients:
+            raise ValueError(f"federation.over_selection {fed.over_selection:g} samples {self.sampled_per_round} "
+                             f"clients a round, more than partition.num_clients ({self.partition.num_clients})")
+        outside = sorted({c for c in fed.latency.stragglers if not 0 <= c < self.partition.num_clients})
+        if outside:
+            raise ValueError(f"federation.latency.stragglers names clients {outside}, outside 0.."
+                             f"{self.partition.num_clients - 1} (partition.num_clients)")
+
     # -- derived values -------------------------------------------------
+    @property
+    def sampled_per_round(self) -> int:
+        """Clients drawn each round: ``clients_per_round`` and the over-selected extra (rounded up)."""
+        k = self.federation.clients_per_round
+        return k + math.ceil(round(self.federation.over_selection * k, 9))
+
     @property
     def aggregation(self) -> str:
         """Which clients average each parameter: ``algorithm.aggregation``, or the algorithm's own (FedCMI's
@@ -558,8 +627,12 @@ class Config(Section):
         strategy = ALGORITHMS.get(self.algorithm.name)
         used = {*SHARED_ALGORITHM_KEYS, *strategy.reads, strategy.options_key()}
         unused |= {f"algorithm.{key}" for key in self.algorithm.model_dump() if key not in used}
+        if self.federation.latency.model == "none":
+            unused |= {f"federation.latency.{key}" for key in LatencyConfig.model_fields if key != "model"}
         if self.privacy.mechanism == "none":
-            unused |= {f"privacy.{key}" for key in PrivacyConfig.model_fields if key != "mechanism"}
+            unused |= {f"privacy.{key}" for key in PrivacyConfig.model_fields if key not in ("mechanism", "dp_sgd")}
+        if not self.privacy.dp_sgd.enabled:
+            unused |= {f"privacy.dp_sgd.{key}" for key in DpSgdConfig.model_fields if key != "enabled"}
         elif self.privacy.clipping == "fixed":
             unused.add("privacy.adaptive")
         # a key is left out when it is an unused setting or lies inside an unused section

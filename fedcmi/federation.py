@@ -9,11 +9,12 @@ by every executor. Memory does not grow with the clients: one model instance ser
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import torch
 
 from fedcmi.algorithms import build_model, get_strategy
-from fedcmi.algorithms.base import ClientContext, Strategy
+from fedcmi.algorithms.base import Batch, ClientContext, Strategy
 from fedcmi.config import Config
 from fedcmi.data import DataModule
 from fedcmi.data.base import ResidentLoader
@@ -21,6 +22,7 @@ from fedcmi.errors import FedcmiError
 from fedcmi.evaluation import evaluate_model
 from fedcmi.metrics import Evaluation
 from fedcmi.partition import Partition, PartitionError
+from fedcmi.privacy.dp_sgd import poisson_steps
 from fedcmi.round.client_state import client_control
 from fedcmi.round.update import ClientUpdate, StateDict, model_state, split_state
 from fedcmi.seeds import derive_seed
@@ -124,7 +126,13 @@ class Federation:
         def batches(epoch: int):
             return self.loader.batches(indices, mods, bs, derive_seed(seed, done, cid, epoch))
 
-        return ClientContext(self.cfg, round_no, cid, shard.modalities, shard.num_examples, batches, self.device)
+        def poisson(epoch: int) -> Iterator[Batch]:  # DP-SGD's batches: one loader request per step
+            for pick in poisson_steps(self.cfg, indices, derive_seed(seed, done, cid, epoch)):
+                yield from self.loader.batches(pick, mods, len(pick), None)
+
+        private = poisson if self.cfg.privacy.dp_sgd.enabled else None
+        return ClientContext(self.cfg, round_no, cid, shard.modalities, shard.num_examples, batches, self.device,
+                             private_batches=private)
 
     def train_client(self, global_state: StateDict, cid: int, round_no: int) -> ClientUpdate | None:
         """Client ``cid``'s local training in round ``round_no`` from ``global_state``; None if it has

@@ -99,7 +99,7 @@ def resolve_workers(cfg: Config, clients: int | None = None) -> int:
         w = usable_cpus() // cfg.threads if cfg.threads > 0 else 1
         if _on_gpu(cfg):
             w = min(w, GPU_AUTO_CAP)
-    return max(1, min(w, cfg.federation.clients_per_round if clients is None else clients))
+    return max(1, min(w, cfg.sampled_per_round if clients is None else clients))
 
 
 def _on_gpu(cfg: Config) -> bool:

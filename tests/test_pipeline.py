@@ -132,9 +132,9 @@ seg.conclude = conclude
 """
 
 
-def _project(tmp_path, **sections):
+def _project(tmp_path, fail: bool = True, **sections):
     """A tiny prepared project (FedCMI, half the clients multimodal) and the engine's run of it, in which
-    client ``fail_client`` of round ``fail_round`` raises as it will in its pod."""
+    client ``fail_client`` of round ``fail_round`` raises as it will in its pod (unless not ``fail``)."""
     from fedcmi.data import DataModule, prepare
     from fedcmi.federation import Federation
     from fedcmi.partition import make_partition, save_partition
@@ -153,7 +153,7 @@ def _project(tmp_path, **sections):
     real = Federation.train_client
 
     def flaky(self, state, cid, rnd):
-        if (rnd, cid) == (fail_round, fail_client):
+        if fail and (rnd, cid) == (fail_round, fail_client):
             raise RuntimeError("injected: the client's GPU fell off the bus")
         return real(self, state, cid, rnd)
 
@@ -167,7 +167,7 @@ def _project(tmp_path, **sections):
     finally:
         Federation.train_client = real  # type: ignore[method-assign]
         os.chdir(cwd)
-    assert fail_client in engine.history[fail_round - 1].participation.rejected
+    assert not fail or fail_client in engine.history[fail_round - 1].participation.rejected
     return cfg, engine, fail_round, fail_client
 
 
@@ -251,6 +251,30 @@ def test_a_chained_local_run_with_a_failing_client_and_a_lost_run_equals_the_eng
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "holds 0 committed rounds, behind the 3" in r.stderr and "removed or replaced" in r.stderr
     assert len(read_json(tmp_path / "outputs" / "kfp_local" / "drive-fedcmi-seed3.json")["runs"]) == 3
+
+
+@pytest.mark.slow
+def test_a_local_run_with_a_slow_client_and_a_deadline_equals_the_engine(tmp_path):
+    """A straggler, over-selection and a deadline: the pods write late markers for the clients the latency
+    model finds late, the conclude steps count them late, and the model is the engine's bit for bit."""
+    from fedcmi.io import load_state, read_json
+
+    latency = {"model": "lognormal", "seconds_per_example": 0.05, "stragglers": [2], "straggler_slowdown": 50.0}
+    cfg, engine, _, _ = _project(tmp_path, fail=False, partition={"num_clients": 6},
+                                 federation={"rounds": 3, "clients_per_round": 2, "over_selection": 1.0,
+                                             "deadline": 4.0, "latency": latency})
+    late = [sorted(r.participation.late) for r in engine.history]
+    assert any(late) and any(2 in r.participation.sampled and 2 in r.participation.late for r in engine.history)
+    r = fedcmi("pipeline", "run-local", "--rounds-per-run", "3", "--clients-per-pod", "2", "--out", "pipe.safetensors",
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"round 1/3: accepted {engine.history[0].participation.accepted}, rejected [], late {late[0]}" in r.stderr
+    state, _ = load_state(tmp_path / "pipe.safetensors")
+    assert _same(state, engine.state), "expected bitwise equality with the engine"
+    history = read_json(tmp_path / "outputs" / "federations" / "fedcmi-seed3" / "history.json")
+    engine_history = [h.to_json() for h in engine.history]
+    for key in ("clients", "accepted", "late", "simulated_seconds", "mm_acc"):
+        assert [h.get(key) for h in history] == [h.get(key) for h in engine_history], key
 
 
 def _docker_ready() -> str | None:

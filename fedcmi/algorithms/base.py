@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from fedcmi.algorithms.losses import proximal_term
 from fedcmi.config import Config
 from fedcmi.models.networks import FusionNet, MultimodalNet
+from fedcmi.privacy.dp_sgd import PrivateGradients
 from fedcmi.round.update import ClientUpdate, StateDict
 from fedcmi.seeds import derive_seed
 
@@ -52,6 +53,8 @@ class ClientContext:
     #: corrects every step by c - c_i and leaves the client's new c_i in :attr:`control_out`.
     control: tuple[StateDict, StateDict] | None = None
     control_out: StateDict | None = None
+    #: DP-SGD's Poisson batches of an epoch (``privacy.dp_sgd``), in place of :attr:`batches`
+    private_batches: Callable[[int], Iterable[Batch]] | None = None
 
     @property
     def rounds_done(self) -> int:
@@ -67,9 +70,11 @@ class ClientContext:
         o = self.cfg.optim
         return o.lr * o.lr_decay ** (self.rounds_done // o.lr_decay_every)
 
-    def device_batches(self, epoch: int) -> Iterator[Batch]:
+    def device_batches(self, epoch: int, private: bool = False) -> Iterator[Batch]:
+        """The epoch's batches on the device: DP-SGD's Poisson batches when ``private``."""
         asynchronous = self.cfg.loader.pinned(self.device.type)  # non_blocking only helps from pinned memory
-        for x, y in self.batches(epoch):
+        source = self.private_batches if private and self.private_batches is not None else self.batches
+        for x, y in source(epoch):
             yield ({m: v.to(self.device, non_blocking=asynchronous) for m, v in x.items()},
                    y.to(self.device, non_blocking=asynchronous))
 
@@ -90,11 +95,26 @@ def local_sgd(
     With ``optim.precision`` mixed, the forward pass and the loss run under
     autocast (bfloat16 or float16; float16 with loss scaling). A ``grad_hook``
     always sees unscaled gradients. At precision 32 both are off.
+
+    With ``privacy.dp_sgd`` the batches are Poisson draws and each step's gradient is DP-SGD's (clipped per
+    example, noised); FedProx's pull and SCAFFOLD's correction, which read no data, are added after.
     """
-    o = ctx.cfg.optim
     model.train()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     anchor = {n: p.detach().clone() for n, p in params} if mu > 0 else {}
+    private = PrivateGradients(model, ctx.cfg, ctx.num_examples, ctx.seed, ctx.device) \
+        if ctx.private_batches is not None else None
+    try:
+        return _steps(model, ctx, loss_fn, mu, grad_hook, params, anchor, private)
+    finally:
+        if private is not None:
+            private.close()
+
+
+def _steps(model: MultimodalNet, ctx: ClientContext, loss_fn: LossFn, mu: float, grad_hook: GradHook | None,
+           params: list[tuple[str, torch.nn.Parameter]], anchor: dict[str, torch.Tensor],
+           private: PrivateGradients | None) -> dict[str, float]:
+    o = ctx.cfg.optim
     drift = _Drift(model, ctx) if ctx.control is not None else None
     opt = torch.optim.SGD([p for _, p in params], lr=ctx.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     mixed = o.precision != "32"
@@ -103,15 +123,26 @@ def local_sgd(
     totals: dict[str, float] = {}
     steps = 0
     for epoch in range(ctx.cfg.federation.local_epochs):
-        for x, y in ctx.device_batches(epoch):
+        for x, y in ctx.device_batches(epoch, private=private is not None):
+            if private is not None:
+                private.begin()
             with torch.autocast(ctx.device.type, dtype=half, enabled=mixed):
                 loss, terms = loss_fn(model, x, y)
+            prox = None
             if mu > 0:
                 prox = proximal_term(params, anchor, mu)
                 terms["prox"] = prox.item()
-                loss = loss + prox
+                if private is None:
+                    loss = loss + prox
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if private is not None:
+                private.privatize(params, len(y))
+                if prox is not None:  # the pull toward the global model reads no data: added unclipped
+                    for name, p in params:
+                        if p.grad is not None:
+                            p.grad.add_(p.detach() - anchor[name], alpha=mu)
+                loss = loss + prox if prox is not None else loss
             if grad_hook is not None or drift is not None:
                 scaler.unscale_(opt)
             if grad_hook is not None:
@@ -209,6 +240,12 @@ class Strategy(ABC):
         m = cfg.model
         return FusionNet(spec.modalities, spec.shapes, m.encoders, spec.num_classes, m.embed_dim, m.width, m.fusion,
                          spec.vocab_sizes)
+
+    @classmethod
+    def per_sample_obstacle(cls, cfg: Config) -> str | None:
+        """Why DP-SGD cannot bound one example's influence on this method's local training under ``cfg``
+        (its loss couples examples), or None when the loss is a sum of per-example terms."""
+        return None
 
     def options(self, cls: type[OptionsT]) -> OptionsT:
         """This algorithm's validated settings."""

@@ -80,6 +80,16 @@ class FedCMI(Strategy):
     aggregation = "modality_aware"
 
     @classmethod
+    def per_sample_obstacle(cls, cfg: Config) -> str | None:
+        c = cfg.algorithm.options(FedCMIOptions)
+        if not c.infiltration or c.lambda_inf == 0:
+            return None  # cross-entropy and the unimodal terms: a sum over examples
+        return ("FedCMI's infiltration weighs each example's distillation by class temperatures and a dominance "
+                "direction decided from all of the client's examples (their class confidence), so one example "
+                "moves every other example's loss; set algorithm.fedcmi.infiltration false to train FedCMI's "
+                "per-example terms (cross-entropy and the unimodal heads) with DP-SGD")
+
+    @classmethod
     def build_network(cls, cfg: Config, spec: DatasetSpec) -> MultimodalNet:
         m = cfg.model
         a, b = spec.modalities

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fedcmi.algorithms.base import ClientContext, Strategy, cross_entropy, local_sgd, snapshot
+from fedcmi.config import Config
 from fedcmi.models.networks import MultimodalNet
 from fedcmi.round.update import ClientUpdate
 
@@ -59,6 +60,13 @@ class MMPareto(Strategy):
     without conflict."""
 
     name = "mmpareto"
+
+    @classmethod
+    def per_sample_obstacle(cls, cfg: Config) -> str | None:
+        return ("MMPareto replaces the encoders' gradients by a combination of the batch's multimodal and "
+                "unimodal gradients weighed by their directions over the whole batch, not per example, so a "
+                "clipped example's gradient is not what the step uses; use a method whose loss is per example "
+                "(fedavg, fedprox, scaffold, ume, umt)")
 
     def train_client(self, model: MultimodalNet, ctx: ClientContext) -> ClientUpdate:
         if len(ctx.modalities) < 2:

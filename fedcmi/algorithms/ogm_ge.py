@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedcmi.algorithms.base import ClientContext, Strategy, local_sgd, snapshot
 from fedcmi.algorithms.losses import ogm_coefficients
-from fedcmi.config import Float
+from fedcmi.config import Config, Float
 from fedcmi.models.networks import MultimodalNet
 from fedcmi.round.update import ClientUpdate
 
@@ -34,6 +34,12 @@ class OGMGE(Strategy):
     name = "ogm_ge"
     Options = OGMOptions
     section = "ogm"
+
+    @classmethod
+    def per_sample_obstacle(cls, cfg: Config) -> str | None:
+        return ("OGM-GE scales each encoder's gradient by a coefficient computed from the whole batch's scores, "
+                "so one example changes every other example's step and clipping each example's gradient bounds "
+                "nothing; use a method whose loss is per example (fedavg, fedprox, scaffold, ume, umt)")
 
     def train_client(self, model: MultimodalNet, ctx: ClientContext) -> ClientUpdate:
         opts = self.options(OGMOptions)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedcmi.algorithms.base import ClientContext, Strategy, cross_entropy, local_sgd, snapshot
-from fedcmi.config import Float, Int
+from fedcmi.config import Config, Float, Int
 from fedcmi.models.networks import MultimodalNet
 from fedcmi.round.update import ClientUpdate
 
@@ -82,6 +82,12 @@ class PMR(Strategy):
 
     name = "pmr"
     Options = PMROptions
+
+    @classmethod
+    def per_sample_obstacle(cls, cfg: Config) -> str | None:
+        return ("PMR's prototypes are means over all of the client's examples, and its rebalancing weight comes "
+                "from the whole batch's prototype scores, so one example moves every other example's loss; use a "
+                "method whose loss is per example (fedavg, fedprox, scaffold, ume, umt)")
 
     @torch.no_grad()
     def prototypes(self, model: MultimodalNet, ctx: ClientContext, num_classes: int

@@ -9,6 +9,7 @@ model over the clients holding it (modality-aware).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from fedcmi.data.base import DatasetSpec
 
 
-def ensemble_loss(uni_logits: dict[str, torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def ensemble_loss(uni_logits: Mapping[str, torch.Tensor], y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """The sum of each present modality's own cross-entropy (never the cross-entropy of the summed logits,
     which would train the modalities jointly again)."""
     terms = {f"ce_{m}": F.cross_entropy(lg, y) for m, lg in uni_logits.items()}

@@ -8,7 +8,7 @@ aggregation relies on it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,10 +32,34 @@ class Output:
     """What one forward pass gives the losses."""
 
     mm_logits: torch.Tensor
-    uni_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    uni_logits: Mapping[str, torch.Tensor] = field(default_factory=dict)
     h: dict[str, torch.Tensor] = field(default_factory=dict)
     z_self: dict[str, torch.Tensor] = field(default_factory=dict)
     z_inf: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class OnDemand(Mapping[str, torch.Tensor]):
+    """Logits per modality, each computed the first time it is read. A loss that never reads them (FedAvg's
+    reads the fused logits only) runs no layer for them: DP-SGD's per-example hooks then see each layer run
+    once per step, as many times as its output reaches the loss."""
+
+    def __init__(self, keys: Sequence[str], compute: Callable[[str], torch.Tensor]) -> None:
+        self._keys = tuple(keys)
+        self._compute = compute
+        self._done: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        if key not in self._done:
+            self._done[key] = self._compute(key)
+        return self._done[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class MultimodalNet(nn.Module):
@@ -197,11 +221,10 @@ class FusionNet(MultimodalNet):
         h = self.encode(x)
         if not h:
             raise ValueError(f"batch holds none of the modalities {self.modalities}")
-        uni = {m: self._fuse({m: hm}) for m, hm in h.items()} if len(self.modalities) > 1 else {}
         mm = self._fuse(h)
         if len(self.modalities) == 1:
-            uni = {self.modalities[0]: mm}
-        return Output(mm, uni, h)
+            return Output(mm, {self.modalities[0]: mm}, h)
+        return Output(mm, OnDemand(list(h), lambda m: self._fuse({m: h[m]})), h)
 
     @torch.no_grad()
     def eval_logits(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

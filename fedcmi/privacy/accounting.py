@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +24,7 @@ from fedcmi.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from fedcmi.models.networks import MultimodalNet
+    from fedcmi.partition import Partition
 
 SHARED = "shared"  # the group of parameters every client has a say in (the fusion head)
 ALL = "all"  # the one group when privacy is not per modality
@@ -44,6 +45,7 @@ def per_group(cfg: Config) -> bool:
     return cfg.privacy.per_group and cfg.aggregation == "modality_aware"
 
 
+@functools.lru_cache(maxsize=4096)
 def _epsilon(rate: float, sigma: float, rounds: int, delta: float) -> float:
     import logging
 
@@ -140,7 +142,7 @@ def _cached(key: str, holdings: tuple[tuple[str, ...], ...], groups: tuple[str, 
 
     cfg = config_from_dict(json.loads(key))
     sampler = SAMPLERS.get(cfg.federation.sampler)(cfg)
-    inclusion = sampler.inclusion(len(holdings), cfg.federation.clients_per_round, holdings)
+    inclusion = sampler.inclusion(len(holdings), cfg.sampled_per_round, holdings)  # over-selected: drawn, kept or not
     rates, kinds = _kinds(cfg, holdings, inclusion, groups)
     sigma = cfg.privacy.noise_multiplier if cfg.privacy.noise_multiplier is not None else calibrate(cfg, kinds)
     acc = Accountant(groups, rates, kinds, sigma, cfg.privacy.delta)
@@ -166,3 +168,44 @@ def accountant(cfg: Config, holdings: Sequence[Sequence[str]], groups: Sequence[
     if groups is None:
         groups = (*cfg.data.modalities, SHARED) if per_group(cfg) else (ALL,)
     return _cached(key, tuple(tuple(h) for h in holdings), tuple(groups))
+
+
+def trained_rounds(cfg: Config, partition: Partition, trains: Callable[[Sequence[str]], bool], upto: int
+                   ) -> list[int]:
+    """How many of rounds 1..``upto`` each client trained in: sampled, with something to train, and not late
+    (a client whose update was then refused still trained on its data)."""
+    from fedcmi.round.deadline import cutoff
+    from fedcmi.round.schedule import Schedule
+
+    schedule = Schedule(cfg)
+    counts = [0] * len(partition.clients)
+    for r in range(1, upto + 1):
+        sampled = schedule.clients(r)
+        late = cutoff(cfg, partition, r, sampled, trains).late
+        for c in sampled:
+            if c not in late and trains(partition.client(c).modalities):
+                counts[c] += 1
+    return counts
+
+
+def sample_level_epsilon(cfg: Config, num_examples: int, rounds: int) -> float:
+    """DP-SGD's epsilon for a client of ``num_examples`` examples after training in ``rounds`` rounds: its
+    Poisson-sampled Gaussian steps (``local_epochs`` epochs of ``1 / rate`` steps a round) composed."""
+    from fedcmi.privacy.dp_sgd import sampling
+
+    dp = cfg.privacy.dp_sgd
+    rate, steps = sampling(cfg, num_examples)
+    return _epsilon(rate, dp.noise_multiplier, steps * cfg.federation.local_epochs * rounds, dp.delta)
+
+
+def sample_level_figures(cfg: Config, partition: Partition, trains: Callable[[Sequence[str]], bool],
+                         round_no: int) -> dict[str, float]:
+    """``dp_sgd_epsilon`` (the worst client's, after round ``round_no``) and ``dp_sgd_epsilon_<m>`` (the worst
+    among the holders of modality m)."""
+    counts = trained_rounds(cfg, partition, trains, round_no)
+    spent = [sample_level_epsilon(cfg, c.num_examples, n) for c, n in zip(partition.clients, counts, strict=True)]
+    out = {"dp_sgd_epsilon": max(spent, default=0.0)}
+    for m in cfg.data.modalities:
+        out[f"dp_sgd_epsilon_{m}"] = max((e for c, e in zip(partition.clients, spent, strict=True)
+                                          if m in c.modalities), default=0.0)
+    return out

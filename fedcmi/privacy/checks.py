@@ -36,6 +36,16 @@ def check_composition(cfg: Config) -> None:
             model_noise(sigma, count_noise(cfg, sigma))
 
 
+def check_dp_sgd(cfg: Config, obstacle: str | None) -> None:
+    """Raise ValueError naming the fields when DP-SGD cannot serve ``cfg``'s local training: the method's loss
+    is not a sum of per-example terms (``obstacle`` says why), or mixed precision is asked for."""
+    if obstacle is not None:
+        raise ValueError(f"privacy.dp_sgd.enabled with algorithm.name {cfg.algorithm.name!r}: {obstacle}")
+    if cfg.optim.precision != "32":
+        raise ValueError(f"privacy.dp_sgd.enabled with optim.precision {cfg.optim.precision!r}: per-example "
+                         "gradients are computed and clipped in float32; set optim.precision '32'")
+
+
 def count_noise(cfg: Config, sigma: float) -> float:
     """Noise std (in clients) of adaptive clipping's clipped count: the setting, or the larger of the paper's
     ``clients_per_round / 20`` and the noise multiplier ``sigma`` (with few clients a round the paper's

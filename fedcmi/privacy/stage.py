@@ -14,12 +14,13 @@ state (``aux/privacy/``), so a resumed or pipelined federation continues it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from fedcmi.config import Config
-from fedcmi.privacy.accounting import ALL, SHARED, Accountant, group_of
+from fedcmi.partition import Partition
+from fedcmi.privacy.accounting import ALL, SHARED, Accountant, group_of, sample_level_figures
 from fedcmi.privacy.checks import count_noise, model_noise
 from fedcmi.round.stage import ServerState, Stage
 from fedcmi.round.update import AUX, ClientUpdate, StateDict
@@ -124,3 +125,21 @@ class CentralPrivacy(Stage):
         noisy = self.unclipped[group] + float(torch.normal(0.0, self.count_sigma, (1,), generator=gen,
                                                            dtype=torch.float64))
         return self.bounds[group] * math.exp(-a.learning_rate * (noisy / n - a.target_quantile))
+
+
+class SampleLevelAccounting(Stage):
+    """Reports what DP-SGD inside local training has spent after the round (``privacy.dp_sgd``): the worst
+    client's epsilon, and the worst among each modality's holders. It changes no update."""
+
+    name = "dp_sgd_accounting"
+
+    def __init__(self, cfg: Config, partition: Partition, trains: Callable[[Sequence[str]], bool],
+                 round_no: int) -> None:
+        self.cfg = cfg
+        self.partition = partition
+        self.trains = trains
+        self.round_no = round_no
+
+    def conclude(self, state: ServerState) -> ServerState:
+        state.figures.update(sample_level_figures(self.cfg, self.partition, self.trains, self.round_no))
+        return state

@@ -15,6 +15,7 @@ import torch
 
 from fedcmi.federation import Federation
 from fedcmi.metrics import Evaluation
+from fedcmi.round.deadline import cutoff
 from fedcmi.round.ledger import Ledger
 from fedcmi.round.record import RoundRecord, Timing
 from fedcmi.round.schedule import Schedule
@@ -39,7 +40,8 @@ def close_round(fed: Federation, state: StateDict, sampled: Sequence[int], outco
                 round_no: int, *, ledger: Ledger | None = None, sinks: Sequence[MetricSink] = (),
                 evaluate: bool | None = None, workers: int | None = None, started: float | None = None,
                 keep_final: Callable[[Evaluation], None] | None = None) -> ClosedRound:
-    """Fold round ``round_no``'s outcomes (in the order given) into the next state, evaluate it when the
+    """Fold round ``round_no``'s outcomes (in the order given; a client the latency model finds late has
+    its update, if any, replaced by the late outcome) into the next state, evaluate it when the
     schedule says so (or as ``evaluate`` says), record it, commit it to ``ledger`` (when given) and hand
     the record to ``sinks``. On the federation's last round ``keep_final`` gets the final evaluation before
     the divergence guard has its last word.
@@ -49,11 +51,13 @@ def close_round(fed: Federation, state: StateDict, sampled: Sequence[int], outco
     """
     t0 = time.perf_counter() if started is None else started
     schedule = Schedule(fed.cfg)
-    res = ServerPipeline(fed.cfg, fed.strategy, fed.model, fed.partition).conclude(state, outcomes, round_no,
-                                                                                  sampled)
+    cut = cutoff(fed.cfg, fed.partition, round_no, sampled, fed.strategy.participates)
+    res = ServerPipeline(fed.cfg, fed.strategy, fed.model, fed.partition).conclude(state, cut.apply(outcomes),
+                                                                                  round_no, sampled)
     scheduled = schedule.evaluates(round_no) if evaluate is None else evaluate
     ev = fed.evaluate(res.state, probe=schedule.probes(round_no)) if scheduled else None
-    rec = RoundRecord(round_no, res.participation, Timing(time.perf_counter() - t0, torch.get_num_threads(), workers),
+    timing = Timing(time.perf_counter() - t0, torch.get_num_threads(), workers, cut.closes)
+    rec = RoundRecord(round_no, res.participation, timing,
                       train=res.train, algorithm=res.algorithm, server=res.server, evaluation=ev)
     if ledger is None:
         for sink in sinks:

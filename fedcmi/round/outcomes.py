@@ -7,14 +7,23 @@ from collections.abc import Iterator
 from functools import partial
 
 from fedcmi.federation import Federation
+from fedcmi.round.deadline import cutoff
 from fedcmi.round.update import Producer, StateDict
 from fedcmi.workers import ClientWorkers
 
 
 def client_outcomes(fed: Federation, state: StateDict, clients: list[int], round_no: int,
-                    workers: ClientWorkers | None = None) -> Iterator[tuple[int, Producer]]:
-    """(client id, producer) for ``clients`` in that order: trained here when ``workers`` is None, else
-    trained ahead by the worker processes."""
+                    workers: ClientWorkers | None = None, sampled: list[int] | None = None
+                    ) -> Iterator[tuple[int, Producer]]:
+    """(client id, producer) for ``clients`` (of round ``round_no``'s sample ``sampled``; all of it when
+    None) in that order: trained here when ``workers`` is None, else trained ahead by the worker processes.
+    A client the latency model finds late is not trained: its outcome is the late one."""
+    cut = cutoff(fed.cfg, fed.partition, round_no, clients if sampled is None else sampled,
+                 fed.strategy.participates)
+    due = [c for c in clients if c not in cut.late]
     if workers is not None:
-        return workers.outcomes(state, clients, round_no)
-    return ((cid, partial(fed.train_client, state, cid, round_no)) for cid in clients)
+        trained = workers.outcomes(state, due, round_no)
+    else:
+        trained = ((cid, partial(fed.train_client, state, cid, round_no)) for cid in due)
+    mine = set(clients)
+    return ((cid, p) for cid, p in cut.apply(trained) if cid in mine)

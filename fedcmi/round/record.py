@@ -30,6 +30,8 @@ class Participation:
     idle: list[int] = field(default_factory=list)
     #: admitted updates whose change was scaled down (``server.clip_norm``); None when clipping is off
     clipped: int | None = None
+    #: sampled, and missed the round (past the deadline, after it was full, or unavailable): the reason
+    late: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Timing:
     threads: int
     #: processes that trained the round's clients: not part of the result, recorded for the time it explains
     workers: int | None = None
+    #: when the round closed on the latency model's clock (simulated seconds); None without a latency model
+    simulated: float | None = None
 
 
 @dataclass
@@ -68,6 +72,8 @@ class RoundRecord:
             out["idle"] = list(p.idle)
         if p.clipped is not None:
             out["clipped"] = p.clipped
+        if p.late:
+            out["late"] = {str(k): v for k, v in p.late.items()}
         out.update({TRAIN + k: v for k, v in self.train.items()})
         out.update({SERVER + k: v for k, v in self.server.items()})
         out.update(self.algorithm)
@@ -77,6 +83,8 @@ class RoundRecord:
         out["threads"] = self.timing.threads
         if self.timing.workers is not None:
             out["workers"] = self.timing.workers
+        if self.timing.simulated is not None:
+            out["simulated_seconds"] = round(self.timing.simulated, 6)
         if self.diverged:
             out["diverged"] = 1
         return out
@@ -85,8 +93,8 @@ class RoundRecord:
     def from_json(cls, raw: Mapping[str, Any]) -> RoundRecord:
         """A record from its flat line (as :meth:`to_json` writes it)."""
         ev = Evaluation.from_flat(raw)
-        known = {"round", "clients", "accepted", "rejected", "idle", "clipped", "seconds", "threads", "workers",
-                 "diverged"} | (ev.known() if ev is not None else set())
+        known = {"round", "clients", "accepted", "rejected", "idle", "clipped", "late", "seconds", "threads",
+                 "workers", "simulated_seconds", "diverged"} | (ev.known() if ev is not None else set())
         train = {k[len(TRAIN):]: float(v) for k, v in raw.items() if k.startswith(TRAIN) and _number(v)}
         server = {k[len(SERVER):]: float(v) for k, v in raw.items() if k.startswith(SERVER) and _number(v)}
         algorithm = {k: float(v) for k, v in raw.items()
@@ -98,9 +106,11 @@ class RoundRecord:
                 sampled=[int(c) for c in raw.get("clients", [])], accepted=[int(c) for c in raw.get("accepted", [])],
                 rejected={int(k): str(v) for k, v in dict(raw.get("rejected", {})).items()},
                 idle=[int(c) for c in raw.get("idle", [])],
-                clipped=int(clipped) if _number(clipped) else None),  # type: ignore[arg-type]
+                clipped=int(clipped) if _number(clipped) else None,  # type: ignore[arg-type]
+                late={int(k): str(v) for k, v in dict(raw.get("late", {})).items()}),
             timing=Timing(float(raw.get("seconds", 0.0)), int(raw.get("threads", 0)),
-                          int(raw["workers"]) if _number(raw.get("workers")) else None),
+                          int(raw["workers"]) if _number(raw.get("workers")) else None,
+                          float(raw["simulated_seconds"]) if _number(raw.get("simulated_seconds")) else None),
             train=train, algorithm=algorithm, server=server, evaluation=ev, diverged=bool(raw.get("diverged", 0)))
 
     def curve_points(self) -> dict[str, float]:

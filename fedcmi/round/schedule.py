@@ -18,13 +18,14 @@ SAMPLING_STREAM = 0xC11E
 
 
 def sample_clients(cfg: Config, round_no: int, holdings: Sequence[tuple[str, ...]] | None = None) -> list[int]:
-    """The clients of round ``round_no`` (from 1), sorted, drawn by ``federation.sampler``. ``holdings``
+    """The clients of round ``round_no`` (from 1), sorted, drawn by ``federation.sampler``: ``clients_per_round``
+    and the over-selected extra (:attr:`Config.sampled_per_round`). ``holdings``
     (each client's modalities) is read from ``partition.file`` when the sampler needs it and none is given."""
     sampler = SAMPLERS.get(cfg.federation.sampler)(cfg)
     if sampler.reads_holdings and holdings is None:
         holdings = [c.modalities for c in load_partition(cfg.partition.file).clients]
     rng = np.random.default_rng(derive_seed(cfg.seed, round_no - 1, SAMPLING_STREAM))
-    return sorted(sampler.draw(rng, cfg.partition.num_clients, cfg.federation.clients_per_round, holdings))
+    return sorted(sampler.draw(rng, cfg.partition.num_clients, cfg.sampled_per_round, holdings))
 
 
 class Schedule:
@@ -49,7 +50,7 @@ class Schedule:
 
     def workers(self, per_worker: int) -> int:
         """How many workers (pods) a round needs when each trains up to ``per_worker`` clients."""
-        return -(-self.cfg.federation.clients_per_round // per_worker)
+        return -(-self.cfg.sampled_per_round // per_worker)
 
     def clients_of_worker(self, round_no: int, worker: int, per_worker: int) -> list[int]:
         """The clients worker ``worker`` trains in round ``round_no``: consecutive runs of the sorted sample."""

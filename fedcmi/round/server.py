@@ -5,6 +5,8 @@
     admission -> clipping -> client state (control variates) -> aggregation rule -> server optimiser
     admission -> privacy (clip, sum, noise: DP-FedAvg) -> server optimiser         (privacy.mechanism)
 
+and, under DP-SGD in local training (``privacy.dp_sgd``), a last stage that reports its epsilon;
+
 so admission sees every update before anything changes it, and the server optimiser steps from what the
 rule gives. :class:`ServerPipeline` feeds it the round's outcomes in the order given (callers sort by
 client id) and applies the round's rules: a raised error or a refused update is a rejected outcome and
@@ -25,7 +27,7 @@ from fedcmi.divergence import Diverged, lr_advice
 from fedcmi.errors import FedcmiError
 from fedcmi.models.networks import MultimodalNet
 from fedcmi.partition import Partition
-from fedcmi.privacy.stage import CentralPrivacy
+from fedcmi.privacy.stage import CentralPrivacy, SampleLevelAccounting
 from fedcmi.registry import RULES
 from fedcmi.round.admission import Admission
 from fedcmi.round.aggregate import Aggregate
@@ -40,6 +42,7 @@ from fedcmi.round.update import (
     Producer,
     RunawayUpdate,
     StateDict,
+    UpdateLate,
     UpdateRejected,
     failure_reason,
     split_state,
@@ -81,7 +84,7 @@ def stages_for(cfg: Config, strategy: Strategy, model: MultimodalNet, partition:
         stages.append(CentralPrivacy(cfg, weights, model.owner, aux, spent, round_no))
         if cfg.server_optimizer != "none":
             stages.append(ServerOptimizer(cfg.server, cfg.server_optimizer))
-        return admission, stages
+        return admission, _accounted(cfg, partition, strategy, round_no, stages)
     if cfg.server.clip_norm is not None:
         stages.append(Clipping(weights, cfg.server.clip_norm))
     if cfg.control_variates:
@@ -94,7 +97,15 @@ def stages_for(cfg: Config, strategy: Strategy, model: MultimodalNet, partition:
     stages.append(Aggregate(rule(weights, owner, cfg.server.rule_options(rule))))
     if cfg.server_optimizer != "none":
         stages.append(ServerOptimizer(cfg.server, cfg.server_optimizer))
-    return admission, stages
+    return admission, _accounted(cfg, partition, strategy, round_no, stages)
+
+
+def _accounted(cfg: Config, partition: Partition, strategy: Strategy, round_no: int, stages: list[Stage]
+               ) -> list[Stage]:
+    """``stages`` and, under DP-SGD, the stage that reports its spending (it changes nothing)."""
+    if cfg.privacy.dp_sgd.enabled:
+        stages.append(SampleLevelAccounting(cfg, partition, strategy.participates, round_no))
+    return stages
 
 
 class ServerPipeline:
@@ -126,6 +137,9 @@ class ServerPipeline:
                 u = admission.admit(cid, u)
                 for stage in stages:
                     u = stage.admit(cid, u)
+            except UpdateLate as exc:  # missed the round: counted apart, no fault of its update
+                part.late[cid] = str(exc)
+                continue
             except UpdateRejected as exc:
                 part.rejected[cid] = str(exc)
                 if isinstance(exc, NonFiniteUpdate):
@@ -141,7 +155,7 @@ class ServerPipeline:
                 kept.append(ClientUpdate(u.client_id, {}, u.num_examples, u.modalities, u.metrics))
                 continue
             log.warning("round %d: update rejected: %s", round_no, part.rejected[cid])
-        if not part.accepted and not part.rejected:
+        if not part.accepted and not part.rejected and not part.late:
             log.warning("round %d: no sampled client has anything to train (%s); the global model stays",
                         round_no, part.idle)
             return ServerResult({k: v.detach().cpu().clone() for k, v in global_state.items()},
@@ -155,7 +169,7 @@ class ServerPipeline:
                                     f"(client {first}: {part.rejected[first][:200]})" + lr_advice(self.cfg.optim.lr))
             raise RoundFailed(
                 f"round {round_no}: {len(part.accepted)} valid update(s), federation.min_clients is {need}; "
-                f"rejected: {part.rejected or 'none'}"
+                f"rejected: {part.rejected or 'none'}" + (f"; late: {sorted(part.late)}" if part.late else "")
             )
         state = ServerState(previous=weights, weights=weights, aux=aux)
         for stage in stages:

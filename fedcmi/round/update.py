@@ -38,6 +38,11 @@ class RunawayUpdate(UpdateRejected):
     """An update whose change is past the server's bound: a diverging client's, or a lying one's."""
 
 
+class UpdateLate(UpdateRejected):
+    """An update that missed its round: past the deadline, after the round had its clients, or never sent.
+    Counted apart from the refused ones (:attr:`~fedcmi.round.record.Participation.late`)."""
+
+
 class ClientFailed(FedcmiError, RuntimeError):
     """A client's training that failed where it ran (another process or pod); carries the reason."""
 

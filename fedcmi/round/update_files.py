@@ -1,4 +1,4 @@
-"""A client's outcome as a file: an update, a ``skipped`` marker or a ``failed`` record.
+"""A client's outcome as a file: an update, a ``skipped`` marker, a ``late`` marker or a ``failed`` record.
 
 Written by a training worker, read by the step that concludes the round. The reader trusts nothing in
 the file: every metadata field is checked (kind, client id, round, sample count, modalities, metrics), so
@@ -20,6 +20,7 @@ from fedcmi.round.update import (
     ClientFailed,
     ClientUpdate,
     Producer,
+    UpdateLate,
     UpdateRejected,
     pack_update,
     unpack_tensors,
@@ -28,12 +29,15 @@ from fedcmi.round.update import (
 MAX_REASON = 2000
 
 
-def write_update(path: Path, round_no: int, cid: int, update: ClientUpdate | None, failure: str | None = None
-                 ) -> Path:
-    """Client ``cid``'s outcome of round ``round_no``: its update, nothing to train (None), or a failure."""
+def write_update(path: Path, round_no: int, cid: int, update: ClientUpdate | None, failure: str | None = None,
+                 late: str | None = None) -> Path:
+    """Client ``cid``'s outcome of round ``round_no``: its update, nothing to train (None), a failure, or
+    ``late`` (the reason it missed the round)."""
     meta: dict[str, Any] = {"round": round_no, "client_id": cid}
     if failure is not None:
         return save_state(path, {}, {**meta, "kind": "failed", "reason": failure[:MAX_REASON]})
+    if late is not None:
+        return save_state(path, {}, {**meta, "kind": "late", "reason": late[:MAX_REASON]})
     if update is None:
         return save_state(path, {}, {**meta, "kind": "skipped"})
     return save_state(path, pack_update(update), {**meta, "kind": "update", "num_examples": update.num_examples,
@@ -48,7 +52,8 @@ def claimed_client(path: Path) -> int | None:
 
 def read_update(path: str | Path, round_no: int, cid: int | None = None) -> ClientUpdate | None:
     """The outcome in ``path`` for round ``round_no`` (and client ``cid`` when the file was named for it):
-    an update, None for nothing to train; :class:`ClientFailed` for a failure record."""
+    an update, None for nothing to train; :class:`ClientFailed` for a failure record, :class:`UpdateLate`
+    for a late marker."""
     path = Path(path)
     who = f"client {cid}" if cid is not None else path.name
     try:
@@ -67,6 +72,10 @@ def read_update(path: str | Path, round_no: int, cid: int | None = None) -> Clie
     kind = meta.get("kind")
     if kind == "failed":
         raise ClientFailed(str(meta.get("reason", f"{who}: training failed"))[:MAX_REASON])
+    if kind == "late":
+        if state:
+            raise UpdateRejected(f"{who}: a 'late' marker that holds tensors")
+        raise UpdateLate(str(meta.get("reason", f"{who}: late"))[:MAX_REASON])
     if kind == "skipped":
         if state:
             raise UpdateRejected(f"{who}: a 'skipped' marker that holds tensors")

@@ -81,6 +81,16 @@ def sample_step(cfg: Config, round_no: int) -> list[int]:
     return Schedule(cfg).clients(check_round(cfg, round_no))
 
 
+def late_step(cfg: Config, round_no: int, sampled: list[int]) -> dict[int, str]:
+    """Which of round ``round_no``'s ``sampled`` clients the latency model finds late, and why: no need to
+    train them, ``aggregate`` discards their updates."""
+    from fedcmi.registry import ALGORITHMS
+    from fedcmi.round.deadline import cutoff
+
+    strategy = ALGORITHMS.get(cfg.algorithm.name)(cfg)
+    return cutoff(cfg, load_partition(cfg.partition.file), round_no, sampled, strategy.participates).late
+
+
 def client_train_step(cfg: Config, global_model: str | Path, client_id: int, round_no: int,
                       out: str | Path) -> Path | None:
     """Train client ``client_id`` in round ``round_no`` from ``global_model``.

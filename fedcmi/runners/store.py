@@ -8,7 +8,8 @@ as after ``dvc repro``):
   initial model) and the number of rounds committed.
 - :func:`train_worker`: one worker's share of a round's clients (:meth:`Schedule.clients_of_worker`).
   Reads only those clients' rows of the memory-mapped train split. A client whose training fails becomes a
-  failure record, not a failed worker, so the round rejects it as the engine does.
+  failure record, not a failed worker, so the round rejects it as the engine does; a client the latency
+  model finds late is not trained and becomes a ``late`` marker.
 - :func:`conclude`: :func:`~fedcmi.round.close.close_round` over the workers' files; a repeated call for a
   committed round (a retried pod) returns what was committed.
 - :func:`finish`: the final model and evaluation once every round is committed.
@@ -45,7 +46,7 @@ from fedcmi.round.outcomes import client_outcomes
 from fedcmi.round.record import RoundRecord
 from fedcmi.round.schedule import Schedule
 from fedcmi.round.sinks import MetricSink
-from fedcmi.round.update import StateDict, failure_reason, model_state
+from fedcmi.round.update import StateDict, UpdateLate, failure_reason, model_state
 from fedcmi.round.update_files import read_update, write_update
 from fedcmi.workers import ClientWorkers, resolve_workers
 
@@ -165,16 +166,21 @@ def train_worker(cfg: Config, global_model: Path, round_no: int, worker: int, pe
     mine = schedule.clients_of_worker(round_no, worker, per_worker) if round_no <= schedule.rounds else []
     if not mine:
         return []
+    sampled = schedule.clients(round_no)  # the latency model's verdict is over the whole sample
     fed = _federation(cfg)
     state, _ = load_state(global_model, checked=True)
     n = resolve_workers(cfg, len(mine))  # a pod's CPU limit counts (its cgroup quota)
     pool = ClientWorkers(cfg, n) if n > 1 else None
     t0 = time.perf_counter()
     try:
-        for cid, produce in client_outcomes(fed, state, mine, round_no, pool):
+        for cid, produce in client_outcomes(fed, state, mine, round_no, pool, sampled):
             path = out_dir / client_file(cid)
             try:
                 update = produce()
+            except UpdateLate as exc:  # not trained: the round closes without it
+                write_update(path, round_no, cid, None, late=str(exc))
+                print(f"round {round_no}: {exc}")
+                continue
             except Exception as exc:  # the round rejects it, exactly as the engine does; the worker goes on
                 reason = failure_reason(cid, exc)
                 log.warning("round %d: %s", round_no, reason)

@@ -21,6 +21,10 @@ def round_metrics(rec: RoundRecord, algorithm: str) -> dict[str, float]:
         out["round/idle_clients"] = float(len(p.idle))
     if p.clipped is not None:
         out["round/clipped_clients"] = float(p.clipped)
+    if p.late:
+        out["round/late_clients"] = float(len(p.late))
+    if t.simulated is not None:
+        out["round/simulated_seconds"] = float(round(t.simulated, 6))
     if t.workers is not None:
         out["round/workers"] = float(t.workers)
     if rec.diverged:
