@@ -3,6 +3,8 @@ whether the round runs in the engine, with worker processes, or as a pipeline's 
 
 import pytest
 import torch
+from conftest import tiny_config
+from test_segments import _run_steps
 
 from fedcmi.config import ConfigError
 from fedcmi.data import DataModule
@@ -19,8 +21,6 @@ from fedcmi.round.update import UpdateLate
 from fedcmi.round.update_files import read_update, write_update
 from fedcmi.runners.engine import train
 from fedcmi.runners.store import MODEL, finish
-from tests.conftest import tiny_config
-from tests.test_segments import _run_steps
 
 LATENCY = {"model": "lognormal", "seconds_per_example": 0.05, "stragglers": [1], "straggler_slowdown": 20.0}
 SLOW = {"partition": {"num_clients": 6},

@@ -7,6 +7,8 @@ import importlib
 
 import pytest
 import torch
+from conftest import tiny_config
+from test_segments import _run_steps
 
 from fedcmi.config import ConfigError
 from fedcmi.data import DataModule
@@ -16,8 +18,6 @@ from fedcmi.partition import load_partition
 from fedcmi.privacy.dp_sgd import PrivateGradients, sampling
 from fedcmi.runners.engine import train
 from fedcmi.runners.store import MODEL, finish
-from tests.conftest import tiny_config
-from tests.test_segments import _run_steps
 
 DP = {"dp_sgd": {"enabled": True, "noise_multiplier": 0.8, "max_grad_norm": 0.5}}
 
