@@ -126,9 +126,12 @@ class Federation:
         def batches(epoch: int):
             return self.loader.batches(indices, mods, bs, derive_seed(seed, done, cid, epoch))
 
-        def poisson(epoch: int) -> Iterator[Batch]:  # DP-SGD's batches: one loader request per step
+        def poisson(epoch: int) -> Iterator[Batch | None]:  # DP-SGD's draws: one loader request per step
             for pick in poisson_steps(self.cfg, indices, derive_seed(seed, done, cid, epoch)):
-                yield from self.loader.batches(pick, mods, len(pick), None)
+                if len(pick):
+                    yield from self.loader.batches(pick, mods, len(pick), None)
+                else:
+                    yield None
 
         private = poisson if self.cfg.privacy.dp_sgd.enabled else None
         return ClientContext(self.cfg, round_no, cid, shard.modalities, shard.num_examples, batches, self.device,

@@ -4,6 +4,7 @@ the methods whose losses couple examples are refused with the reason, and the ru
 every executor."""
 
 import importlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_opacus_per_example_gradients_are_each_examples_own(tiny, monkeypatch, a
         loss_fn, ctx = _loss_of(monkeypatch, fed, module, round_no, cid)
         model = fed.model
         model.train()
-        x, y = next(iter(ctx.device_batches(0, private=True)))
+        x, y = next(b for b in ctx.device_draws(0) if b is not None)
         private = PrivateGradients(model, cfg, ctx.num_examples, ctx.seed, ctx.device)
         try:
             private.begin()
@@ -103,7 +104,7 @@ def test_the_private_gradient_is_the_clipped_sum_over_the_expected_batch(tiny, m
     loss_fn, ctx = _loss_of(monkeypatch, fed, "fedavg", 1, 1)
     model = fed.model
     model.train()
-    x, y = next(iter(ctx.device_batches(0, private=True)))
+    x, y = next(b for b in ctx.device_draws(0) if b is not None)
     expected = torch.zeros(0)
     clipped = []
     norms = []
@@ -185,3 +186,45 @@ def test_mixed_precision_is_refused_and_fedcmi_without_infiltration_is_served(tm
     tiny_config(tmp_path, algorithm={"name": "fedcmi", "fedcmi": {"infiltration": False}}, privacy=DP)
     assert not any(k.startswith("privacy.dp_sgd.") and k != "privacy.dp_sgd.enabled"
                    for k in tiny_config(tmp_path).applicable())
+
+
+def _changed(fed: Federation, ctx) -> tuple[set[str], dict[str, torch.Tensor], dict]:
+    """Train one client from the initial model: the names of the parameters that moved, the state, metrics."""
+    start = fed.initial_state()
+    fed.load(start)
+    update = fed.strategy.train_client(fed.model, ctx)
+    moved = {n for n, _ in fed.model.named_parameters() if not torch.equal(update.state[n], start[n])}
+    return moved, update.state, update.metrics
+
+
+def test_an_empty_poisson_draw_is_a_step_of_noise_alone(tiny):
+    # a batch size of 2 over a shard of 40 takes each example at a rate of 1/20: about one draw in eight is empty
+    cfg = tiny(algorithm={"name": "fedavg"}, federation={"batch_size": 2}, privacy=DP, **MIXED)
+    part = load_partition(cfg.partition.file)
+    fed = Federation(cfg, DataModule(cfg.data.prepared_dir), part)
+    cid = next(c for c, s in enumerate(part.clients) if len(s.modalities) == 1)
+    ctx = fed.client_context(cid, 1)
+    assert ctx is not None and ctx.private_batches is not None
+    _, per_epoch = sampling(cfg, ctx.num_examples)
+    empty = [b is None for b in ctx.private_batches(0)]
+    assert len(empty) == per_epoch and any(empty)  # every draw is a step, the empty ones too
+    with_data, _, metrics = _changed(fed, ctx)
+    assert metrics["steps"] == per_epoch * cfg.federation.local_epochs  # as many steps as the accountant counts
+    # nothing but empty draws: the parameters a step with data reaches move by noise, and only they
+    only_noise = replace(ctx, private_batches=lambda epoch: iter([None, None, None]))
+    moved, state, metrics = _changed(fed, only_noise)
+    assert metrics["steps"] == 3
+    assert moved == with_data and moved < {n for n, _ in fed.model.named_parameters()}
+    assert all(torch.equal(state[k], v) for k, v in _changed(fed, only_noise)[1].items())  # seeded noise
+
+
+def test_a_run_whose_draws_are_often_empty_is_deterministic_and_the_steps_give_its_model(tiny, tmp_path):
+    cfg = tiny(algorithm={"name": "fedprox", "mu": 0.1}, federation={"batch_size": 1}, privacy=DP, **MIXED)
+    a = train(cfg, tmp_path / "a", progress=False)
+    b = train(cfg, tmp_path / "b", progress=False)
+    assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    store = tmp_path / "store"
+    _run_steps(cfg, store, tmp_path / "steps", per_worker=1)
+    assert finish(cfg, store, tmp_path / "final.safetensors") is not None
+    steps_model = load_state(store / MODEL)[0]
+    assert all(torch.equal(steps_model[k], a.state[k]) for k in a.state)

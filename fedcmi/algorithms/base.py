@@ -14,7 +14,7 @@ component) loads the global state into a model, hands it a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar
 
@@ -53,8 +53,9 @@ class ClientContext:
     #: corrects every step by c - c_i and leaves the client's new c_i in :attr:`control_out`.
     control: tuple[StateDict, StateDict] | None = None
     control_out: StateDict | None = None
-    #: DP-SGD's Poisson batches of an epoch (``privacy.dp_sgd``), in place of :attr:`batches`
-    private_batches: Callable[[int], Iterable[Batch]] | None = None
+    #: DP-SGD's Poisson draws of an epoch (``privacy.dp_sgd``), in place of :attr:`batches`; None for an
+    #: empty draw
+    private_batches: Callable[[int], Iterable[Batch | None]] | None = None
 
     @property
     def rounds_done(self) -> int:
@@ -70,13 +71,23 @@ class ClientContext:
         o = self.cfg.optim
         return o.lr * o.lr_decay ** (self.rounds_done // o.lr_decay_every)
 
-    def device_batches(self, epoch: int, private: bool = False) -> Iterator[Batch]:
-        """The epoch's batches on the device: DP-SGD's Poisson batches when ``private``."""
+    def device_batches(self, epoch: int) -> Generator[Batch, None, None]:
+        """The epoch's batches on the device."""
+        for batch in self.batches(epoch):
+            yield self._to_device(batch)
+
+    def device_draws(self, epoch: int) -> Iterator[Batch | None]:
+        """The epoch's steps on the device: DP-SGD's Poisson draws when it is on (None for an empty draw),
+        else the batches."""
+        source = self.private_batches if self.private_batches is not None else self.batches
+        for batch in source(epoch):
+            yield None if batch is None else self._to_device(batch)
+
+    def _to_device(self, batch: Batch) -> Batch:
         asynchronous = self.cfg.loader.pinned(self.device.type)  # non_blocking only helps from pinned memory
-        source = self.private_batches if private and self.private_batches is not None else self.batches
-        for x, y in source(epoch):
-            yield ({m: v.to(self.device, non_blocking=asynchronous) for m, v in x.items()},
-                   y.to(self.device, non_blocking=asynchronous))
+        x, y = batch
+        return ({m: v.to(self.device, non_blocking=asynchronous) for m, v in x.items()},
+                y.to(self.device, non_blocking=asynchronous))
 
 
 LossFn = Callable[[MultimodalNet, dict[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
@@ -121,9 +132,38 @@ def _steps(model: MultimodalNet, ctx: ClientContext, loss_fn: LossFn, mu: float,
     half = torch.bfloat16 if o.precision == "bf16-mixed" else torch.float16
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=o.precision == "16-mixed")
     totals: dict[str, float] = {}
-    steps = 0
+    steps = data_steps = 0
+
+    def finish_step(terms: dict[str, float]) -> None:
+        nonlocal steps
+        if private is not None and mu > 0:  # the pull toward the global model reads no data: added unclipped
+            for name, p in params:
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - anchor[name], alpha=mu)
+        if grad_hook is not None or drift is not None:
+            scaler.unscale_(opt)
+        if grad_hook is not None:
+            grad_hook(model, terms)
+        if drift is not None:
+            drift.correct(params)
+        scaler.step(opt)
+        scaler.update()
+        steps += 1
+
+    def noise_step(epoch: int) -> None:
+        assert private is not None
+        if private.reached is None:  # no step with data yet: which parameters one would reach is not known
+            _find_reached(model, loss_fn, ctx, epoch, params, private)
+        opt.zero_grad(set_to_none=True)
+        private.noise_only(params)
+        finish_step({})
+
     for epoch in range(ctx.cfg.federation.local_epochs):
-        for x, y in ctx.device_batches(epoch, private=private is not None):
+        for batch in ctx.device_draws(epoch):
+            if batch is None:  # an empty Poisson draw: a step of noise alone, as the accountant counts it
+                noise_step(epoch)
+                continue
+            x, y = batch
             if private is not None:
                 private.begin()
             with torch.autocast(ctx.device.type, dtype=half, enabled=mixed):
@@ -138,28 +178,34 @@ def _steps(model: MultimodalNet, ctx: ClientContext, loss_fn: LossFn, mu: float,
             scaler.scale(loss).backward()
             if private is not None:
                 private.privatize(params, len(y))
-                if prox is not None:  # the pull toward the global model reads no data: added unclipped
-                    for name, p in params:
-                        if p.grad is not None:
-                            p.grad.add_(p.detach() - anchor[name], alpha=mu)
                 loss = loss + prox if prox is not None else loss
-            if grad_hook is not None or drift is not None:
-                scaler.unscale_(opt)
-            if grad_hook is not None:
-                grad_hook(model, terms)
-            if drift is not None:
-                drift.correct(params)
-            scaler.step(opt)
-            scaler.update()
+            finish_step(terms)
             terms["loss"] = loss.item()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v
-            steps += 1
-    out = {k: v / max(steps, 1) for k, v in totals.items()}
+            data_steps += 1
+    out = {k: v / max(data_steps, 1) for k, v in totals.items()}
     out["steps"] = steps
     if drift is not None:
         ctx.control_out = drift.new_control(model, steps, ctx.lr / (1.0 - o.momentum))
     return out
+
+
+def _find_reached(model: MultimodalNet, loss_fn: LossFn, ctx: ClientContext, epoch: int,
+                  params: list[tuple[str, torch.nn.Parameter]], private: PrivateGradients) -> None:
+    """Which parameters a step's loss reaches, from a backward pass on one of the client's plain batches whose
+    gradients are dropped: which they are depends on the network, the client's modalities and the loss,
+    never on the values of the data, so no example's values reach the update."""
+    batches = ctx.device_batches(epoch)
+    try:
+        x, y = next(batches)
+    finally:
+        batches.close()
+    private.begin()
+    loss, _ = loss_fn(model, x, y)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    private.learn(params)
 
 
 class _Drift:

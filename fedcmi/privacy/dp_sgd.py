@@ -39,15 +39,13 @@ def sampling(cfg: Config, num_examples: int) -> tuple[float, int]:
 
 
 def poisson_steps(cfg: Config, indices: np.ndarray, seed: int) -> Iterator[np.ndarray]:
-    """One local epoch's batches of ``indices``: each step takes every example with the client's rate, from
-    a generator of ``seed``. An empty draw is a step without data (it is skipped: it would release noise
-    only)."""
+    """One local epoch's draws of ``indices``: each step takes every example with the client's rate, from
+    a generator of ``seed``. A draw may be empty: that step still releases noise (the accountant counts
+    every step, and skipping one would tell that no example was drawn)."""
     q, steps = sampling(cfg, len(indices))
     rng = np.random.default_rng(derive_seed(seed, POISSON_STREAM))
     for _ in range(steps):
-        pick = indices[rng.random(len(indices)) < q]
-        if len(pick):
-            yield pick
+        yield indices[rng.random(len(indices)) < q]
 
 
 class PrivateGradients:
@@ -65,6 +63,9 @@ class PrivateGradients:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(derive_seed(seed, DP_SGD_STREAM))
         self.model = model
+        #: the parameters a step's loss reaches (known after the first step, or from a probe): an empty draw's
+        #: noise goes to these, as a step with data would give them
+        self.reached: list[str] | None = None
         # the first layer's hook fires on a batch that needs no gradient; the per-example weights are right
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         # strict: a layer Opacus cannot take per-example gradients of (batch norm) is an error here
@@ -100,6 +101,7 @@ class PrivateGradients:
         if stray:
             raise UnclippedGradient(f"the gradient of {stray[0]} did not pass a layer Opacus computes per-example "
                                     "gradients of, so it cannot be clipped; DP-SGD cannot train this network")
+        self.reached = [n for n, _ in reached]
         if not reached:
             return
         samples = {n: self._per_example(n, p.grad_sample, batch) for n, p in reached}  # type: ignore[attr-defined]
@@ -111,6 +113,28 @@ class PrivateGradients:
             noise = torch.normal(0.0, self.std, size=p.shape, generator=self.generator, device=gs.device)
             p.grad = (summed + noise.to(gs.dtype)) / self.expected
             p.grad_sample = None  # type: ignore[attr-defined]
+
+    def learn(self, params: Sequence[tuple[str, torch.nn.Parameter]]) -> None:
+        """Take the parameters a step reaches from a backward pass made only to find them (an empty draw
+        came before any step with data), and drop that pass's gradients."""
+        self.reached = [n for n, p in params if getattr(p, "grad_sample", None) is not None]
+        for _, p in params:
+            p.grad = None
+        self.begin()
+
+    def noise_only(self, params: Sequence[tuple[str, torch.nn.Parameter]]) -> None:
+        """An empty draw's step: the reached parameters' gradient is the noise alone over the expected batch
+        size (the sum of no clipped gradients), from the same generator in the same order as a step with
+        data; the others get none."""
+        if self.reached is None:
+            raise RuntimeError("noise_only before the reached parameters are known")
+        reached = set(self.reached)
+        for n, p in params:
+            if n in reached:
+                noise = torch.normal(0.0, self.std, size=p.shape, generator=self.generator, device=p.device)
+                p.grad = noise.to(p.dtype) / self.expected
+            else:
+                p.grad = None
 
     @staticmethod
     def _per_example(name: str, gs: torch.Tensor, batch: int) -> torch.Tensor:
