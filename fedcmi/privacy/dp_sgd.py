@@ -96,7 +96,7 @@ class PrivateGradients:
             if getattr(m, "activations", None) and any(p.grad is not None for p in m.parameters(recurse=False)):
                 raise UnclippedGradient(f"layer {name} ran more often than its output reached the loss, so its "
                                         "per-example gradients cannot be told apart; DP-SGD cannot train this loss")
-        reached = [(n, p) for n, p in params if getattr(p, "grad_sample", None) is not None]
+        reached = self._reached(params)
         stray = [n for n, p in params if p.grad is not None and getattr(p, "grad_sample", None) is None]
         if stray:
             raise UnclippedGradient(f"the gradient of {stray[0]} did not pass a layer Opacus computes per-example "
@@ -110,14 +110,13 @@ class PrivateGradients:
         for n, p in reached:
             gs = samples[n]
             summed = torch.einsum("i,i...->...", factor.to(gs.dtype), gs)
-            noise = torch.normal(0.0, self.std, size=p.shape, generator=self.generator, device=gs.device)
-            p.grad = (summed + noise.to(gs.dtype)) / self.expected
+            p.grad = (summed + self._noise(p).to(gs.dtype)) / self.expected
             p.grad_sample = None  # type: ignore[attr-defined]
 
     def learn(self, params: Sequence[tuple[str, torch.nn.Parameter]]) -> None:
         """Take the parameters a step reaches from a backward pass made only to find them (an empty draw
         came before any step with data), and drop that pass's gradients."""
-        self.reached = [n for n, p in params if getattr(p, "grad_sample", None) is not None]
+        self.reached = [n for n, _ in self._reached(params)]
         for _, p in params:
             p.grad = None
         self.begin()
@@ -130,11 +129,17 @@ class PrivateGradients:
             raise RuntimeError("noise_only before the reached parameters are known")
         reached = set(self.reached)
         for n, p in params:
-            if n in reached:
-                noise = torch.normal(0.0, self.std, size=p.shape, generator=self.generator, device=p.device)
-                p.grad = noise.to(p.dtype) / self.expected
-            else:
-                p.grad = None
+            p.grad = self._noise(p).to(p.dtype) / self.expected if n in reached else None
+
+    def _noise(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """One step's Gaussian noise for ``p`` (std ``noise_multiplier x max_grad_norm``), from the client's
+        seeded generator."""
+        return torch.normal(0.0, self.std, size=p.shape, generator=self.generator, device=p.device)
+
+    @staticmethod
+    def _reached(params: Sequence[tuple[str, torch.nn.Parameter]]) -> list[tuple[str, torch.nn.Parameter]]:
+        """The parameters the last backward pass reached through Opacus's hooks."""
+        return [(n, p) for n, p in params if getattr(p, "grad_sample", None) is not None]
 
     @staticmethod
     def _per_example(name: str, gs: torch.Tensor, batch: int) -> torch.Tensor:
